@@ -1,0 +1,2 @@
+"""alignkit: post-training toolkit."""
+__version__ = "0.1.0"

@@ -1,0 +1,118 @@
+"""Config building blocks shared by every stage.
+
+Stage configs are pydantic models with ``extra="forbid"`` (a misspelt YAML key is an error, never silently
+ignored) and ``frozen=True`` (a resolved config is a value: it is hashed for skip/resume). Help is written
+once, as each field's ``description``. Nested specs (:class:`QuantSpec`, :class:`LoraSpec`,
+:class:`DataSpec`) replace flat flags.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Spec(BaseModel):
+    """Base for every config block: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class QuantSpec(Spec):
+    """bitsandbytes quantization of the base model (QLoRA when a ``lora`` block is also set)."""
+
+    bits: Literal[4, 8] = Field(4, description="4 (nf4/fp4) or 8 (LLM.int8) bit weights.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; nf4 as in QLoRA.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (QLoRA).")
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the matmuls; auto = bfloat16 on CUDA, float32 on CPU."
+    )
+    cuda_only: bool = Field(
+        False,
+        description="Apply only when CUDA is available; on CPU load unquantized instead (4-bit on CPU "
+        "works but is several times slower, so CPU demos set this).",
+    )
+
+
+class LoraSpec(Spec):
+    """PEFT LoRA adapter settings."""
+
+    r: int = Field(16, gt=0, description="Adapter rank.")
+    alpha: int = Field(32, gt=0, description="Scaling numerator; the update is scaled by alpha / r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear' (every linear but the head)."
+    )
+    modules_to_save: list[str] | None = Field(
+        None, description="Extra modules trained in full and saved with the adapter (e.g. ['score'])."
+    )
+
+
+class DataSpec(Spec):
+    """Where a stage's data comes from.
+
+    ``source`` is a built-in generator (``arith``), a named adapter over a file or Hub dataset
+    (``gsm8k``, ``hh``), a local file (.jsonl/.json/.parquet/.csv, optionally .gz), or a Hub dataset id.
+    """
+
+    source: str = Field(..., description="Built-in name, local file path, or Hub dataset id.")
+    adapter: Literal["auto", "none", "arith", "gsm8k", "hh", "math-shepherd", "prm800k"] = Field(
+        "auto", description="How rows are converted to alignkit's formats; auto picks by source/columns."
+    )
+    path: str | None = Field(
+        None, description="For named adapters: the local file or Hub id to read (e.g. gsm8k's train.jsonl)."
+    )
+    split: str = Field("train", description="Split to read from a Hub dataset.")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Map alignkit column names to the dataset's, e.g. {prompt: question, completion: answer}.",
+    )
+    limit: int | None = Field(None, gt=0, description="Use at most this many rows (after shuffling).")
+    shuffle: bool = Field(False, description="Shuffle (with `seed`) before `limit`.")
+    seed: int = Field(0, description="Seed for shuffling and for built-in generators.")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Parameters of a built-in generator (arith: n, steps, max_operand)."
+    )
+    eval_size: int | float | None = Field(
+        None, description="Hold out this many rows (or this fraction) for evaluation."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_plain_string(cls, value: Any) -> Any:
+        # `data: arith` is shorthand for `data: {source: arith}`.
+        return {"source": value} if isinstance(value, str) else value
+
+
+class WandbSpec(Spec):
+    project: str = Field("alignkit", description="W&B project.")
+    entity: str | None = Field(None, description="W&B entity (team or user).")
+    group: str | None = Field(None, description="Run group; default: '<recipe>-<run id>'.")
+    mode: Literal["online", "offline", "disabled"] = Field("online", description="W&B mode.")
+    tags: list[str] = Field(default_factory=list)
+
+
+class TrackingSpec(Spec):
+    report_to: Literal["wandb", "tensorboard", "none"] = Field("wandb", description="Where metrics go.")
+    wandb: WandbSpec = Field(default_factory=WandbSpec)
+
+
+class HubSpec(Spec):
+    repo_id: str = Field(..., description="Target repository, 'user/name'.")
+    private: bool = Field(True, description="Create the repository private.")
+    push: Literal["final", "each", "never"] = Field(
+        "final", description="Push the last stage's model (final), every stage's (each), or only export."
+    )
+    merge_adapter: bool = Field(True, description="Merge LoRA into the base weights before exporting.")
+
+
+def torch_dtype(name: str):
+    """Map a config dtype name to a torch dtype; ``auto`` is bf16 on CUDA (if supported) else fp32."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)

@@ -1,0 +1,35 @@
+"""User-facing errors.
+
+Every mistake a user can make (a bad recipe field, a dataset without the columns a stage needs, a model
+that cannot be found) raises an :class:`AlignkitError`. The CLI prints its message, with no traceback, and
+exits with status 2. ``assert`` is only for our own invariants.
+"""
+
+from __future__ import annotations
+
+
+class AlignkitError(Exception):
+    """A mistake the user can fix; the message says what and how."""
+
+    exit_code = 2
+
+
+class RecipeError(AlignkitError, ValueError):
+    """A recipe (or ``--set`` override) is invalid.
+
+    ``file`` is the recipe path and ``field`` the dotted path of the offending field
+    (``stages.sft.lr``); both are prefixed to the message so the user knows exactly where to look.
+    """
+
+    def __init__(self, message: str, *, file: str | None = None, field: str | None = None):
+        self.file, self.field, self.reason = file, field, message
+        where = ": ".join(part for part in (file, field) if part)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class DataError(AlignkitError, ValueError):
+    """A dataset cannot be used: missing columns, empty, malformed row (the message names it)."""
+
+
+class ModelError(AlignkitError):
+    """A model cannot be resolved or loaded."""

@@ -1,0 +1,144 @@
+"""Command line: ``alignkit run | recipes | grade``.
+
+    alignkit run recipes/quickstart.yaml                     # run (finished stages are skipped)
+    alignkit run quickstart --set stages.sft.lr=1e-4         # a shipped recipe by name, with an override
+    alignkit run recipes/quickstart.yaml --dry-run           # print the resolved plan, run nothing
+    alignkit run recipes/quickstart.yaml --from dpo          # rerun from a stage
+    accelerate launch -m alignkit run recipes/quickstart.yaml
+    alignkit recipes                                         # list shipped recipes
+    alignkit grade FILE.jsonl --reward reward/math.py:answer_match
+
+User mistakes print one message and exit with status 2; Ctrl-C exits 130 and a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+from .errors import AlignkitError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RECIPES_DIR = REPO_ROOT / "recipes"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    if argv and argv[0] == "grade":  # the grader owns its own flags
+        return _guarded(lambda: _grade(argv[1:]))
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return _guarded(lambda: args.handler(args))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alignkit", description="Post-train language models from recipes.")
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="run a recipe (YAML file or shipped recipe name)")
+    run.add_argument("recipe")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a field, e.g. stages.sft.lr=1e-4 (repeatable)")
+    run.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
+    run.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun this stage and all after it")
+    run.add_argument("--output-dir", help="root for run folders (default: runs/)")
+    run.set_defaults(handler=_run)
+    recipes = sub.add_parser("recipes", help="list the shipped recipes")
+    recipes.set_defaults(handler=_recipes)
+    sub.add_parser("grade", help="grade a jsonl of completions with a reward program (see `grade -h`)")
+    return parser
+
+
+def _guarded(action) -> int:
+    signal.signal(signal.SIGTERM, _terminate)  # so a `kill` records the stage as interrupted, not done
+    try:
+        return action() or 0
+    except AlignkitError as exc:
+        print(f"alignkit: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("\nalignkit: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def find_recipe(name: str) -> Path:
+    """A recipe path as given, or a shipped recipe by name (``quickstart`` -> recipes/quickstart.yaml)."""
+    path = Path(name)
+    if path.exists() or path.suffix in (".yaml", ".yml"):
+        return path
+    shipped = RECIPES_DIR / f"{name}.yaml"
+    return shipped if shipped.exists() else path
+
+
+def _run(args) -> int:
+    from .pipeline import format_summary, plan_actions, run_recipe
+    from .recipe import load_recipe
+
+    recipe = load_recipe(find_recipe(args.recipe), args.overrides, output_dir=args.output_dir)
+    if args.dry_run:
+        print(describe_plan(recipe, plan_actions(recipe, args.from_stage)))
+        return 0
+    outcomes = run_recipe(recipe, from_stage=args.from_stage)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"\nalignkit: recipe {recipe.name!r} finished; outputs in {recipe.root}\n")
+        print(format_summary(outcomes))
+    return 0
+
+
+def describe_plan(recipe, actions) -> str:
+    words = {"skip": "done, will skip", "run": "will run", "resume": "unfinished, will resume"}
+    lines = [f"recipe {recipe.name}" + (f": {recipe.description}" if recipe.description else ""),
+             f"run folder: {recipe.root}"]
+    for stage, action in actions:
+        config = stage.config
+        lines.append(f"{stage.index + 1}. {stage.name} ({stage.kind}) [{words[action]}]  hash {stage.hash}")
+        if getattr(config, "model", None):
+            extras = [f"{k}={v.model_dump(exclude_defaults=True)}" for k in ("quantization", "lora")
+                      if (v := getattr(config, k, None)) is not None]
+            lines.append(f"   model: {config.model}" + (f"  ({', '.join(extras)})" if extras else ""))
+        for key, value in config:
+            if hasattr(value, "source"):
+                lines.append(f"   {key}: {value.source}" + (f" {value.params}" if value.params else ""))
+        for key, value in stage.outputs.items():
+            lines.append(f"   -> {key}: {value}")
+    if recipe.hub:
+        lines.append(f"hub: {recipe.hub.repo_id} (push: {recipe.hub.push}, private: {recipe.hub.private})")
+    return "\n".join(lines)
+
+
+def _recipes(args) -> int:
+    import yaml
+
+    files = sorted(RECIPES_DIR.glob("*.yaml"))
+    if not files:
+        print(f"no recipes found in {RECIPES_DIR}")
+        return 1
+    width = max(len(f.stem) for f in files)
+    for file in files:
+        try:
+            data = yaml.safe_load(file.read_text()) or {}
+            kinds = " -> ".join(str(s.get("name") or s.get("kind")) for s in data.get("stages", []))
+            print(f"{file.stem.ljust(width)}  {data.get('description', '')}  [{kinds}]")
+        except yaml.YAMLError:
+            print(f"{file.stem.ljust(width)}  (unreadable YAML)")
+    return 0
+
+
+def _grade(argv: list[str]) -> int:
+    from .rewards import grade_main
+
+    return grade_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

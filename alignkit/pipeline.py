@@ -1,0 +1,206 @@
+"""Run a resolved recipe: skip finished stages, resume interrupted ones, hand outputs on.
+
+For each stage, in order:
+
+1. **Decide.** ``done`` with the same config hash -> skip. Otherwise run; if the previous attempt had a
+   different hash its folder is stale and is cleared, if it had the same hash the stage resumes from what
+   it left (checkpoints, data shards). ``--from STAGE`` clears and reruns that stage and every later one.
+2. **Run.** Manifest ``running`` -> ``stage.run(config, ctx)`` -> manifest ``done`` with metrics, artifacts,
+   timings and peak memory. Any exception (Ctrl-C and SIGTERM included) writes ``failed``/``interrupted``:
+   never ``done``.
+3. **Export/push** to the Hub when the recipe's ``hub:`` asks for it.
+
+Under ``accelerate launch`` every process walks the same plan (so distributed trainers meet in the same
+collectives), but only the main process writes manifests, logs and exports.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .artifacts import Manifest, write_json_atomic
+from .errors import RecipeError
+from .perf import peak_memory_gib, reset_peak_memory
+from .recipe import PlannedStage, Recipe
+from .registry import get_stage
+from .secrets import redact
+from .tracking import Tracker
+
+
+@dataclass
+class StageResult:
+    """What a stage returns: metrics for the manifest/W&B/summary table and the paths it wrote."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class StageContext:
+    """Everything a stage needs besides its config."""
+
+    recipe: Recipe
+    stage: PlannedStage
+    tracker: Tracker
+    is_main: bool
+    state: Any  # accelerate.PartialState
+
+    @property
+    def run_dir(self) -> Path:
+        return self.stage.run_dir
+
+    @property
+    def name(self) -> str:
+        return self.stage.name
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        self.tracker.log(metrics, step=step)
+
+    def wait(self) -> None:
+        """Barrier across processes (no-op in a single process)."""
+        self.state.wait_for_everyone()
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    kind: str
+    action: str  # "skipped", "ran", "resumed", "planned"
+    metrics: dict[str, Any]
+    duration_s: float | None
+
+
+def plan_actions(recipe: Recipe, from_stage: str | None = None) -> list[tuple[PlannedStage, str]]:
+    """For each stage: ``skip``, ``run`` (fresh) or ``resume`` (same config, unfinished attempt)."""
+    start = recipe.stage(from_stage).index if from_stage else None
+    actions = []
+    for stage in recipe.stages:
+        manifest = Manifest.read(stage.run_dir)
+        forced = start is not None and stage.index >= start
+        if manifest and manifest.config_hash == stage.hash and not forced:
+            actions.append((stage, "skip" if manifest.status == "done" else "resume"))
+        else:
+            actions.append((stage, "run"))
+    return actions
+
+
+def run_recipe(recipe: Recipe, *, from_stage: str | None = None, echo=print) -> list[StageOutcome]:
+    from accelerate import PartialState
+
+    state = PartialState()
+    is_main = state.is_main_process
+    run_info = _run_info(recipe, is_main)
+    state.wait_for_everyone()
+    if is_main:
+        recipe.root.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(redact(recipe.resolved_dict()), sort_keys=False)
+        (recipe.root / "recipe.resolved.yaml").write_text(text)
+
+    outcomes = []
+    for stage, action in plan_actions(recipe, from_stage):
+        if action == "skip":
+            manifest = Manifest.read(stage.run_dir)
+            echo(f"[alignkit] {stage.name}: done with the same config, skipping")
+            outcomes.append(StageOutcome(stage.name, stage.kind, "skipped", manifest.metrics, manifest.duration_s))
+            continue
+        if action == "run" and is_main and stage.run_dir.exists():
+            shutil.rmtree(stage.run_dir)  # stale outputs of another config (or --from): start clean
+        state.wait_for_everyone()
+        echo(f"[alignkit] {stage.name}: {'resuming' if action == 'resume' else 'running'} ({stage.kind})")
+        manifest = _run_stage(recipe, stage, state, is_main, run_info["group"])
+        outcomes.append(StageOutcome(stage.name, stage.kind, "resumed" if action == "resume" else "ran",
+                                     manifest.metrics, manifest.duration_s))
+        if is_main and recipe.hub is not None:
+            _maybe_push(recipe, stage, manifest, echo)
+        state.wait_for_everyone()
+    return outcomes
+
+
+def _run_info(recipe: Recipe, is_main: bool) -> dict[str, str]:
+    """The run id/W&B group, created by the first run of this recipe folder and reused by reruns."""
+    path = recipe.root / "run.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    info = {"run_id": run_id, "group": f"{recipe.name}-{run_id}"}
+    if is_main:
+        write_json_atomic(path, info)
+    return info
+
+
+def _run_stage(recipe: Recipe, stage: PlannedStage, state, is_main: bool, group: str) -> Manifest:
+    module = get_stage(stage.kind)
+    config_dict = stage.config.model_dump(mode="json")
+    manifest = Manifest(stage.name, stage.kind, "running", stage.hash, config_dict, started_at=time.time())
+    tracker = Tracker(recipe.tracking, group=group, job_type=stage.kind, name=f"{recipe.name}/{stage.name}",
+                      config=config_dict, directory=recipe.root, enabled=is_main)
+    if is_main:
+        stage.run_dir.mkdir(parents=True, exist_ok=True)
+        manifest.write(stage.run_dir)
+    state.wait_for_everyone()
+    reset_peak_memory()
+    started = time.perf_counter()
+    ctx = StageContext(recipe, stage, tracker, is_main, state)
+    try:
+        tracker.start()
+        result = module.run(stage.config, ctx)
+    except BaseException as exc:  # Ctrl-C and SIGTERM too: record, then let it propagate
+        manifest.status = "interrupted" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "failed"
+        manifest.error = f"{type(exc).__name__}: {exc}"
+        manifest.duration_s = time.perf_counter() - started
+        if is_main:
+            manifest.write(stage.run_dir)
+        tracker.finish(failed=True)
+        raise
+    manifest.duration_s = round(time.perf_counter() - started, 2)
+    manifest.peak_memory_gib = round(peak_memory_gib(), 3)
+    manifest.metrics = {**result.metrics, "duration_s": manifest.duration_s,
+                        "peak_memory_gib": manifest.peak_memory_gib}
+    manifest.artifacts = result.artifacts
+    manifest.finished_at = time.time()
+    manifest.status = "done"
+    tracker.summary(manifest.metrics)
+    tracker.finish()
+    if is_main:
+        manifest.write(stage.run_dir)
+    return manifest
+
+
+def _maybe_push(recipe: Recipe, stage: PlannedStage, manifest: Manifest, echo) -> None:
+    from .hub import export_stage, push_folder
+
+    last = stage.index == len(recipe.stages) - 1
+    if "model" not in manifest.artifacts or not (recipe.hub.push == "each" or last):
+        return
+    folder = export_stage(recipe, stage, manifest)
+    echo(f"[alignkit] {stage.name}: exported to {folder}")
+    if recipe.hub.push != "never":
+        url = push_folder(folder, recipe.hub)
+        echo(f"[alignkit] {stage.name}: pushed to {url}")
+
+
+def format_summary(outcomes: list[StageOutcome], keys_per_stage: int = 4) -> str:
+    """A short table of what the run did, one row per stage."""
+    rows = [("stage", "kind", "action", "time", "metrics")]
+    for outcome in outcomes:
+        shown = {k: v for k, v in outcome.metrics.items() if k not in ("duration_s",)}
+        preferred = sorted(shown, key=lambda k: (not any(w in k for w in ("accuracy", "loss", "reward")), k))
+        text = ", ".join(f"{k}={_fmt(shown[k])}" for k in preferred[:keys_per_stage])
+        duration = f"{outcome.duration_s:.0f}s" if outcome.duration_s is not None else "-"
+        rows.append((outcome.name, outcome.kind, outcome.action, duration, text))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(4)]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row[:4], widths)) + "  " + row[4]
+             for row in rows]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,303 @@
+"""YAML recipe -> validated, resolved plan of stages.
+
+A recipe::
+
+    name: quickstart
+    description: SFT SmolLM2 on arithmetic word problems
+    defaults:            # copied into every stage whose config has the field (a stage's own value wins)
+      model: smollm2-135m-instruct
+      lora: {r: 16, alpha: 32}
+    tracking: {report_to: wandb, wandb: {project: alignkit, mode: offline}}
+    hub: {repo_id: me/arith-sft}      # optional
+    stages:
+      - kind: sft
+        data: {source: arith, params: {n: 500}}
+      - kind: dpo
+        model: ${sft.model}           # an earlier stage's output, resolved at load time
+
+Everything is checked before any work starts; every problem raises one :class:`RecipeError` naming the
+recipe file and the field path (``stages.sft.lr``), and the CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from .artifacts import config_hash
+from .config import DataSpec, HubSpec, TrackingSpec
+from .errors import RecipeError
+from .registry import STAGES, StageConfig, get_stage, known_kinds
+
+TOP_LEVEL_KEYS = ("name", "description", "defaults", "tracking", "hub", "output_dir", "stages")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+REFERENCE = re.compile(r"\$\{([A-Za-z0-9_.\-]+)\.([A-Za-z0-9_]+)\}")
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".gz", ".txt")
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    """One stage of a resolved recipe: its validated config and where its outputs will be."""
+
+    index: int
+    name: str
+    kind: str
+    config: StageConfig
+    run_dir: Path
+    outputs: dict[str, str]
+    hash: str
+    upstream: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    file: str | None
+    root: Path  # runs/<name>
+    tracking: TrackingSpec
+    hub: HubSpec | None
+    stages: tuple[PlannedStage, ...]
+
+    def stage(self, name: str) -> PlannedStage:
+        for planned in self.stages:
+            if planned.name == name:
+                return planned
+        raise RecipeError(f"no stage named {name!r}; stages are {[s.name for s in self.stages]}", file=self.file)
+
+    def resolved_dict(self) -> dict[str, Any]:
+        """The recipe as it will run (references resolved, defaults applied), for saving and model cards."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "tracking": self.tracking.model_dump(mode="json"),
+            "hub": self.hub.model_dump(mode="json") if self.hub else None,
+            "stages": [s.config.model_dump(mode="json", exclude_none=True) for s in self.stages],
+        }
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), output_dir: str | None = None) -> Recipe:
+    """Read, override (``--set a.b=c``), validate and resolve a recipe file."""
+    path = Path(path)
+    file = str(path)
+    if not path.is_file():
+        raise RecipeError("recipe file not found", file=file)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"not valid YAML{where}: {getattr(exc, 'problem', exc)}", file=file) from None
+    raw = apply_overrides(raw, overrides, file=file)
+    return parse_recipe(raw, file=file, base_dir=path.parent, output_dir=output_dir)
+
+
+def apply_overrides(raw: Any, overrides: list[str], *, file: str | None = None) -> Any:
+    """Apply ``key.path=value`` overrides; ``stages.<name>.x`` addresses a stage by name (or kind)."""
+    raw = copy.deepcopy(raw)
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"--set {override!r}: expected KEY=VALUE, e.g. stages.sft.lr=1e-4", file=file)
+        value = yaml.safe_load(text) if text else ""
+        parts = key.split(".")
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            field = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                matches = [item for item in node if isinstance(item, dict) and _stage_name(item) == part]
+                if not matches:
+                    names = [_stage_name(item) for item in node if isinstance(item, dict)]
+                    raise RecipeError(f"--set: no stage named {part!r} (stages: {names})", file=file, field=field)
+                node = matches[0]
+            elif isinstance(node, dict):
+                node = node.setdefault(part, {})
+                if not isinstance(node, (dict, list)):
+                    raise RecipeError(f"--set: {field} is a value, not a section", file=file, field=field)
+            else:
+                raise RecipeError(f"--set: cannot descend into {field}", file=file, field=field)
+        if not isinstance(node, dict):
+            raise RecipeError("--set: target is not a mapping", file=file, field=key)
+        node[parts[-1]] = value
+    return raw
+
+
+def _stage_name(stage: dict) -> str:
+    return str(stage.get("name") or stage.get("kind"))
+
+
+def parse_recipe(raw: Any, *, file: str | None, base_dir: Path, output_dir: str | None = None) -> Recipe:
+    """Validate a recipe mapping and resolve it into a :class:`Recipe` (see the module docstring)."""
+    if not isinstance(raw, dict):
+        raise RecipeError("a recipe must be a mapping with 'name' and 'stages'", file=file)
+    unknown = [key for key in raw if key not in TOP_LEVEL_KEYS]
+    if unknown:
+        raise RecipeError(f"unknown key(s) {unknown}; allowed: {list(TOP_LEVEL_KEYS)}", file=file, field=unknown[0])
+    name = raw.get("name")
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise RecipeError(f"needs a name of letters, digits, '_', '-', '.' (got {name!r})", file=file, field="name")
+    tracking = _validate_spec(TrackingSpec, raw.get("tracking") or {}, file, "tracking")
+    hub = _validate_spec(HubSpec, raw["hub"], file, "hub") if raw.get("hub") else None
+    root = Path(output_dir or raw.get("output_dir") or "runs") / name
+
+    stages_raw = raw.get("stages")
+    if not isinstance(stages_raw, list) or not stages_raw:
+        raise RecipeError("needs a non-empty list of stages", file=file, field="stages")
+    defaults = raw.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise RecipeError("must be a mapping of field: value", file=file, field="defaults")
+
+    planned: list[PlannedStage] = []
+    for index, stage_raw in enumerate(stages_raw):
+        planned.append(_plan_stage(index, stage_raw, defaults, planned, root, file, base_dir))
+    _check_defaults_used(defaults, planned, file)
+    return Recipe(name, str(raw.get("description") or ""), file, root, tracking, hub, tuple(planned))
+
+
+def _plan_stage(index, stage_raw, defaults, earlier, root, file, base_dir) -> PlannedStage:
+    field = f"stages[{index}]"
+    if not isinstance(stage_raw, dict):
+        raise RecipeError("each stage must be a mapping with a 'kind'", file=file, field=field)
+    kind = stage_raw.get("kind")
+    if kind not in STAGES:
+        raise RecipeError(f"unknown stage kind {kind!r}; known kinds: {known_kinds()}", file=file, field=f"{field}.kind")
+    name = _stage_name(stage_raw)
+    field = f"stages.{name}"
+    if not NAME_PATTERN.match(name):
+        raise RecipeError(f"stage name {name!r} must be letters, digits, '_', '-', '.'", file=file, field=f"{field}.name")
+    if any(stage.name == name for stage in earlier):
+        raise RecipeError(f"two stages are named {name!r}; give one a 'name:'", file=file, field=f"{field}.name")
+
+    module = get_stage(kind)
+    fields = module.Config.model_fields
+    merged = {key: copy.deepcopy(value) for key, value in defaults.items() if key in fields and key not in stage_raw}
+    merged.update(stage_raw)
+    merged["name"] = name
+    upstream: set[str] = set()
+    resolved = _resolve_references(merged, earlier, file, field, upstream)
+
+    config = _validate_spec(module.Config, resolved, file, field)
+    config = _check_local_paths(config, resolved, merged, file, field, base_dir)
+    if hasattr(module, "check"):
+        try:
+            module.check(config, base_dir)
+        except RecipeError as exc:
+            raise RecipeError(exc.reason, file=file, field=f"{field}.{exc.field}" if exc.field else field) from None
+    run_dir = root / name
+    upstream_hashes = [stage.hash for stage in earlier if stage.name in upstream]
+    digest = config_hash(kind, config.model_dump(mode="json"), upstream_hashes)
+    outputs = {key: str(value) for key, value in module.outputs(run_dir).items()}
+    return PlannedStage(index, name, kind, config, run_dir, outputs, digest, tuple(sorted(upstream)))
+
+
+def _resolve_references(value: Any, earlier: list[PlannedStage], file, field: str, upstream: set[str]) -> Any:
+    """Replace ``${stage.key}`` with that earlier stage's output path (recursively)."""
+    if isinstance(value, dict):
+        return {k: _resolve_references(v, earlier, file, f"{field}.{k}", upstream) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve_references(v, earlier, file, f"{field}[{i}]", upstream) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def substitute(match: re.Match) -> str:
+        stage_name, key = match.groups()
+        source = next((stage for stage in earlier if stage.name == stage_name), None)
+        if source is None:
+            names = [stage.name for stage in earlier] or "none"
+            raise RecipeError(
+                f"{match.group(0)} refers to no earlier stage named {stage_name!r} (earlier stages: {names}); "
+                "a stage can only use outputs of stages listed before it",
+                file=file,
+                field=field,
+            )
+        if key not in source.outputs:
+            raise RecipeError(
+                f"{match.group(0)}: stage {stage_name!r} ({source.kind}) has no output {key!r}; "
+                f"it has {sorted(source.outputs)}",
+                file=file,
+                field=field,
+            )
+        upstream.add(stage_name)
+        return source.outputs[key]
+
+    resolved = REFERENCE.sub(substitute, value)
+    if "${" in resolved:
+        raise RecipeError(f"malformed reference in {value!r}; write ${{stage.output}}", file=file, field=field)
+    return resolved
+
+
+def _validate_spec(spec_class: type[BaseModel], value: Any, file, field: str):
+    try:
+        return spec_class.model_validate(value)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc = ".".join(str(part) for part in error["loc"] if not str(part).startswith("function-"))
+            path = f"{field}.{loc}" if loc else field
+            got = error.get("input")
+            hint = f" (got {got!r})" if error["type"] != "missing" and not isinstance(got, dict) else ""
+            message = error["msg"].replace("Extra inputs are not permitted", "unknown field")
+            problems.append((path, f"{message}{hint}"))
+        first_path, first_message = problems[0]
+        more = "".join(f"\n  {path}: {message}" for path, message in problems[1:])
+        allowed = ""
+        if "unknown field" in first_message:
+            allowed = f"; allowed fields: {sorted(_fields_at(spec_class, first_path[len(field) + 1:]))}"
+        raise RecipeError(first_message + allowed + more, file=file, field=first_path) from None
+
+
+def _fields_at(spec_class: type[BaseModel], dotted: str) -> list[str]:
+    """Field names of the (nested) spec that contains the last part of ``dotted``."""
+    current = spec_class
+    for part in dotted.split(".")[:-1]:
+        annotation = current.model_fields.get(part).annotation if part in current.model_fields else None
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
+        nested = next((a for a in candidates if issubclass(a, BaseModel)), None)
+        if nested is None:
+            break
+        current = nested
+    return list(current.model_fields)
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.startswith(("/", "./", "../", "~")) or text.endswith(DATA_FILE_SUFFIXES)
+
+
+def _check_local_paths(config, resolved, merged, file, field, base_dir: Path):
+    """Local files a stage reads must exist now; outputs of earlier stages are exempt (not made yet)."""
+    updates: dict[str, Any] = {}
+    model = getattr(config, "model", None)
+    if isinstance(model, str) and _looks_like_path(model) and "${" not in str(merged.get("model", "")):
+        updates["model"] = _existing(model, base_dir, file, f"{field}.model", "model folder")
+    for key, spec in config:
+        if isinstance(spec, DataSpec):
+            raw = merged.get(key) if isinstance(merged.get(key), dict) else {"source": merged.get(key)}
+            data_updates = {}
+            for attr in ("source", "path"):
+                text = getattr(spec, attr)
+                if text and _looks_like_path(text) and "${" not in str(raw.get(attr, "")):
+                    data_updates[attr] = _existing(text, base_dir, file, f"{field}.{key}.{attr}", "data file")
+            if data_updates:
+                updates[key] = spec.model_copy(update=data_updates)
+    return config.model_copy(update=updates) if updates else config
+
+
+def _existing(text: str, base_dir: Path, file, field: str, what: str) -> str:
+    path = Path(text).expanduser()
+    for candidate in (path, base_dir / path):
+        if candidate.exists():
+            return str(candidate)
+    raise RecipeError(f"{what} {text!r} does not exist (looked in the current folder and {base_dir})",
+                      file=file, field=field)
+
+
+def _check_defaults_used(defaults: dict, planned: list[PlannedStage], file) -> None:
+    for key in defaults:
+        if not any(key in type(stage.config).model_fields for stage in planned):
+            raise RecipeError(f"no stage in this recipe has a field {key!r}", file=file, field=f"defaults.{key}")

@@ -1,0 +1,1 @@
+"""Stage modules, one per kind (see :mod:`alignkit.registry`)."""

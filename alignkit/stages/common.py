@@ -1,0 +1,118 @@
+"""What training stages share: the common config fields, TRL argument mapping, resume and saving."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from ..config import LoraSpec, QuantSpec
+from ..errors import RecipeError
+from ..registry import StageConfig
+
+
+class TrainStageConfig(StageConfig):
+    """Fields of every stage that trains a model with a TRL trainer (or our own loop)."""
+
+    model: str = Field(..., description="Hub id, local folder, `smollm2-135m-instruct`, or ${stage.model}.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype; auto = bfloat16 on CUDA, float32 on CPU.")
+    quantization: QuantSpec | None = Field(None, description="bitsandbytes quantization (QLoRA with lora).")
+    lora: LoraSpec | None = Field(None, description="Train a LoRA adapter instead of all weights.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored if max_steps > 0).")
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
+    batch_size: int = Field(8, gt=0, description="Per-device batch size.")
+    grad_accum: int = Field(1, gt=0, description="Gradient accumulation steps.")
+    max_length: int = Field(512, gt=0, description="Truncate sequences to this many tokens.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps for linear warm-up.")
+    lr_scheduler: str = Field("linear", description="transformers scheduler name (linear, cosine, constant).")
+    weight_decay: float = Field(0.0, ge=0)
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    seed: int = Field(0, description="Seed for data order, init and sampling.")
+    logging_steps: int = Field(5, gt=0)
+    save_steps: int = Field(50, gt=0, description="Checkpoint every N steps (resume point after a crash).")
+    save_total_limit: int = Field(2, gt=0, description="Keep at most this many checkpoints.")
+    trl: dict[str, Any] = Field(
+        default_factory=dict, description="Extra arguments passed as they are to the TRL config class.")
+
+
+def check_trl_passthrough(trl: dict[str, Any], config_class: type) -> None:
+    """Unknown keys in ``trl:`` are recipe errors (raised at load, naming the key), not TRL crashes later."""
+    known = {f.name for f in dataclasses.fields(config_class)}
+    for key in trl:
+        if key not in known:
+            close = sorted(k for k in known if key.split("_")[0] in k)[:5]
+            hint = f"; similar: {close}" if close else ""
+            raise RecipeError(f"{config_class.__name__} has no argument {key!r}{hint}", field=f"trl.{key}")
+
+
+def trl_args(config_class: type, config: TrainStageConfig, ctx, **stage_args: Any):
+    """Map our stage config (plus stage-specific arguments) onto a TRL config dataclass."""
+    import torch
+
+    from ..config import torch_dtype
+
+    on_cuda = torch.cuda.is_available()
+    dtype = torch_dtype(config.dtype)
+    args: dict[str, Any] = dict(
+        output_dir=str(ctx.run_dir / "checkpoints"),
+        run_name=f"{ctx.recipe.name}/{ctx.name}",
+        report_to=[] if ctx.tracker.report_to == "none" else [ctx.tracker.report_to],
+        learning_rate=config.lr,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        warmup_ratio=config.warmup_ratio,
+        lr_scheduler_type=config.lr_scheduler,
+        weight_decay=config.weight_decay,
+        gradient_checkpointing=config.gradient_checkpointing,
+        seed=config.seed,
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        bf16=on_cuda and dtype == torch.bfloat16,
+        fp16=on_cuda and dtype == torch.float16,
+        use_cpu=not on_cuda,
+        disable_tqdm=not ctx.is_main,
+        dataloader_num_workers=0,
+        logging_dir=str(ctx.run_dir / "logs"),
+    )
+    args.update(stage_args)
+    args.update(config.trl)
+    return config_class(**args)
+
+
+def last_checkpoint(run_dir: Path) -> str | None:
+    """The newest complete Trainer checkpoint under ``run_dir/checkpoints`` (None to start fresh)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = Path(run_dir) / "checkpoints"
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def save_trained_model(trainer, tokenizer, ctx, *, merged_dtype: str = "auto") -> dict[str, str]:
+    """Save the result: the adapter (if LoRA) and a merged full model that later stages can load.
+
+    Merging into a full-precision copy of the base (not into 4-bit weights) keeps the merged model exact;
+    chaining stages then only ever load plain model folders.
+    """
+    from ..models import merge_adapter
+
+    artifacts: dict[str, str] = {}
+    model_dir, adapter_dir = ctx.run_dir / "model", ctx.run_dir / "adapter"
+    is_peft = hasattr(trainer.model, "peft_config")
+    target = adapter_dir if is_peft else model_dir
+    trainer.save_model(str(target))  # main process only; handles FSDP/DeepSpeed gathering
+    if ctx.is_main:
+        tokenizer.save_pretrained(str(target))
+        if is_peft:
+            merge_adapter(str(adapter_dir), str(model_dir), dtype=merged_dtype)
+            artifacts["adapter"] = str(adapter_dir)
+        artifacts["model"] = str(model_dir)
+    ctx.wait()
+    return artifacts

@@ -1,0 +1,80 @@
+"""Experiment tracking: one W&B run per stage, grouped per recipe run.
+
+Each stage is a W&B run with ``group`` = the recipe run, ``job_type`` = the stage kind and ``config`` = the
+resolved (redacted) stage config. We open the run ourselves before TRL's trainer starts, so TRL's
+``WandbCallback`` logs its training curves into the same run. Only the main process tracks.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .config import TrackingSpec
+from .secrets import redact
+
+
+class Tracker:
+    def __init__(self, spec: TrackingSpec, *, group: str, job_type: str, name: str, config: dict[str, Any],
+                 directory: Path, enabled: bool = True):
+        self.spec, self.group, self.job_type, self.name = spec, group, job_type, name
+        self.config, self.directory = redact(config), Path(directory)
+        self.enabled = enabled and spec.report_to == "wandb" and spec.wandb.mode != "disabled"
+        self.run = None
+
+    @property
+    def report_to(self) -> str:
+        """Value for TRL/transformers ``report_to`` (``none`` on non-main processes)."""
+        if self.spec.report_to == "wandb" and not self.enabled:
+            return "none"
+        return self.spec.report_to
+
+    def start(self) -> None:
+        if not self.enabled:
+            return
+        import wandb
+
+        wandb_spec = self.spec.wandb
+        os.environ["WANDB_MODE"] = wandb_spec.mode  # TRL's callback reads the environment, not our spec
+        os.environ.setdefault("WANDB_SILENT", "true")
+        os.environ.setdefault("WANDB_LOG_MODEL", "false")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            project=wandb_spec.project,
+            entity=wandb_spec.entity,
+            group=wandb_spec.group or self.group,
+            job_type=self.job_type,
+            name=self.name,
+            config=self.config,
+            tags=wandb_spec.tags,
+            dir=str(self.directory),
+            mode=wandb_spec.mode,
+            reinit="finish_previous",
+        )
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        if self.run is not None:
+            self.run.log(redact(metrics), step=step)
+
+    def summary(self, metrics: dict[str, Any]) -> None:
+        if self.run is not None:
+            for key, value in redact(metrics).items():
+                self.run.summary[key] = value
+
+    def log_image(self, key: str, path: str | Path) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Image(str(path))})
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Table(columns=columns, data=redact(rows))})
+
+    def finish(self, failed: bool = False) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=1 if failed else 0)
+            self.run = None

@@ -78,3 +78,57 @@ class Tracker:
         if self.run is not None:
             self.run.finish(exit_code=1 if failed else 0)
             self.run = None
+
+
+def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
+    """Read a W&B offline run folder back: ``{"run", "config", "history", "summary"}`` dicts.
+
+    W&B writes offline runs as a LevelDB-style log of protobuf ``Record``s (``run-<id>.wandb``): a 7-byte
+    header, then 32 KiB blocks of chunks, each ``crc32 (4) | length (2, little endian) | type (1) | data``,
+    type 1 = a full record, 2/3/4 = first/middle/last piece. Used by tests and handy for checking what a run
+    will upload before ``wandb sync``.
+    """
+    import json as _json
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = Path(run_dir).glob("run-*.wandb")
+    data = path.read_bytes()
+    block, offset, pieces, records = 32768, 7, b"", []
+    while offset + 7 <= len(data):
+        room = block - offset % block
+        if room < 7:  # a block's tail too short for a chunk header is padding
+            offset += room
+            continue
+        length = int.from_bytes(data[offset + 4:offset + 6], "little")
+        kind = data[offset + 6]
+        chunk = data[offset + 7:offset + 7 + length]
+        offset += 7 + length
+        if kind == 0 and length == 0:
+            continue
+        pieces = chunk if kind in (1, 2) else pieces + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pieces)
+            records.append(record)
+    config: dict[str, Any] = {}
+    history: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {}
+    run: dict[str, Any] = {}
+    for record in records:
+        field = record.WhichOneof("record_type")
+        if field == "run":
+            run = {"group": record.run.run_group, "job_type": record.run.job_type,
+                   "name": record.run.display_name, "project": record.run.project}
+            for item in record.run.config.update:
+                config[item.key] = _json.loads(item.value_json)
+        elif field == "config":
+            for item in record.config.update:
+                config[item.key] = _json.loads(item.value_json)
+        elif field == "history":
+            history.append({item.key or "/".join(item.nested_key): _json.loads(item.value_json)
+                            for item in record.history.item})
+        elif field == "summary":
+            for item in record.summary.update:
+                summary[item.key or "/".join(item.nested_key)] = _json.loads(item.value_json)
+    return {"run": run, "config": config, "history": history, "summary": summary}

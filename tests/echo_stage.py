@@ -1,0 +1,38 @@
+"""A model-free stage kind for pipeline tests: writes its message, counts its runs, can fail on demand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from alignkit.config import DataSpec
+from alignkit.pipeline import StageResult
+from alignkit.registry import StageConfig
+
+
+class Config(StageConfig):
+    kind: str = "echo"
+    message: str = "hello"
+    upstream: str | None = None
+    model: str | None = None
+    data: DataSpec | None = None
+    repeat: int = Field(1, gt=0)
+    fail: bool = False
+
+
+def outputs(run_dir: Path) -> dict[str, str]:
+    return {"file": str(run_dir / "out.txt"), "model": str(run_dir / "model")}
+
+
+def run(config: Config, ctx) -> StageResult:
+    runs_file = ctx.run_dir.parent / f"{ctx.name}.runs"  # outside the stage folder: survives a rerun
+    runs_file.write_text(str(int(runs_file.read_text()) + 1 if runs_file.exists() else 1))
+    text = config.message * config.repeat
+    if config.upstream:
+        text = Path(config.upstream).read_text() + "|" + text
+    if config.fail:
+        raise RuntimeError("planned failure")
+    (ctx.run_dir / "out.txt").write_text(text)
+    ctx.log({"echo/length": len(text)})
+    return StageResult(metrics={"length": len(text)}, artifacts={"file": str(ctx.run_dir / "out.txt")})

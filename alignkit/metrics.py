@@ -146,7 +146,9 @@ class Pool:
                 raise ValueError(f"answer {answer!r} is marked both correct and incorrect")
 
     @classmethod
-    def of(cls, answers: Sequence[str | None], correct: Sequence[bool], scores: Sequence[float] | None = None):
+    def of(
+        cls, answers: Sequence[str | None], correct: Sequence[bool], scores: Sequence[float] | None = None
+    ) -> Pool:
         """Build from any sequences (tuples keep the pool immutable)."""
         return cls(tuple(answers), tuple(bool(c) for c in correct), None if scores is None else tuple(scores))
 

@@ -144,3 +144,12 @@ def test_agreement_with_truth_grows_with_n():
     assert accuracies[0] < 0.6 and accuracies[-1] > 0.99
     # good steps contribute 1 - p each, bad steps 0: (j / k) * (1 - p), whatever N is.
     assert maes[-1] == pytest.approx(j / k * (1 - p), abs=0.01)
+
+
+def test_docstring_examples():
+    import doctest
+
+    import alignkit.labels
+
+    result = doctest.testmod(alignkit.labels)
+    assert result.attempted >= 1 and result.failed == 0

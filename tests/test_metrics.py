@@ -172,3 +172,12 @@ def test_selection_curve_errors():
         Pool.of(["a", "a"], [True, False])
     with pytest.raises(ValueError, match="without an answer"):
         Pool.of([None], [True])
+
+
+def test_docstring_examples():
+    import doctest
+
+    import alignkit.metrics
+
+    result = doctest.testmod(alignkit.metrics)
+    assert result.attempted >= 5 and result.failed == 0

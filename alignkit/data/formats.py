@@ -1,0 +1,161 @@
+"""The canonical formats every stage relies on, and the per-row check that a record fits one.
+
+=============  =============================================================================================
+format         columns
+=============  =============================================================================================
+``sft``        ``prompt``, ``completion``: strings (or, from a generic file, TRL conversational message lists)
+``problems``   ``prompt`` (str), ``answer`` (str, normalised: no commas), ``steps`` (list[str], may be
+               empty); arith adds ``values`` (list[int], running value after each step)
+``preference`` ``prompt``, ``chosen``, ``rejected``: strings, or TRL's conversational form (HH): prompt a
+               list of {role, content} messages, chosen/rejected ``[{"role": "assistant", ...}]``
+``stepwise``   ``prompt`` (str), ``completions`` (list[str]), ``labels`` (list[bool]), optional
+               ``soft_labels`` (list[float] in [0, 1]): TRL's stepwise supervision format
+``text``       ``text`` (str)
+=============  =============================================================================================
+
+Only these columns are kept: extra columns would make TRL guess differently (e.g. a stray ``text`` column
+next to prompt/completion changes what SFTTrainer trains on).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from alignkit.errors import DataError
+
+# format -> (required columns, optional columns kept when present)
+FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "sft": (("prompt", "completion"), ()),
+    "problems": (("prompt", "answer"), ("steps", "values")),
+    "preference": (("prompt", "chosen", "rejected"), ()),
+    "stepwise": (("prompt", "completions", "labels"), ("soft_labels",)),
+    "text": (("text",), ()),
+}
+
+
+def check_format(fmt: str) -> None:
+    """DataError unless ``fmt`` is a known format."""
+    if fmt not in FORMATS:
+        raise DataError(f"unknown data format {fmt!r}; expected one of {sorted(FORMATS)}")
+
+
+def normalise_answer(answer: Any) -> str:
+    """A gold answer as a string without thousands separators or surrounding space.
+
+    >>> normalise_answer("1,234"), normalise_answer(5), normalise_answer(2.0), normalise_answer(" -2.5 ")
+    ('1234', '5', '2', '-2.5')
+    """
+    if isinstance(answer, float) and answer.is_integer():
+        answer = int(answer)
+    return str(answer).replace(",", "").strip()
+
+
+def missing_columns(columns: list[str], fmt: str) -> list[str]:
+    """Columns ``fmt`` needs that ``columns`` lacks (``text`` can be built from prompt + completion)."""
+    required = FORMATS[fmt][0]
+    if fmt == "text" and "text" not in columns and {"prompt", "completion"} <= set(columns):
+        return []
+    return [c for c in required if c not in columns]
+
+
+def _is_messages(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) > 0
+        and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in value)
+    )
+
+
+def _text_or_messages(row: dict[str, Any], column: str) -> str | None:
+    """Problem with a column that must be a non-empty string or a message list; None if fine."""
+    value = row[column]
+    if isinstance(value, str) and value.strip():
+        return None
+    if _is_messages(value):
+        return None
+    return f"column {column!r} must be a non-empty string or a list of {{role, content}} messages, got {value!r:.80}"
+
+
+def _string(row: dict[str, Any], column: str) -> str | None:
+    value = row[column]
+    if isinstance(value, str) and value.strip():
+        return None
+    return f"column {column!r} must be a non-empty string, got {value!r:.80}"
+
+
+def _coerce_labels(value: Any) -> list[bool] | None:
+    """Booleans (0/1 accepted) or None if ``value`` is not such a list."""
+    if not isinstance(value, list) or not all(isinstance(v, bool) or v in (0, 1) for v in value):
+        return None
+    return [bool(v) for v in value]
+
+
+def _stepwise(row: dict[str, Any]) -> str | None:
+    steps, labels = row["completions"], _coerce_labels(row["labels"])
+    if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
+        return f"column 'completions' must be a non-empty list of strings, got {steps!r:.80}"
+    if labels is None or len(labels) != len(steps):
+        return f"column 'labels' must be {len(steps)} booleans (one per step), got {row['labels']!r:.80}"
+    row["labels"] = labels
+    soft = row.get("soft_labels")
+    if soft is not None and (
+        not isinstance(soft, list) or len(soft) != len(steps)
+        or not all(isinstance(v, (int, float)) and 0.0 <= v <= 1.0 for v in soft)
+    ):
+        return f"column 'soft_labels' must be {len(steps)} floats in [0, 1], got {soft!r:.80}"
+    if soft is not None:
+        row["soft_labels"] = [float(v) for v in soft]
+    return None
+
+
+def _problems(row: dict[str, Any]) -> str | None:
+    steps = row.get("steps")
+    if steps is None:
+        row["steps"] = []
+    elif not isinstance(steps, list) or not all(isinstance(s, str) for s in steps):
+        return f"column 'steps' must be a list of strings, got {steps!r:.80}"
+    if row["answer"] is None or normalise_answer(row["answer"]) == "":
+        return f"column 'answer' must be a non-empty answer, got {row['answer']!r}"
+    row["answer"] = normalise_answer(row["answer"])
+    return _string(row, "prompt")
+
+
+def to_format(record: dict[str, Any], fmt: str, where: str) -> dict[str, Any]:
+    """Project a record onto ``fmt``'s columns and check their types; DataError naming ``where`` if bad.
+
+    ``where`` names the row for the message (``"row 17 of train.jsonl"``). Missing columns are checked
+    once per dataset by :func:`missing_columns` before rows are converted.
+    """
+    required, optional = FORMATS[fmt]
+    if fmt == "text" and "text" not in record:
+        record = {"text": f"{record['prompt']}\n{record['completion']}"}
+    row = {c: record[c] for c in required}
+    row.update({c: record[c] for c in optional if record.get(c) is not None})
+    if fmt == "sft":
+        problem = _text_or_messages(row, "prompt") or _text_or_messages(row, "completion")
+    elif fmt == "preference":
+        problem = next((p for c in required if (p := _text_or_messages(row, c))), None)
+    elif fmt == "stepwise":
+        problem = _string(row, "prompt") or _stepwise(row)
+    elif fmt == "problems":
+        problem = _problems(row)
+    else:
+        problem = _string(row, "text")
+    if problem:
+        raise DataError(f"{where}: {problem} (format {fmt!r})")
+    return row
+
+
+def features(fmt: str, columns: list[str]):
+    """datasets Features for the typed formats (so empty lists keep their type), else None (inferred)."""
+    from datasets import Features, List, Value
+
+    typed = {
+        "prompt": Value("string"), "answer": Value("string"), "steps": List(Value("string")),
+        "values": List(Value("int64")), "completions": List(Value("string")), "labels": List(Value("bool")),
+        "soft_labels": List(Value("float64")), "text": Value("string"),
+    }
+    if fmt not in ("problems", "stepwise", "text"):
+        return None
+    return Features({c: typed[c] for c in columns})

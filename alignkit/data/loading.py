@@ -1,0 +1,267 @@
+"""``load_dataset(spec, fmt)``: the one call through which every stage gets its data.
+
+Order of work (each step names the DataSpec field it serves):
+
+1. read rows: the ``arith`` generator; a named source (``gsm8k``, ``hh``, ``math-shepherd``, ``prm800k``)
+   from ``path`` or its Hub id; a local file (.jsonl/.json/.parquet/.csv, optionally .gz); else a Hub id
+   (with ``split``).
+2. rename ``columns`` (ours -> theirs) to our names; pick the adapter (``adapter``, ``auto`` detects it
+   from the columns and first row).
+3. visit rows in a seeded random order if ``shuffle``, convert each, view it as ``fmt`` and check it,
+   stopping once ``limit`` rows are kept: shuffling happens before the limit, and a 1M-row Hub dataset
+   with ``limit: 500`` converts only ~500 rows.
+
+``.jsonl`` files are read with the json module rather than datasets' loader: it is faster, writes no cache,
+and a bad line can be reported by number. ``datasets`` itself is imported only when a Dataset is built.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+from alignkit.config import DataSpec
+from alignkit.data import arith
+from alignkit.data.adapters import ADAPTERS, Adapter, SkipRow, adapter_params, detect
+from alignkit.data.formats import FORMATS, check_format, features, missing_columns, to_format
+from alignkit.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 1024  # rows fetched from a datasets.Dataset at a time
+_ARITH_FORMATS = ("sft", "problems", "text", "stepwise", "preference")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: line {number} is not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: line {number} is not a JSON object")
+            rows.append(row)
+    return rows
+
+
+def read_file(path: str | Path) -> Any:
+    """Rows of a local .jsonl/.json/.parquet/.csv file (each optionally .gz): a list of dicts or a Dataset."""
+    path = Path(path)
+    suffixes = [s for s in path.suffixes if s != ".gz"]
+    kind = suffixes[-1] if suffixes else ""
+    if kind == ".jsonl":
+        return _read_jsonl(path)
+    builders = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
+    if kind not in builders:
+        raise DataError(f"{path}: unsupported file type; use .jsonl, .json, .parquet or .csv (optionally .gz)")
+    import datasets
+
+    try:
+        return datasets.load_dataset(builders[kind], data_files=str(path), split="train")
+    except Exception as err:  # datasets raises many types for unreadable files
+        raise DataError(f"{path}: could not read as {kind[1:]} ({type(err).__name__}: {err})") from None
+
+
+def read_hub(name: str, config: str | None, split: str) -> Any:
+    """A Hub dataset split; DataError (likely offline) if it cannot be loaded."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, config, split=split)
+    except Exception as err:  # network, auth, missing split: all mean "use a local file"
+        raise DataError(
+            f"could not load Hub dataset {name!r} (split {split!r}): {type(err).__name__}: {err}. "
+            "Offline? Pass a local file (`path:` for named sources, or a file path as `source:`)."
+        ) from None
+
+
+def _columns(table: Any) -> list[str]:
+    return list(table[0].keys()) if isinstance(table, list) else list(table.column_names)
+
+
+def _take(table: Any, indices: list[int]) -> list[dict[str, Any]]:
+    if isinstance(table, list):
+        return [table[i] for i in indices]
+    batch = table[indices]  # dict of column -> list
+    return [dict(zip(batch, values)) for values in zip(*batch.values())]
+
+
+def _rename(row: dict[str, Any], theirs_to_ours: dict[str, str]) -> dict[str, Any]:
+    # A column of theirs that carries one of our names but is not the mapped one is dropped, so that
+    # {prompt: question} wins over a stray `prompt` column.
+    shadowed = set(theirs_to_ours.values())
+    out = {k: v for k, v in row.items() if k not in shadowed and k not in theirs_to_ours}
+    out.update({ours: row[theirs] for theirs, ours in theirs_to_ours.items()})
+    return out
+
+
+def _order(n: int, spec: DataSpec) -> Iterator[int]:
+    order = list(range(n))
+    if spec.shuffle:
+        random.Random(spec.seed).shuffle(order)
+    return iter(order)
+
+
+def _read_source(spec: DataSpec) -> tuple[Any, str, str | None]:
+    """(rows, a name for messages, adapter forced by a named source or None)."""
+    named = ADAPTERS.get(spec.source)
+    if named is not None:
+        if spec.path is not None:
+            return _read_local_or_hub(spec.path, spec.split), spec.path, named.name
+        if named.hub is None:
+            raise DataError(f"source {spec.source!r} is not on the Hub: pass `path:` to a local file")
+        return read_hub(named.hub[0], named.hub[1], spec.split), named.hub[0], named.name
+    if spec.path is not None:
+        raise DataError(f"`path:` is only for named sources {sorted(ADAPTERS)}; put the file in `source:`")
+    return _read_local_or_hub(spec.source, spec.split), spec.source, None
+
+
+def _read_local_or_hub(location: str, split: str) -> Any:
+    if Path(location).exists():
+        return read_file(location)
+    if Path(location).suffix in (".jsonl", ".json", ".parquet", ".csv", ".gz"):
+        raise DataError(f"file not found: {location}")
+    return read_hub(location, None, split)
+
+
+def _pick_adapter(spec: DataSpec, forced: str | None, columns: list[str], first: dict[str, Any]) -> str:
+    if forced is not None and spec.adapter not in ("auto", forced):
+        raise DataError(f"source {spec.source!r} is read by adapter {forced!r}, not {spec.adapter!r}")
+    if spec.adapter == "arith":
+        raise DataError("adapter 'arith' only reads `source: arith` (the built-in generator)")
+    return forced or (detect(columns, first) if spec.adapter == "auto" else spec.adapter)
+
+
+def _check_columns(adapter: Adapter | None, fmt: str, columns: list[str], where: str) -> None:
+    if adapter is None:
+        missing = missing_columns(columns, fmt)
+        if missing:
+            raise DataError(
+                f"{where}: format {fmt!r} needs columns {list(FORMATS[fmt][0])}; missing {missing}, "
+                f"found {columns}. Map yours with `columns:` (e.g. {{{missing[0]}: your_column}})."
+            )
+        return
+    if fmt not in adapter.formats:
+        raise DataError(f"{where}: adapter {adapter.name!r} gives formats {list(adapter.formats)}, not {fmt!r}")
+    if not any(set(need) <= set(columns) for need in adapter.needs):
+        wanted = " or ".join(str(list(n)) for n in adapter.needs)
+        raise DataError(f"{where}: adapter {adapter.name!r} needs columns {wanted}; found {columns}")
+
+
+def _convert_row(row: dict[str, Any], adapter: Adapter | None, params: Any, fmt: str, where: str) -> list[dict]:
+    """One renamed row -> its records viewed as ``fmt`` (DataError prefixed with ``where``; SkipRow passes)."""
+    try:
+        records = adapter.convert(row, params) if adapter else [row]
+    except DataError as err:
+        raise DataError(f"{where}: {err}") from None
+    return [to_format(r, fmt, where) for r in records]
+
+
+def _convert(table: Any, spec: DataSpec, fmt: str, where: str, forced: str | None) -> list[dict[str, Any]]:
+    """Steps 2-3 of the module docstring over a file or Hub table."""
+    n = len(table)
+    if n == 0:
+        raise DataError(f"{where}: no rows")
+    rename = {theirs: ours for ours, theirs in spec.columns.items()}
+    raw_columns = _columns(table)
+    unknown = [theirs for theirs in rename if theirs not in raw_columns]
+    if unknown:
+        raise DataError(f"{where}: `columns:` maps to {unknown}, which are not among the columns {raw_columns}")
+    first = _rename(_take(table, [0])[0], rename)
+    adapter = ADAPTERS.get(_pick_adapter(spec, forced, list(first), first))
+    _check_columns(adapter, fmt, list(first), where)
+    if adapter is None and spec.params:
+        raise DataError(f"{where}: `params:` is only for arith and adapters, got {sorted(spec.params)}")
+    params = adapter_params(adapter, spec.params) if adapter else None
+    rows: list[dict[str, Any]] = []
+    skipped: Counter[str] = Counter()
+    order = list(_order(n, spec))
+    limit = spec.limit if spec.limit is not None else float("inf")
+    for start in range(0, n, _CHUNK):
+        if len(rows) >= limit:
+            break
+        chunk = order[start: start + _CHUNK]
+        for index, raw in zip(chunk, _take(table, chunk)):
+            try:
+                rows += _convert_row(_rename(raw, rename), adapter, params, fmt, f"row {index} of {where}")
+            except SkipRow as why:
+                skipped[str(why)] += 1
+            if len(rows) >= limit:
+                break
+    if skipped:
+        logger.warning("%s: skipped %d unusable rows (%s)", where, sum(skipped.values()),
+                       "; ".join(f"{count} x {reason}" for reason, count in skipped.most_common()))
+    return rows[: spec.limit]
+
+
+def _arith_rows(spec: DataSpec, fmt: str) -> list[dict[str, Any]]:
+    if spec.adapter not in ("auto", "arith"):
+        raise DataError(f"source 'arith' is the built-in generator; adapter {spec.adapter!r} cannot read it")
+    if fmt not in _ARITH_FORMATS:
+        raise DataError(f"arith gives formats {list(_ARITH_FORMATS)}, not {fmt!r}")
+    if spec.columns:
+        raise DataError("arith: `columns:` does not apply to the built-in generator")
+    params = arith.parse_params(spec.params, seed=spec.seed)
+    records = arith.generate(params)
+    order = list(_order(len(records), spec))[: spec.limit]
+    return [arith.view(records[i], fmt, params, index=i) for i in order]
+
+
+def load_dataset(spec: DataSpec, fmt: str):
+    """Load ``spec`` as a ``datasets.Dataset`` in format ``fmt`` (see :mod:`alignkit.data.formats`).
+
+    Raises DataError for: an unknown format, a source that cannot be read, missing columns (naming the
+    columns needed and found), a malformed row (naming its index), and an empty result.
+    """
+    check_format(fmt)
+    if spec.source == "arith":
+        rows, where = _arith_rows(spec, fmt), "arith"
+    else:
+        table, where, forced = _read_source(spec)
+        rows = _convert(table, spec, fmt, where, forced)
+    if not rows:
+        raise DataError(f"{where}: no rows left for format {fmt!r} (after skipping unusable rows and `limit`)")
+    return _to_dataset(rows, fmt)
+
+
+def _to_dataset(rows: list[dict[str, Any]], fmt: str):
+    from datasets import Dataset
+
+    columns = list(FORMATS[fmt][0]) + [c for c in FORMATS[fmt][1] if any(c in r for r in rows)]
+    if any(c not in r for r in rows for c in columns):
+        optional = [c for c in columns if c in FORMATS[fmt][1]]
+        raise DataError(f"optional columns {optional} are present in some rows but not all (format {fmt!r})")
+    data = {c: [r[c] for r in rows] for c in columns}
+    return Dataset.from_dict(data, features=features(fmt, columns))
+
+
+def split_eval(ds: Any, eval_size: int | float | None, seed: int):
+    """Hold out ``eval_size`` rows (an int count, or a float fraction in (0, 1)) -> (train, eval or None).
+
+    The held-out rows are a seeded random sample; at least one row stays on each side.
+    """
+    if eval_size is None or eval_size == 0:
+        return ds, None
+    n = len(ds)
+    if isinstance(eval_size, bool) or not isinstance(eval_size, (int, float)):
+        raise DataError(f"eval_size must be a row count or a fraction, got {eval_size!r}")
+    if isinstance(eval_size, float):
+        if not 0.0 < eval_size < 1.0:
+            raise DataError(f"eval_size as a fraction must be in (0, 1), got {eval_size}")
+        n_eval = max(1, round(n * eval_size))
+    else:
+        n_eval = eval_size
+    if not 1 <= n_eval < n:
+        raise DataError(f"eval_size {eval_size!r} leaves no training rows out of {n}; use fewer than {n}")
+    split = ds.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
+    return split["train"], split["test"]

@@ -20,6 +20,13 @@ from .config import Spec
 #: kind -> module. New stage kinds register here (one line) and nowhere else.
 STAGES: dict[str, str] = {
     "sft": "alignkit.stages.sft",
+    "reward": "alignkit.stages.reward",
+    "dpo": "alignkit.stages.dpo",
+    "grpo": "alignkit.stages.grpo",
+    "rloo": "alignkit.stages.rloo",
+    "label": "alignkit.stages.label",
+    "prm": "alignkit.stages.prm",
+    "eval": "alignkit.stages.eval",
 }
 
 

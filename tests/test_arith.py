@@ -13,8 +13,13 @@ from alignkit.data import arith_text, check_steps, load_dataset
 from alignkit.data.arith import ArithParams, corrupt, generate, parse_params
 from alignkit.errors import DataError
 
-MIA = "Mia has 12 marbles. She gets 7 more, then gives away 5, then triples them. How many marbles does Mia have now?"
-MIA_GOLD = ["Add 7: 12 + 7 = 19.", "Subtract 5: 19 - 5 = 14.", "Multiply by 3: 14 * 3 = 42.", "The answer is 42."]
+MIA = (
+    "Mia has 12 marbles. She gets 7 more, then gives away 5, then triples them. "
+    "How many marbles does Mia have now?"
+)
+MIA_GOLD = [
+    "Add 7: 12 + 7 = 19.", "Subtract 5: 19 - 5 = 14.", "Multiply by 3: 14 * 3 = 42.", "The answer is 42.",
+]
 
 # The test's own reading of the word problems: phrase -> (op, operand from group 1 or fixed).
 _ORACLE = [
@@ -91,7 +96,8 @@ def test_check_steps_hand_worked():
     assert check_steps(MIA, [s.split(": ", 1)[1] for s in MIA_GOLD[:3]]) is None  # prefix "Add 7:" optional
     cases = {
         # arithmetic slip at step 1; later steps consistent with the wrong value
-        1: ["Add 7: 12 + 7 = 19.", "Subtract 5: 19 - 5 = 15.", "Multiply by 3: 15 * 3 = 45.", "The answer is 45."],
+        1: ["Add 7: 12 + 7 = 19.", "Subtract 5: 19 - 5 = 15.", "Multiply by 3: 15 * 3 = 45.",
+            "The answer is 45"],
         # wrong operand vs the problem (arithmetic itself is right)
         0: ["Add 8: 12 + 8 = 20.", "Subtract 5: 20 - 5 = 15."],
         2: ["Add 7: 12 + 7 = 19.", "Subtract 5: 19 - 5 = 14.", "Multiply by 2: 14 * 2 = 28."],
@@ -100,6 +106,8 @@ def test_check_steps_hand_worked():
         assert check_steps(MIA, steps) == index
     # wrong running value: right arithmetic on a number that is not the previous result
     assert check_steps(MIA, ["Add 7: 12 + 7 = 19.", "Subtract 5: 20 - 5 = 15."]) == 1
+    # ... or a wrong left operand whose (wrong) arithmetic happens to land on the right value
+    assert check_steps(MIA, ["Add 7: 12 + 7 = 19.", "Subtract 5: 20 - 5 = 14."]) == 1
     # wrong operation, label disagreeing with the expression, garbage, blank line
     assert check_steps(MIA, ["Subtract 7: 12 - 7 = 5."]) == 0
     assert check_steps(MIA, ["Add 7: 12 * 7 = 84."]) == 0
@@ -117,7 +125,8 @@ def test_check_steps_finds_planted_errors_at_exact_index():
     for record in _gen(n=300, seed=5, steps=[1, 4]):
         steps = record["completion"].split("\n")
         k = rng.randrange(len(record["steps"]))
-        planted = steps[:k] + [re.sub(r"= (\d+)\.$", lambda m: f"= {int(m.group(1)) + 1}.", steps[k])] + steps[k + 1:]
+        slipped = re.sub(r"= (\d+)\.$", lambda m: f"= {int(m.group(1)) + 1}.", steps[k])
+        planted = steps[:k] + [slipped] + steps[k + 1:]
         assert check_steps(record["prompt"], planted) == k
         lines, bad = corrupt(record, rng)
         assert check_steps(record, lines) == bad
@@ -135,7 +144,8 @@ def test_views_stepwise_and_preference_are_labelled_by_the_checker():
     n_bad = 0
     for row in stepwise:
         first_wrong = check_steps(row["prompt"], row["completions"])
-        expected = [True] * len(row["labels"]) if first_wrong is None else [i < first_wrong for i in range(len(row["labels"]))]
+        n = len(row["labels"])
+        expected = [True] * n if first_wrong is None else [i < first_wrong for i in range(n)]
         assert row["labels"] == expected
         n_bad += first_wrong is not None
     assert 70 <= n_bad <= 130  # ~ error_rate * n

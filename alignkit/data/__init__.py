@@ -14,4 +14,6 @@ from alignkit.data.arith import arith_text, check_steps
 from alignkit.data.formats import FORMATS, normalise_answer
 from alignkit.data.loading import load_dataset, read_file, split_eval
 
-__all__ = ["FORMATS", "arith_text", "check_steps", "load_dataset", "normalise_answer", "read_file", "split_eval"]
+__all__ = [
+    "FORMATS", "arith_text", "check_steps", "load_dataset", "normalise_answer", "read_file", "split_eval",
+]

@@ -142,7 +142,8 @@ def parse_math_shepherd(text: str, label: str) -> dict[str, Any]:
     text with ``+`` (step leads to the right answer) or ``-`` in place of each tag. The question ends where
     ``Step 1:`` begins.
 
-    >>> parse_math_shepherd("Q? Step 1: 1+1=2 ки\\nStep 2: The answer is 3 ки", "Q? Step 1: 1+1=2 +\\nStep 2: The answer is 3 -")
+    >>> text = "Q? Step 1: 1+1=2 ки\\nStep 2: The answer is 3 ки"
+    >>> parse_math_shepherd(text, text.replace("2 ки", "2 +").replace("3 ки", "3 -"))
     {'prompt': 'Q?', 'completions': ['Step 1: 1+1=2', 'Step 2: The answer is 3'], 'labels': [True, False]}
     """
     segments = text.split(STEP_TAG)
@@ -238,7 +239,8 @@ def prm800k_row(row: dict[str, Any], params: Prm800kParams) -> list[dict[str, An
             raise DataError(f"prm800k: malformed 'label.steps' ({err!r})") from None
     else:
         prompt, steps = row.get("prompt"), row.get("steps")
-        ratings = row.get("ratings") or [s.get("rating") if isinstance(s, dict) else None for s in steps or []]
+        inline = [s.get("rating") if isinstance(s, dict) else None for s in steps or []]
+        ratings = row.get("ratings") or inline
         if not isinstance(steps, list) or len(ratings) != len(steps):
             raise DataError("prm800k: 'steps' must be a list with one rating per step ('ratings' column)")
         paths = [[(s["text"] if isinstance(s, dict) else s, r) for s, r in zip(steps, ratings)]]

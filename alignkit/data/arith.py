@@ -44,7 +44,9 @@ Op = Literal["+", "-", "*"]
 
 _NAMES = [("Mia", "She"), ("Tom", "He"), ("Ava", "She"), ("Leo", "He"), ("Zoe", "She"), ("Sam", "He"),
           ("Ivy", "She"), ("Max", "He"), ("Nora", "She"), ("Ben", "He"), ("Lily", "She"), ("Omar", "He")]
-_OBJECTS = ["marbles", "apples", "stickers", "coins", "books", "pencils", "shells", "cards", "stamps", "beads"]
+_OBJECTS = [
+    "marbles", "apples", "stickers", "coins", "books", "pencils", "shells", "cards", "stamps", "beads",
+]
 _INTROS = ["{name} has {a} {obj}.", "{name} starts with {a} {obj}.", "{name} collects {a} {obj}."]
 _QUESTIONS = ["How many {obj} does {name} have now?", "How many {obj} does {name} have at the end?"]
 # Phrase templates per operation; {k} is the operand. Multiplication by 2 and 3 uses a word instead.
@@ -125,7 +127,8 @@ def _draw_chain(rng: random.Random, p: ArithParams) -> tuple[int, list[tuple[str
     """A start value and a list of (op, operand) respecting the positivity rules (module note 2)."""
     n_steps = rng.randint(*p.steps)
     only_sub = set(p.ops) == {"-"}
-    start = rng.randint(n_steps + 1, max(n_steps + 1, p.max_operand)) if only_sub else rng.randint(2, p.max_operand)
+    lowest = n_steps + 1 if only_sub else 2
+    start = rng.randint(lowest, max(lowest, p.max_operand))
     value, chain = start, []
     for i in range(n_steps):
         # with subtraction only, leave 1 for each later step so that every step can subtract

@@ -74,7 +74,10 @@ def _text_or_messages(row: dict[str, Any], column: str) -> str | None:
         return None
     if _is_messages(value):
         return None
-    return f"column {column!r} must be a non-empty string or a list of {{role, content}} messages, got {value!r:.80}"
+    return (
+        f"column {column!r} must be a non-empty string or a list of {{role, content}} messages, "
+        f"got {value!r:.80}"
+    )
 
 
 def _string(row: dict[str, Any], column: str) -> str | None:

@@ -23,7 +23,7 @@ import logging
 import random
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from alignkit.config import DataSpec
 from alignkit.data import arith
@@ -63,7 +63,7 @@ def read_file(path: str | Path) -> Any:
         return _read_jsonl(path)
     builders = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
     if kind not in builders:
-        raise DataError(f"{path}: unsupported file type; use .jsonl, .json, .parquet or .csv (optionally .gz)")
+        raise DataError(f"{path}: unsupported file type; use .jsonl, .json, .parquet or .csv (or their .gz)")
     import datasets
 
     try:
@@ -105,11 +105,11 @@ def _rename(row: dict[str, Any], theirs_to_ours: dict[str, str]) -> dict[str, An
     return out
 
 
-def _order(n: int, spec: DataSpec) -> Iterator[int]:
+def _order(n: int, spec: DataSpec) -> list[int]:
     order = list(range(n))
     if spec.shuffle:
         random.Random(spec.seed).shuffle(order)
-    return iter(order)
+    return order
 
 
 def _read_source(spec: DataSpec) -> tuple[Any, str, str | None]:
@@ -152,19 +152,26 @@ def _check_columns(adapter: Adapter | None, fmt: str, columns: list[str], where:
             )
         return
     if fmt not in adapter.formats:
-        raise DataError(f"{where}: adapter {adapter.name!r} gives formats {list(adapter.formats)}, not {fmt!r}")
+        raise DataError(
+            f"{where}: adapter {adapter.name!r} gives formats {list(adapter.formats)}, not {fmt!r}"
+        )
     if not any(set(need) <= set(columns) for need in adapter.needs):
         wanted = " or ".join(str(list(n)) for n in adapter.needs)
         raise DataError(f"{where}: adapter {adapter.name!r} needs columns {wanted}; found {columns}")
 
 
-def _convert_row(row: dict[str, Any], adapter: Adapter | None, params: Any, fmt: str, where: str) -> list[dict]:
-    """One renamed row -> its records viewed as ``fmt`` (DataError prefixed with ``where``; SkipRow passes)."""
+def _convert_row(
+    raw: dict[str, Any], rename: dict[str, str], adapter: Adapter | None, params: Any, fmt: str, where: str
+) -> list[dict[str, Any]]:
+    """One raw row -> its records viewed as ``fmt`` (DataError prefixed with ``where``; SkipRow passes)."""
     try:
+        row = _rename(raw, rename)
         records = adapter.convert(row, params) if adapter else [row]
+        return [to_format(r, fmt, where) for r in records]
+    except KeyError as err:  # jsonl rows need not share the first row's keys
+        raise DataError(f"{where}: missing column {err}") from None
     except DataError as err:
-        raise DataError(f"{where}: {err}") from None
-    return [to_format(r, fmt, where) for r in records]
+        raise (err if str(err).startswith(where) else DataError(f"{where}: {err}")) from None
 
 
 def _convert(table: Any, spec: DataSpec, fmt: str, where: str, forced: str | None) -> list[dict[str, Any]]:
@@ -176,7 +183,7 @@ def _convert(table: Any, spec: DataSpec, fmt: str, where: str, forced: str | Non
     raw_columns = _columns(table)
     unknown = [theirs for theirs in rename if theirs not in raw_columns]
     if unknown:
-        raise DataError(f"{where}: `columns:` maps to {unknown}, which are not among the columns {raw_columns}")
+        raise DataError(f"{where}: `columns:` maps to {unknown}, not among its columns {raw_columns}")
     first = _rename(_take(table, [0])[0], rename)
     adapter = ADAPTERS.get(_pick_adapter(spec, forced, list(first), first))
     _check_columns(adapter, fmt, list(first), where)
@@ -185,7 +192,7 @@ def _convert(table: Any, spec: DataSpec, fmt: str, where: str, forced: str | Non
     params = adapter_params(adapter, spec.params) if adapter else None
     rows: list[dict[str, Any]] = []
     skipped: Counter[str] = Counter()
-    order = list(_order(n, spec))
+    order = _order(n, spec)
     limit = spec.limit if spec.limit is not None else float("inf")
     for start in range(0, n, _CHUNK):
         if len(rows) >= limit:
@@ -193,7 +200,7 @@ def _convert(table: Any, spec: DataSpec, fmt: str, where: str, forced: str | Non
         chunk = order[start: start + _CHUNK]
         for index, raw in zip(chunk, _take(table, chunk)):
             try:
-                rows += _convert_row(_rename(raw, rename), adapter, params, fmt, f"row {index} of {where}")
+                rows += _convert_row(raw, rename, adapter, params, fmt, f"row {index} of {where}")
             except SkipRow as why:
                 skipped[str(why)] += 1
             if len(rows) >= limit:
@@ -213,7 +220,7 @@ def _arith_rows(spec: DataSpec, fmt: str) -> list[dict[str, Any]]:
         raise DataError("arith: `columns:` does not apply to the built-in generator")
     params = arith.parse_params(spec.params, seed=spec.seed)
     records = arith.generate(params)
-    order = list(_order(len(records), spec))[: spec.limit]
+    order = _order(len(records), spec)[: spec.limit]
     return [arith.view(records[i], fmt, params, index=i) for i in order]
 
 
@@ -230,7 +237,7 @@ def load_dataset(spec: DataSpec, fmt: str):
         table, where, forced = _read_source(spec)
         rows = _convert(table, spec, fmt, where, forced)
     if not rows:
-        raise DataError(f"{where}: no rows left for format {fmt!r} (after skipping unusable rows and `limit`)")
+        raise DataError(f"{where}: no rows left for format {fmt!r} (after skipping unusable rows)")
     return _to_dataset(rows, fmt)
 
 

@@ -1,0 +1,10 @@
+"""alignkit's shipped reward programs (a folder of programs, not part of the installed package).
+
+Each program is a plain batched function with TRL's reward calling convention,
+``fn(completions, **columns) -> list[float | None]``; recipes name them as ``reward/<file>.py:<function>``
+and :func:`alignkit.rewards.load_reward` loads them by path:
+
+- ``math.py:answer_match``: final-answer correctness (GSM8K / MATH style), math-verify for LaTeX.
+- ``format.py:step_format``: alignkit's step-by-step format, one step per line, ``The answer is N.`` last.
+- ``code.py:unit_tests``: fraction of a row's unit tests the completion's code passes, in a sandbox.
+"""

@@ -1,0 +1,313 @@
+"""The generation interface every generating stage uses: sampling parameters, completions, engines.
+
+Stages (Math-Shepherd labelling, eval, DPO pair-making, PPO/GRPO rollouts, constitutional AI) call
+``engine.generate(prompts, params)`` and never touch ``model.generate`` themselves, so one recipe field,
+``generation: {backend: fast, batch_size: 64}``, picks how every stage generates.
+
+Backends (see :func:`make_engine`):
+
+- ``hf`` (:mod:`alignkit.generation.hf`): ``model.generate``; the reference the others are tested against.
+- ``fast`` (:mod:`alignkit.generation.fast`): our decode loop: each distinct prompt is prefilled once and
+  its KV cache copied to its ``n`` samples, finished rows leave the batch and queued prompts take their
+  slots. Falls back to ``hf`` (with a one-line warning) for models it does not support.
+- ``openai`` (:mod:`alignkit.generation.openai`): an OpenAI-compatible ``/completions`` server (vLLM,
+  SGLang, ``transformers serve``).
+
+Conventions shared by all backends:
+
+1. Prompts are used as given: text is tokenized with ``add_special_tokens=False`` (apply the chat template
+   first: ``tokenizer.apply_chat_template(..., tokenize=False, add_generation_prompt=True)``), token-id
+   lists are used verbatim.
+2. ``Completion.token_ids`` are the generated tokens only, up to and including the EOS token or the token
+   that completed a stop string. ``Completion.text`` is their decoding *without* the EOS token and cut
+   just before the first stop string (the stop string itself is not returned).
+3. ``Completion.logprobs[i]`` is ``log_softmax(logits / temperature)[token_ids[i]]`` (temperature 0
+   counts as 1) under the model's logits *before* top-k/top-p truncation: the same quantity TRL's
+   GRPO/PPO trainers recompute for the policy, so old and new log-probs are comparable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal, Protocol
+
+from pydantic import Field, field_validator, model_validator
+
+from alignkit.config import Spec
+from alignkit.errors import AlignkitError, DataError, RecipeError
+
+Backend = Literal["hf", "fast", "openai"]
+FinishReason = Literal["eos", "stop", "length"]
+
+
+class GenerationError(AlignkitError, RuntimeError):
+    """Generation failed for a reason outside our code (e.g. the completions server kept failing)."""
+
+
+class SamplingParams(Spec):
+    """How to sample; one value per ``generate`` call, shared by all its prompts."""
+
+    max_new_tokens: int = Field(256, gt=0, description="Most tokens generated per completion.")
+    temperature: float = Field(1.0, ge=0.0, description="Softmax temperature; 0 = greedy (argmax).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1 = off.")
+    top_k: int = Field(0, ge=0, description="Keep the k most likely tokens; 0 = off.")
+    n: int = Field(1, gt=0, description="Completions per prompt.")
+    stop: list[str] = Field(
+        default_factory=list,
+        description="Stop strings: a row ends when its text contains one; the returned text excludes it.",
+    )
+    seed: int | None = Field(None, description="Seed for sampling; None = draw from torch's global RNG.")
+    return_logprobs: bool = Field(False, description="Also return each generated token's log-prob.")
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, stop: list[str]) -> list[str]:
+        if any(s == "" for s in stop):
+            raise ValueError("stop strings must be non-empty (an empty string would end every row at once)")
+        return stop
+
+
+@dataclasses.dataclass
+class Completion:
+    """One generated continuation (see the module docstring for what exactly is included)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    logprobs: list[float] | None = None
+
+
+class Engine(Protocol):
+    """Anything that turns prompts into completions."""
+
+    def generate(
+        self,
+        prompts: list[str] | list[list[int]],
+        params: SamplingParams,
+        *,
+        progress: bool = True,
+    ) -> list[list[Completion]]:
+        """Return ``params.n`` completions for each prompt: ``result[prompt][sample]``."""
+        ...
+
+
+class GenerationSpec(Spec):
+    """The ``generation:`` block of a stage config."""
+
+    backend: Backend = Field("fast", description="hf (model.generate), fast (our decode loop), openai (server).")
+    batch_size: int = Field(
+        64, gt=0, description="hf/fast: most sequences decoded together (KV memory grows with it); "
+        "openai: concurrent requests."
+    )
+    max_prefill_tokens: int = Field(
+        8192, gt=0, description="fast: most (padded) prompt tokens prefilled in one forward."
+    )
+    compile: bool = Field(False, description="fast: torch.compile the decode step (CUDA only; ignored on CPU).")
+    base_url: str | None = Field(None, description="openai: server root, e.g. http://127.0.0.1:8000/v1.")
+    model_name: str | None = Field(None, description="openai: the `model` field of each request.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="openai: env var holding the API key (optional).")
+    timeout_s: float = Field(600.0, gt=0, description="openai: per-request timeout.")
+    max_retries: int = Field(4, ge=0, description="openai: retries on 5xx/429/connection errors.")
+    request_token_ids: bool = Field(
+        False, description="openai: ask for token ids (vLLM's return_token_ids) instead of re-tokenizing text."
+    )
+
+    @model_validator(mode="after")
+    def _openai_needs_server(self) -> GenerationSpec:
+        if self.backend == "openai":
+            for name in ("base_url", "model_name"):
+                if getattr(self, name) is None:
+                    raise ValueError(f"generation.{name} is required when generation.backend is 'openai'")
+        return self
+
+
+# Backend options make_engine takes besides its named arguments.
+_BACKEND_OPTIONS = {
+    "hf": set(),
+    "fast": {"max_prefill_tokens", "compile"},
+    "openai": {"api_key_env", "timeout_s", "max_retries", "backoff_s", "request_token_ids"},
+}
+
+
+def make_engine(
+    backend: Backend,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    base_url: str | None = None,
+    model_name: str | None = None,
+    batch_size: int = 64,
+    **opts: Any,
+) -> Engine:
+    """Build an engine. ``hf``/``fast`` need ``model`` and ``tokenizer``; ``openai`` needs ``base_url`` and
+    ``model_name`` (its ``tokenizer`` is optional: it fills ``token_ids`` when the server returns none).
+
+    ``opts`` are backend options (``max_prefill_tokens``, ``compile``, ``api_key_env``, ``timeout_s``...);
+    an option the backend does not take raises :class:`RecipeError` naming it.
+    """
+    if backend not in _BACKEND_OPTIONS:
+        raise RecipeError(f"unknown backend {backend!r}; use one of {sorted(_BACKEND_OPTIONS)}", field="generation.backend")
+    unknown = set(opts) - _BACKEND_OPTIONS[backend]
+    if unknown:
+        raise RecipeError(
+            f"option(s) {sorted(unknown)} do not apply to backend {backend!r}; it takes {sorted(_BACKEND_OPTIONS[backend])}",
+            field=f"generation.{sorted(unknown)[0]}",
+        )
+    if backend == "openai":
+        from alignkit.generation.openai import OpenAIEngine
+
+        if base_url is None or model_name is None:
+            raise RecipeError("the openai backend needs base_url and model_name", field="generation.base_url")
+        return OpenAIEngine(base_url, model_name, tokenizer=tokenizer, batch_size=batch_size, **opts)
+    if model is None or tokenizer is None:
+        raise RecipeError(f"the {backend} backend needs a loaded model and tokenizer", field="generation.backend")
+    if backend == "hf":
+        from alignkit.generation.hf import HFEngine
+
+        return HFEngine(model, tokenizer, batch_size=batch_size)
+    from alignkit.generation.fast import FastEngine
+
+    return FastEngine(model, tokenizer, batch_size=batch_size, **opts)
+
+
+def engine_from_spec(spec: GenerationSpec, *, model: Any = None, tokenizer: Any = None) -> Engine:
+    """Build the engine a stage's ``generation:`` block describes."""
+    opts: dict[str, Any] = {}
+    if spec.backend == "fast":
+        opts = {"max_prefill_tokens": spec.max_prefill_tokens, "compile": spec.compile}
+    elif spec.backend == "openai":
+        opts = {
+            "api_key_env": spec.api_key_env,
+            "timeout_s": spec.timeout_s,
+            "max_retries": spec.max_retries,
+            "request_token_ids": spec.request_token_ids,
+        }
+    return make_engine(
+        spec.backend,
+        model=model,
+        tokenizer=tokenizer,
+        base_url=spec.base_url,
+        model_name=spec.model_name,
+        batch_size=spec.batch_size,
+        **opts,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers shared by the local backends.
+
+
+def encode_prompts(prompts: Sequence[str] | Sequence[Sequence[int]], tokenizer: Any) -> list[list[int]]:
+    """Token ids of each prompt: text is tokenized without adding special tokens; id lists pass through."""
+    if len(prompts) == 0:
+        return []
+    if all(isinstance(p, str) for p in prompts):
+        ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    elif all(isinstance(p, (list, tuple)) for p in prompts):
+        ids = [[int(t) for t in p] for p in prompts]
+    else:
+        raise TypeError("prompts must be all strings or all lists of token ids")
+    empty = [i for i, p in enumerate(ids) if len(p) == 0]
+    if empty:
+        raise DataError(f"prompt(s) {empty[:5]} are empty; every prompt needs at least one token")
+    return ids
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """EOS ids: the model's ``generation_config.eos_token_id`` (int or list) plus the tokenizer's EOS."""
+    ids: set[int] = set()
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos is not None:
+        ids.update(int(t) for t in eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)
+
+
+def pad_token_id(tokenizer: Any, eos_ids: list[int]) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+
+
+def _first_stop(text: str, stop: Sequence[str]) -> int | None:
+    """Index in ``text`` where the earliest stop string starts, or None."""
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _stop_token_end(token_ids: list[int], tokenizer: Any, stop: Sequence[str]) -> int | None:
+    """Smallest k such that ``decode(token_ids[:k])`` contains a stop string (None if none does).
+
+    Binary search: containment only grows as tokens are appended, so O(log T) decodes.
+    """
+    if not stop or _first_stop(tokenizer.decode(token_ids), stop) is None:
+        return None
+    lo, hi = 1, len(token_ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _first_stop(tokenizer.decode(token_ids[:mid]), stop) is None:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def finish_completion(
+    token_ids: list[int],
+    logprobs: list[float] | None,
+    *,
+    tokenizer: Any,
+    eos_ids: Sequence[int],
+    stop: Sequence[str],
+) -> Completion:
+    """Truncate raw generated tokens at the first EOS or completed stop string and decode them.
+
+    Every local backend calls this on its raw rows, so truncation is identical across backends
+    (e.g. HF keeps padding finished rows; our engine stops them; both end up here).
+    """
+    eos = set(eos_ids)
+    eos_at = next((i for i, t in enumerate(token_ids) if t in eos), None)
+    body = token_ids if eos_at is None else token_ids[:eos_at]
+    cut, reason = (len(token_ids), "length") if eos_at is None else (eos_at + 1, "eos")
+    stop_end = _stop_token_end(body, tokenizer, stop)
+    if stop_end is not None:
+        cut, reason, body = stop_end, "stop", body[:stop_end]
+    text = tokenizer.decode(body)
+    if reason == "stop":
+        text = text[: _first_stop(text, stop)]
+    return Completion(
+        text=text,
+        token_ids=list(token_ids[:cut]),
+        finish_reason=reason,
+        logprobs=None if logprobs is None else list(logprobs[:cut]),
+    )
+
+
+def copy_completion(c: Completion) -> Completion:
+    """An independent copy (greedy rows are decoded once and handed out ``n`` times)."""
+    return Completion(c.text, list(c.token_ids), c.finish_reason, None if c.logprobs is None else list(c.logprobs))
+
+
+@contextlib.contextmanager
+def inference_mode(model: Any) -> Iterator[None]:
+    """Eval mode (no dropout) and no autograd for the duration; restores the model's training flag."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def progress_bar(total: int, *, enabled: bool, backend: str):
+    """A tqdm bar counting finished completions (its rate reads completions/s)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="compl", desc=f"generate[{backend}]", disable=not enabled, dynamic_ncols=True)

@@ -85,8 +85,8 @@ def load_reward(ref: str, *, base_dir: str | Path | None = None) -> RewardFn:
     module = _load_file(target, base_dir) if is_file else _import_module(target)
     fn = getattr(module, name, None)
     if fn is None:
-        available = sorted(k for k, v in vars(module).items()
-                           if callable(v) and not k.startswith("_") and getattr(v, "__module__", None) == module.__name__)
+        available = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_")
+                           and getattr(v, "__module__", None) == module.__name__)
         raise RecipeError(f"reward program {ref!r}: {target} has no function {name!r}; "
                           f"functions defined there: {available or 'none'}")
     if not callable(fn):
@@ -266,7 +266,7 @@ def grade_file(path: str | Path, reward: str, *, completion_field: str = "comple
     _require(rows, completion_field, path, "--completion-field")
     if answer_field is not None:
         _require(rows, answer_field, path, "--answer-field")
-    reserved = {completion_field, answer_field, "completions", "answer"}
+    reserved = {completion_field, "completions"} | ({answer_field, "answer"} if answer_field is not None else set())
     others = sorted({k for row in rows for k in row} - reserved)
     scores: list[float | None] = []
     for start in range(0, len(rows), batch_size):

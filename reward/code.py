@@ -25,10 +25,10 @@ polls them. What the sandbox does:
    processes. If the interpreter lives where ``nobody`` cannot read (pyenv under /root), we warn once and
    run as root; ``RLIMIT_NPROC`` is then not set (root ignores it; for another user it would count the
    user's whole session), and the in-process prelude below is the only guard.
-4. Environment: only ``TMPDIR``, pointing at the throwaway working directory (deleted afterwards); no
-   secrets (``HF_TOKEN``, ``WANDB_API_KEY``) are passed. stdin, stdout and stderr are /dev/null, so
-   printing a million lines costs nothing; results come back on a private pipe, one line per test,
-   tagged with a random nonce.
+4. Environment: only ``TMPDIR``, pointing at the throwaway working directory (deleted afterwards), and
+   one-thread settings for OpenMP/BLAS; no secrets (``HF_TOKEN``, ``WANDB_API_KEY``) are passed. stdin,
+   stdout and stderr are /dev/null, so printing a million lines costs nothing; results come back on a
+   private pipe, one line per test, tagged with a random nonce.
 5. Prelude (in-process, Python level): ``os.fork``/``exec*``/``spawn*``/``system``/``popen``,
    ``posix_spawn``, ``subprocess``, ``os.kill``/``killpg``, ``setsid``/``setpgid``, ``resource.setrlimit``
    raise PermissionError; ``ctypes``/``cffi`` cannot be imported; creating a socket raises (socketpair
@@ -233,22 +233,34 @@ def test_units(tests: Any) -> list[tuple[bool, str]] | None:
     return None
 
 
-@lru_cache(maxsize=None)
 def _can_drop_privileges(python: str) -> bool:
-    """Whether we are root and ``python`` runs as nobody (it does not under a /root-only pyenv)."""
-    if os.geteuid() != 0:
-        return False
+    """Whether we are root and ``python`` runs as nobody in a sandbox working dir (not under a /root pyenv)."""
+    return os.geteuid() == 0 and _probe_drop(python, tempfile.gettempdir())
+
+
+@lru_cache(maxsize=None)
+def _probe_drop(python: str, tmp_root: str) -> bool:
+    workdir = _make_workdir(drop=True)
     try:
-        probe = subprocess.run([python, "-I", "-B", "-c", "pass"], cwd="/", env={}, timeout=30,
+        probe = subprocess.run([python, "-I", "-B", "-c", "pass"], cwd=workdir, env={}, timeout=30,
                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                user=SANDBOX_UID, group=SANDBOX_GID, extra_groups=[])
         ok = probe.returncode == 0
     except (OSError, subprocess.SubprocessError):
         ok = False
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     if not ok:
-        logger.warning("code sandbox runs as root: %s cannot run as uid %d; only the in-process prelude "
-                       "guards files, processes and network (see reward/code.py)", python, SANDBOX_UID)
+        logger.warning("code sandbox runs as root: %s cannot run as uid %d in %s; only the in-process prelude "
+                       "guards files, processes and network (see reward/code.py)", python, SANDBOX_UID, tmp_root)
     return ok
+
+
+def _make_workdir(drop: bool) -> str:
+    workdir = tempfile.mkdtemp(prefix="alignkit-code-")
+    if drop:
+        os.chown(workdir, SANDBOX_UID, SANDBOX_GID)
+    return workdir
 
 
 @dataclass
@@ -265,7 +277,7 @@ class _Run:
 
 def _start(row: int, code: str, units: list[tuple[bool, str]], python: str, drop: bool,
            limits: dict[str, int], timeout_s: float) -> _Run:
-    workdir = tempfile.mkdtemp(prefix="alignkit-code-")
+    workdir = _make_workdir(drop)
     read_fd, write_fd = os.pipe()
     os.set_blocking(read_fd, False)
     nonce = secrets.token_hex(16)
@@ -273,12 +285,9 @@ def _start(row: int, code: str, units: list[tuple[bool, str]], python: str, drop
     with open(os.path.join(workdir, "job.json"), "w") as f:
         json.dump(job, f)
     os.chmod(os.path.join(workdir, "job.json"), 0o644)
-    user = {}
-    if drop:
-        os.chown(workdir, SANDBOX_UID, SANDBOX_GID)
-        user = {"user": SANDBOX_UID, "group": SANDBOX_GID, "extra_groups": []}
+    user = {"user": SANDBOX_UID, "group": SANDBOX_GID, "extra_groups": []} if drop else {}
     try:
-        proc = subprocess.Popen([python, "-I", "-B", "-c", _RUNNER], cwd=workdir, env={"TMPDIR": workdir},
+        proc = subprocess.Popen([python, "-I", "-B", "-c", _RUNNER], cwd=workdir, env=_child_env(workdir),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 pass_fds=(write_fd,), start_new_session=True, **user)
     except BaseException:
@@ -289,6 +298,13 @@ def _start(row: int, code: str, units: list[tuple[bool, str]], python: str, drop
         os.close(write_fd)
     total = sum(counted for counted, _ in units)
     return _Run(row, total, proc, read_fd, nonce, workdir, time.monotonic() + timeout_s)
+
+
+def _child_env(workdir: str) -> dict[str, str]:
+    # No secrets. One BLAS/OpenMP thread: on a many-core host numpy would otherwise start a thread per core,
+    # which RLIMIT_NPROC (it counts threads) and RLIMIT_AS would refuse.
+    threads = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+    return {"TMPDIR": workdir, **threads}
 
 
 def _drain(run: _Run) -> None:
@@ -305,7 +321,10 @@ def _drain(run: _Run) -> None:
 
 def _exited(proc: subprocess.Popen) -> bool:
     # WNOWAIT: look without reaping, so the pid (= process group id) stays ours until we killpg it.
-    return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # already reaped elsewhere (SIGCHLD ignored by the host program)
+        return True
 
 
 def _finish(run: _Run) -> float:

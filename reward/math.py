@@ -53,7 +53,8 @@ MAX_MATHVERIFY_CHARS = 300
 _AMBIGUOUS = object()  # several numbers where one was expected
 _TRUNCATED = object()  # a final \boxed{ that never closes
 
-_ANSWER_PHRASE_RE = re.compile(r"\bthe\s+(?:final\s+)?answer\s+is\b\s*:?\s*([^\n]*)", re.IGNORECASE)
+_ANSWER_MARKER_RE = re.compile(r"\bthe\s+(?:final\s+)?answer\s+is\b", re.IGNORECASE)
+_PHRASE_RE = re.compile(r"\s*:?\s*([^\n]*)")
 _HASHES_RE = re.compile(r"####\s*([^\n]*)")
 # a period that ends a sentence (followed by space or the end), not a decimal point
 _SENTENCE_END_RE = re.compile(r"\.(?=\s|$)")
@@ -79,9 +80,10 @@ def extract_answer(text: str) -> str | None:
     boxed = _last_boxed(text)
     if boxed is not None:
         return boxed.strip() if boxed is not _TRUNCATED else None
-    phrases = [m.group(1) for m in _ANSWER_PHRASE_RE.finditer(text)]
-    if phrases:
-        return _SENTENCE_END_RE.split(phrases[-1], maxsplit=1)[0].strip()
+    markers = list(_ANSWER_MARKER_RE.finditer(text))
+    if markers:  # the last marker, even if it shares a line with an earlier one
+        phrase = _PHRASE_RE.match(text, markers[-1].end()).group(1)
+        return _SENTENCE_END_RE.split(phrase, maxsplit=1)[0].strip()
     hashes = _HASHES_RE.findall(text)
     if hashes:
         return hashes[-1].strip()

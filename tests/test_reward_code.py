@@ -91,6 +91,10 @@ def _interpreters() -> list[str]:
     return found
 
 
+BOTH_MODES = pytest.mark.parametrize(
+    "python", _interpreters(), ids=lambda p: "root-prelude" if p == sys.executable else "drop-to-nobody")
+
+
 @pytest.fixture(scope="module")
 def listener() -> socket.socket:
     server = socket.create_server(("127.0.0.1", 0))
@@ -99,7 +103,7 @@ def listener() -> socket.socket:
     server.close()
 
 
-@pytest.mark.parametrize("python", _interpreters(), ids=lambda p: "drop-to-nobody" if p != sys.executable else "root-prelude")
+@BOTH_MODES
 def test_hostile_completions(python: str, listener: socket.socket, monkeypatch: pytest.MonkeyPatch) -> None:
     workdirs = Path(tempfile.mkdtemp(prefix="alignkit-test-"))
     workdirs.chmod(0o755)  # nobody must reach its working dir inside
@@ -113,7 +117,8 @@ def test_hostile_completions(python: str, listener: socket.socket, monkeypatch: 
     hostile = {
         "infinite loop": "while True:\n    pass\n" + honest,
         "fork bomb": "import os\nwhile True:\n    os.fork()\n" + honest,
-        "fork bomb, errors swallowed": "import os\nwhile True:\n    try:\n        os.fork()\n    except Exception:\n        pass\n",
+        "fork bomb, errors swallowed":
+            "import os\nwhile True:\n    try:\n        os.fork()\n    except Exception:\n        pass\n",
         "subprocess": f"import subprocess\nsubprocess.run(['touch', '{outside[0]}'])\n" + honest,
         "10 GB allocation": "x = bytearray(10 * 1024 ** 3)\n" + honest,
         "write /tmp": f"open('{outside[0]}', 'w').write('x')\n" + honest,
@@ -128,12 +133,13 @@ def test_hostile_completions(python: str, listener: socket.socket, monkeypatch: 
         "raw _socket": f"import _socket\ns = _socket.socket()\ns.connect(('127.0.0.1', {port}))\n" + honest,
         "ctypes": "import ctypes\n" + honest,
         "raise limits": "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))\n" + honest,
-        "forge results": "import os\nfor fd in range(3, 300):\n    try:\n        os.write(fd, b'0' * 32 + b' 0 1\\n')\n"
-                         "    except OSError:\n        pass\ndef add(a, b):\n    return -7\n",
+        "forge results": "import os\nfor fd in range(3, 300):\n    try:\n"
+                         "        os.write(fd, b'0' * 32 + b' 0 1\\n')\n    except OSError:\n        pass\n"
+                         "def add(a, b):\n    return -7\n",
         "exit early": "import os\ndef add(a, b):\n    os._exit(0)\n",
     }
     start = time.monotonic()
-    scores = unit_tests(list(hostile.values()), tests=[ADD_TESTS] * len(hostile), timeout_s=1, concurrency=2,
+    scores = unit_tests(list(hostile.values()), tests=[ADD_TESTS] * len(hostile), timeout_s=1, concurrency=4,
                         python=python)
     elapsed = time.monotonic() - start
     monkeypatch.undo()
@@ -141,7 +147,7 @@ def test_hostile_completions(python: str, listener: socket.socket, monkeypatch: 
     workdirs.rmdir()
     assert dict(zip(hostile, scores)) == {name: 0.0 for name in hostile}
     # two rows hang until the 1 s deadline (loop, swallowed fork bomb); the rest fail fast
-    assert elapsed < 1 * 2 + 4
+    assert elapsed < 1 + 4
     assert leftovers == []  # every working directory was deleted
     for path in outside:
         assert not path.exists(), f"{path} was created by sandboxed code"
@@ -149,23 +155,22 @@ def test_hostile_completions(python: str, listener: socket.socket, monkeypatch: 
         listener.accept()  # nobody connected
 
 
-@pytest.mark.parametrize("python", _interpreters(), ids=lambda p: "drop-to-nobody" if p != sys.executable else "root-prelude")
-def test_noise_and_legit_work_still_pass(python: str) -> None:
+def test_noise_and_legit_work_still_pass() -> None:
     loud = "for i in range(10 ** 6):\n    print(i)\ndef add(a, b):\n    return a + b\n"
     uses_asyncio = ("import asyncio\nasync def twice(x):\n    return x + x\n"
                     "def add(a, b):\n    return asyncio.run(twice(a)) // 2 + b\n")
     start = time.monotonic()
-    assert unit_tests([loud, uses_asyncio], tests=[ADD_TESTS] * 2, timeout_s=4, python=python) == [1.0, 1.0]
+    assert unit_tests([loud, uses_asyncio], tests=[ADD_TESTS] * 2, timeout_s=4) == [1.0, 1.0]
     assert time.monotonic() - start < 4 + 1.0
 
 
-@pytest.mark.parametrize("python", _interpreters(), ids=lambda p: "drop-to-nobody" if p != sys.executable else "root-prelude")
+@BOTH_MODES
 def test_calling_process_survives_kill_parent(python: str) -> None:
     # The grader runs in its own process here so that, were the kill to land, this test fails, not the session.
     script = (
         "from alignkit.rewards import load_reward\n"
         "unit_tests = load_reward('reward/code.py:unit_tests')\n"
-        "kill = 'import os, signal\\nos.kill(os.getppid(), signal.SIGKILL)\\ndef add(a, b):\\n    return a + b'\n"
+        "kill = 'import os, signal\\nos.kill(os.getppid(), signal.SIGKILL)\\n'\n"
         "group = 'import os, signal\\nos.killpg(os.getpgid(os.getppid()), signal.SIGKILL)'\n"
         f"print(unit_tests([kill, group], tests=['assert add(1, 2) == 3'] * 2, python={python!r}))\n"
     )
@@ -173,9 +178,3 @@ def test_calling_process_survives_kill_parent(python: str) -> None:
                           cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[0.0, 0.0]"
-
-
-def test_infinite_loop_killed_on_time() -> None:
-    start = time.monotonic()
-    assert unit_tests(["while True:\n    pass"], tests=[ADD_TESTS], timeout_s=1) == [0.0]
-    assert time.monotonic() - start < 1 + 0.5

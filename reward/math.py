@@ -7,7 +7,8 @@ r"""Final-answer correctness for math completions: ``answer_match`` and its pure
    braces; if that last box never closes, the generation was cut off mid-answer and there is no answer),
    else the last ``the answer is ...`` /
    ``the final answer is ...`` (case-insensitive; the phrase ends at the line end or at a sentence-ending
-   period), else the last ``#### N`` line (GSM8K's own format), else None.
+   period) or the last ``#### N`` line (GSM8K's own format), whichever comes later, else None. Later wins
+   because GSM8K reference solutions write "the final answer is 15 * 8 = 120 pints" and then "#### 120".
 2. :func:`is_equivalent` compares the phrase with the gold answer. Numbers are compared exactly (as
    fractions) after the GSM8K-style clean-up below; anything else (LaTeX expressions, intervals, sets) goes
    to math-verify, under a timeout.
@@ -17,9 +18,9 @@ Decisions (each has cases in ``tests/data/math_grader_cases.jsonl``):
 - No "last number in the text" fallback by default. Rewarding any trailing number is reward hacking: a
   policy learns to end with a list of numbers (or the question's own numbers) and gets paid for a guess.
   ``fallback_last_number=True`` restores it for models that were never taught an answer format.
-- Clean-up: thousands commas (``1,234``), currency (``$``, ``\$``, euro/pound/yen signs), markdown
-  (``**18**``, backticks), ``$...$`` math delimiters, ``\text{...}`` wrappers, trailing periods, unicode
-  minus. Unit words after the number are ignored (``18 dollars``, ``18 cm`` equal 18): GSM8K golds are bare
+- Clean-up: GSM8K calculator annotations (``<<48/2=24>>``), thousands commas (``1,234``), currency
+  (``$``, ``\$``, euro/pound/yen signs), markdown (``**18**``, backticks), ``$...$`` math delimiters,
+  ``\text{...}`` wrappers, trailing periods, unicode minus. Unit words after the number are ignored (``18 dollars``, ``18 cm`` equal 18): GSM8K golds are bare
   numbers and the question fixes the unit.
 - Percent: ``18%`` equals 18, not 0.18. GSM8K writes percentage answers as the bare number, so the sign
   is a unit like any other; ``0.18`` for a gold ``18`` scores 0.
@@ -64,6 +65,7 @@ _NUMBER_TOKEN_RE = re.compile(rf"{_FRAC}|(?<![\w.]){_NUMBER}(?:\s*/\s*{_NUMBER})
 _UNIT_WORDS_RE = re.compile(r"(?:[A-Za-z]+(?:[-'][A-Za-z]+)*|\s|\.)*")
 _LATEX_COMMAND_RE = re.compile(r"\\[A-Za-z]+")
 _TEXT_WRAPPER_RE = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
+_CALCULATOR_RE = re.compile(r"<<[^<>\n]*>>")
 _POWER_TOWER_RE = re.compile(r"\^\s*\{[^}]*\^|\^\s*\d{4,}|\^\s*\{\s*\d{4,}")
 
 
@@ -81,12 +83,12 @@ def extract_answer(text: str) -> str | None:
     if boxed is not None:
         return boxed.strip() if boxed is not _TRUNCATED else None
     markers = list(_ANSWER_MARKER_RE.finditer(text))
+    hashes = list(_HASHES_RE.finditer(text))
+    if hashes and (not markers or hashes[-1].start() > markers[-1].start()):
+        return hashes[-1].group(1).strip()  # a later #### line is the final word (GSM8K reference style)
     if markers:  # the last marker, even if it shares a line with an earlier one
         phrase = _PHRASE_RE.match(text, markers[-1].end()).group(1)
         return _SENTENCE_END_RE.split(phrase, maxsplit=1)[0].strip()
-    hashes = _HASHES_RE.findall(text)
-    if hashes:
-        return hashes[-1].strip()
     return None
 
 
@@ -141,6 +143,7 @@ def normalise_answer(predicted: str | None) -> str | None:
 def _clean(text: str) -> str:
     """Strip formatting that never changes an answer's value (see the module docstring)."""
     text = text.replace("\u2212", "-").replace("{,}", ",")
+    text = _CALCULATOR_RE.sub("", text)  # GSM8K's <<15*8=120>> annotations, which models learn to copy
     for _ in range(3):  # \text{\textbf{x}} nests
         text = _TEXT_WRAPPER_RE.sub(r" \1 ", text)
     for old, new in (("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\left", ""), ("\\right", ""),

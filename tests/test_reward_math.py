@@ -49,7 +49,8 @@ def test_docstring_examples() -> None:
     (r"\fbox{7}", "7"),
     (r"\boxed{3} and later \boxed{4", None),  # the final box never closed: cut off
     ("#### 1,000", "1,000"),
-    ("#### 5\nThe answer is 6.", "6"),  # the phrase outranks ####
+    ("#### 5\nThe answer is 6.", "6"),  # the later marker wins...
+    ("the final answer is 5 * 8 = 40 pints\n#### 40", "40"),  # ...either way round
     ("no marker at all 42", None),
     ("", None),
 ])

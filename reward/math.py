@@ -20,8 +20,8 @@ Decisions (each has cases in ``tests/data/math_grader_cases.jsonl``):
   ``fallback_last_number=True`` restores it for models that were never taught an answer format.
 - Clean-up: GSM8K calculator annotations (``<<48/2=24>>``), thousands commas (``1,234``), currency
   (``$``, ``\$``, euro/pound/yen signs), markdown (``**18**``, backticks), ``$...$`` math delimiters,
-  ``\text{...}`` wrappers, trailing periods, unicode minus. Unit words after the number are ignored (``18 dollars``, ``18 cm`` equal 18): GSM8K golds are bare
-  numbers and the question fixes the unit.
+  ``\text{...}`` wrappers, trailing periods, unicode minus. Unit words after the number are ignored
+  (``18 dollars``, ``18 cm`` equal 18): GSM8K golds are bare numbers and the question fixes the unit.
 - Percent: ``18%`` equals 18, not 0.18. GSM8K writes percentage answers as the bare number, so the sign
   is a unit like any other; ``0.18`` for a gold ``18`` scores 0.
 - Exact numbers: ``5.00 == 5`` and ``0.5 == 1/2 == \frac{1}{2}``, but a rounded decimal is not its

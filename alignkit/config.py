@@ -72,7 +72,8 @@ class DataSpec(Spec):
     shuffle: bool = Field(False, description="Shuffle (with `seed`) before `limit`.")
     seed: int = Field(0, description="Seed for shuffling and for built-in generators.")
     params: dict[str, Any] = Field(
-        default_factory=dict, description="Parameters of a built-in generator (arith: n, steps, max_operand)."
+        default_factory=dict, description="Parameters of a built-in generator (arith: n, steps, max_operand, ops, seed, "
+        "error_rate) or of an adapter (prm800k: neutral, alternatives).",
     )
     eval_size: int | float | None = Field(
         None, description="Hold out this many rows (or this fraction) for evaluation."

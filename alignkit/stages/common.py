@@ -66,7 +66,7 @@ def trl_args(config_class: type, config: TrainStageConfig, ctx, **stage_args: An
         max_steps=config.max_steps,
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
-        warmup_ratio=config.warmup_ratio,
+        warmup_steps=config.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
         lr_scheduler_type=config.lr_scheduler,
         weight_decay=config.weight_decay,
         gradient_checkpointing=config.gradient_checkpointing,

@@ -211,10 +211,10 @@ def extract_code(text: str) -> str:
     return blocks[-1][1] if blocks else text
 
 
-def test_units(tests: Any) -> list[tuple[bool, str]] | None:
+def parse_tests(tests: Any) -> list[tuple[bool, str]] | None:
     """``(counted, source)`` per unit: asserts count, other top-level statements are setup; None if unusable.
 
-    >>> test_units("from math import sqrt\\nassert sqrt(4) == 2\\nassert 1 + 1 == 2")
+    >>> parse_tests("from math import sqrt\\nassert sqrt(4) == 2\\nassert 1 + 1 == 2")
     [(False, 'from math import sqrt'), (True, 'assert sqrt(4) == 2'), (True, 'assert 1 + 1 == 2')]
     """
     if isinstance(tests, str):
@@ -368,7 +368,7 @@ def unit_tests(completions: list, tests: list, *, timeout_s: float = 5.0, memory
     scores: list[float | None] = [None] * len(completions)
     pending: deque[tuple[int, str, list[tuple[bool, str]]]] = deque()
     for row, (completion, row_tests) in enumerate(zip(completions, tests, strict=True)):
-        units = test_units(row_tests)
+        units = parse_tests(row_tests)
         if units is None or not any(counted for counted, _ in units):
             logger.warning("unit_tests: row %d has no usable tests (%.60r); scored None", row, row_tests)
             continue

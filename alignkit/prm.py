@@ -1,0 +1,322 @@
+"""Process reward models: the token layout shared by training and scoring, the step loss, and the scorer.
+
+A PRM here is a token classifier with two labels (0 = bad step, 1 = good step) on a causal-LM backbone
+(``AutoModelForTokenClassification``, ``num_labels=2``). Its input is the rendered prompt followed by each
+step and the step separator; the prediction at the **last token of each separator** is that step's
+score, ``p_good = softmax(logits)[1]``. Every other position carries the label -100 (ignored).
+
+Token alignment. A sequence is built by tokenizing the pieces one by one (prompt, step 1, separator,
+step 2, separator, ...) and concatenating the ids, so each separator's position is known by construction,
+whatever the tokenizer. Searching for the separator in the tokenization of the merged text is wrong in
+general: byte-level BPE merges across the boundary (``".\\n"``, ``"\\n\\n"`` become one token), and
+sentencepiece tokenizers spell the same text differently mid-sentence than at a piece's start.
+Training (:mod:`alignkit.stages.prm`) and scoring (:class:`PRMScorer`) both call :func:`encode_steps`,
+so a model is always scored on exactly the layout it was trained on.
+
+Choices and departures (from TRL <= 1.13 ``PRMTrainer`` and the Math-Shepherd paper, arXiv:2312.08935):
+
+1. Two logits and cross-entropy, as TRL's PRMTrainer, rather than one logit with BCE. Soft labels
+   (Math-Shepherd SE) are trained as cross-entropy against the target distribution ``(1 - s, s)``, which
+   is exactly BCE on the logit difference ``z_good - z_bad`` (:func:`step_loss`), so one head serves both.
+2. The paper scores a special tag token (``ки``) with the LM head's ``+``/``-`` logits; we score the
+   separator with a classifier head, as TRL does. The separator is a config field (default ``"\\n"``).
+3. Truncation drops whole trailing steps (a step is kept only with its separator), never part of a step:
+   a label on a cut step would score text the model cannot see. TRL cuts tokens instead.
+4. The prompt is rendered with the chat template (``chat: true``, as the policy saw it), and no BOS is
+   added beyond what the template writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import DataError, ModelError
+from .metrics import STEP_AGGREGATIONS, aggregate_steps
+from .prompts import render_prompt
+
+IGNORE = -100
+PRM_CONFIG = "alignkit_prm.json"  # written next to a trained PRM: how to lay out its input
+DEFAULT_SEPARATOR = "\n"
+
+
+# ------------------------------------------------------------------------------------------ token layout
+
+
+@dataclass(frozen=True)
+class EncodedSteps:
+    """One sequence: ``input_ids`` and, for each step kept, the index of its separator's last token."""
+
+    input_ids: list[int]
+    step_ends: list[int]
+
+
+def split_steps(text: str, separator: str = DEFAULT_SEPARATOR) -> list[str]:
+    """A solution's steps: the text split on ``separator``, each stripped, blank ones dropped.
+
+    >>> split_steps("Add 2: 1 + 2 = 3.\\n\\nThe answer is 3.\\n")
+    ['Add 2: 1 + 2 = 3.', 'The answer is 3.']
+    """
+    return [part.strip() for part in text.split(separator) if part.strip()]
+
+
+def separator_ids(tokenizer: Any, separator: str) -> list[int]:
+    """Token ids of the separator on its own; DataError if it tokenizes to nothing."""
+    ids = tokenizer(separator, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise DataError(f"step separator {separator!r} tokenizes to no tokens; choose another separator")
+    return list(ids)
+
+
+def encode_steps(
+    tokenizer: Any, prompt_text: str, steps: Sequence[str], separator: str = DEFAULT_SEPARATOR,
+    max_length: int | None = None,
+) -> EncodedSteps:
+    """Tokenize ``prompt_text`` then each step followed by ``separator``, piece by piece.
+
+    ``step_ends[i]`` is the position of the last token of the separator after step i, where its label or
+    score lives. With ``max_length`` trailing steps that do not fit whole (step and separator) are left
+    out, so ``len(step_ends)`` may be less than ``len(steps)`` (0 when not even the first step fits).
+    """
+    sep = separator_ids(tokenizer, separator)
+    ids = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
+    pieces = tokenizer(list(steps), add_special_tokens=False)["input_ids"] if steps else []
+    ends: list[int] = []
+    for piece in pieces:
+        if max_length is not None and len(ids) + len(piece) + len(sep) > max_length:
+            break
+        ids += list(piece) + sep
+        ends.append(len(ids) - 1)
+    if max_length is not None and not ends:
+        ids = ids[:max_length]
+    return EncodedSteps(ids, ends)
+
+
+def step_targets(
+    labels: Sequence[bool], soft_labels: Sequence[float] | None = None, *, last_step_only: bool = False
+) -> list[float | None]:
+    """Per-step training target P(good) (None: no label): hard 0/1, or the soft estimate when given.
+
+    ``last_step_only`` keeps only the final step's target: an outcome reward model (ORM) trained on the
+    same rows, whose last-step label is the correctness of the solution's final answer.
+
+    >>> step_targets([True, False], [0.75, 0.0]), step_targets([True, False], last_step_only=True)
+    ([0.75, 0.0], [None, 0.0])
+    """
+    values = [float(v) for v in (soft_labels if soft_labels is not None else labels)]
+    if last_step_only:
+        return [None] * (len(values) - 1) + values[-1:]
+    return list(values)
+
+
+def token_labels(encoded: EncodedSteps, targets: Sequence[float | None]) -> list[float]:
+    """Labels over ``encoded.input_ids``: a step's target at its separator's last token, -100 elsewhere.
+
+    Steps truncated away by :func:`encode_steps` lose their targets (``targets`` may be longer).
+    """
+    labels = [float(IGNORE)] * len(encoded.input_ids)
+    for end, target in zip(encoded.step_ends, targets):
+        if target is not None:
+            labels[end] = float(target)
+    return labels
+
+
+# ------------------------------------------------------------------------------------------------- maths
+
+
+def step_loss(logits: Any, targets: Any, num_items: Any = None) -> Any:
+    """Cross-entropy of two-class step predictions against (soft) targets at labelled positions.
+
+    ``logits`` [B, T, 2] (index 1 = good), ``targets`` [B, T] float: P(good) in [0, 1], or -100 where
+    there is no label. Per labelled position::
+
+        loss = -(t * log p_good + (1 - t) * log p_bad) = BCE(sigmoid(z_good - z_bad), t)
+
+    which for t in {0, 1} is ``F.cross_entropy(logits, t.long(), ignore_index=-100)``'s term. Returns the
+    sum over labelled positions divided by ``num_items`` (the Trainer's count over the whole accumulated
+    batch, so gradient accumulation and data parallelism do not change the loss), else by this batch's
+    count (0.0 with a gradient path when nothing is labelled).
+    """
+    import torch
+
+    mask = targets != IGNORE  # [B, T] bool
+    logps = torch.log_softmax(logits.float(), dim=-1)  # [B, T, 2]
+    t = torch.where(mask, targets.float(), torch.zeros_like(targets, dtype=torch.float32))
+    per_token = -(t * logps[..., 1] + (1.0 - t) * logps[..., 0])  # [B, T]
+    total = (per_token * mask).sum()
+    denominator = num_items if num_items is not None else mask.sum().clamp(min=1)
+    return total / denominator
+
+
+def step_metrics(probs: Sequence[Sequence[float]], labels: Sequence[Sequence[bool]],
+                 threshold: float = 0.5) -> dict[str, float]:
+    """How well predicted step scores match step labels, per step and per solution.
+
+    A step is predicted good iff ``p_good >= threshold``. ``step_accuracy``: fraction of steps right;
+    ``step_f1``: F1 of finding *bad* steps (positive class = error: the PRM's job); ``first_error_found``:
+    over solutions with a bad step, the fraction whose first predicted-bad step is the labelled first bad
+    step (ProcessBench's error-identification accuracy); ``no_error_kept``: over all-good solutions, the
+    fraction with no step predicted bad.
+    """
+    tp = fp = fn = right = total = 0
+    found, with_error, kept, without_error = 0, 0, 0, 0
+    for p_row, l_row in zip(probs, labels, strict=True):
+        if len(p_row) != len(l_row):
+            raise ValueError(f"a solution has {len(p_row)} scores but {len(l_row)} labels")
+        pred_bad = [p < threshold for p in p_row]
+        for bad, good in zip(pred_bad, l_row):
+            right += bad != good
+            tp, fp, fn = tp + (bad and not good), fp + (bad and good), fn + (not bad and not good)
+        total += len(l_row)
+        first_pred = next((i for i, bad in enumerate(pred_bad) if bad), None)
+        first_true = next((i for i, good in enumerate(l_row) if not good), None)
+        if first_true is None:
+            without_error, kept = without_error + 1, kept + (first_pred is None)
+        else:
+            with_error, found = with_error + 1, found + (first_pred == first_true)
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+    return {
+        "step_accuracy": right / total if total else math.nan,
+        "step_f1": f1,
+        "first_error_found": found / with_error if with_error else math.nan,
+        "no_error_kept": kept / without_error if without_error else math.nan,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, labels: Sequence[Sequence[float]] | None = None):
+    """Right-pad id lists into tensors: ``{input_ids, attention_mask[, labels]}`` ([B, T] each)."""
+    import torch
+
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if labels is not None:
+        out = torch.full((len(sequences), width), float(IGNORE), dtype=torch.float32)
+        for row, lab in enumerate(labels):
+            out[row, : len(lab)] = torch.tensor(lab, dtype=torch.float32)
+        batch["labels"] = out
+    return batch
+
+
+def score_encoded(model: Any, encoded: Sequence[EncodedSteps], pad_id: int, batch_size: int = 16) -> list[list[float]]:
+    """``p_good`` at every step end of every sequence, ``batch_size`` sequences per forward.
+
+    Sequences are sorted by length first (less padding); results come back in input order. The model is
+    put in eval mode (no dropout) for the call and its training flag restored after.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].input_ids))
+    scores: list[list[float]] = [[] for _ in encoded]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                chunk = [i for i in order[start: start + batch_size] if encoded[i].step_ends]
+                if not chunk:
+                    continue
+                batch = pad_batch([encoded[i].input_ids for i in chunk], pad_id)
+                logits = model(**{k: v.to(device) for k, v in batch.items()}).logits  # [b, T, 2]
+                p_good = torch.softmax(logits.float(), dim=-1)[..., 1].cpu()  # [b, T]
+                for row, i in enumerate(chunk):
+                    scores[i] = p_good[row, encoded[i].step_ends].tolist()
+    finally:
+        model.train(was_training)
+    return scores
+
+
+def write_prm_config(folder: str | Path, *, separator: str, chat: bool, aggregation: str,
+                     last_step_only: bool) -> None:
+    """Record, next to a trained PRM, how its input is laid out (read back by :class:`PRMScorer`)."""
+    payload = {"separator": separator, "chat": chat, "aggregation": aggregation,
+               "train_on_last_step_only": last_step_only, "head": "token-cls-2"}
+    (Path(folder) / PRM_CONFIG).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def read_prm_config(folder: str | Path) -> dict[str, Any]:
+    """The layout recorded by :func:`write_prm_config`; defaults (``"\\n"``, chat, min) when absent."""
+    path = Path(folder) / PRM_CONFIG
+    defaults = {"separator": DEFAULT_SEPARATOR, "chat": True, "aggregation": "min",
+                "train_on_last_step_only": False}
+    if not path.is_file():
+        return defaults
+    return {**defaults, **json.loads(path.read_text())}
+
+
+class PRMScorer:
+    """Score solutions step by step with a trained PRM (a folder written by the ``prm`` stage).
+
+    >>> scorer = PRMScorer("runs/math-shepherd/prm/model")                    # doctest: +SKIP
+    >>> scorer.score_steps("Tom has 3 apples...", ["Add 4: 3 + 4 = 7.", "The answer is 7."])  # doctest: +SKIP
+    [0.93, 0.88]
+
+    The separator, chat rendering and default aggregation come from the folder's ``alignkit_prm.json``
+    (keyword arguments override). Called as ``scorer(completions, prompts=...)`` it is a TRL-convention
+    reward function: each completion is split into steps on the separator and scored with ``how``; a
+    completion without steps scores 0.0 (the lowest p_good), never None, so a policy is not paid for an
+    empty answer.
+    """
+
+    def __init__(self, model_path: str, *, batch_size: int = 16, dtype: str = "auto", device: str | None = None,
+                 separator: str | None = None, chat: bool | None = None, how: str | None = None) -> None:
+        from .models import load_model, load_tokenizer
+
+        layout = read_prm_config(model_path)  # a Hub id or a folder without the file: defaults
+        self.separator = separator if separator is not None else layout["separator"]
+        self.chat = chat if chat is not None else layout["chat"]
+        self.how = how if how is not None else layout["aggregation"]
+        if self.how not in STEP_AGGREGATIONS:
+            raise ModelError(f"PRMScorer: how must be one of {STEP_AGGREGATIONS}, got {self.how!r}")
+        self.batch_size = batch_size
+        self.tokenizer = load_tokenizer(model_path, padding_side="right")
+        self.model = load_model(model_path, task="token-cls", num_labels=2, dtype=dtype)
+        if device is not None:
+            self.model.to(device)
+        self.model.eval()
+        self.__name__ = "prm"  # TRL logs reward functions by __name__
+
+    def encode(self, prompt: str | list[dict[str, str]], steps: Sequence[str]) -> EncodedSteps:
+        return encode_steps(self.tokenizer, render_prompt(self.tokenizer, prompt, chat=self.chat), steps,
+                            self.separator)
+
+    def score_batch(self, prompts: Sequence[str | list[dict[str, str]]],
+                    steps: Sequence[Sequence[str]]) -> list[list[float]]:
+        """``p_good`` per step for each (prompt, steps) pair; an empty step list gives ``[]``."""
+        if len(prompts) != len(steps):
+            raise ValueError(f"got {len(prompts)} prompts but {len(steps)} step lists")
+        encoded = [self.encode(p, s) for p, s in zip(prompts, steps)]
+        return score_encoded(self.model, encoded, self.tokenizer.pad_token_id, self.batch_size)
+
+    def score_steps(self, prompt: str | list[dict[str, str]], steps: Sequence[str]) -> list[float]:
+        """``p_good`` of each step of one solution."""
+        return self.score_batch([prompt], [steps])[0]
+
+    def score_solution(self, prompt: str | list[dict[str, str]], steps: Sequence[str],
+                       how: str | None = None) -> float:
+        """One score for a solution: its step scores aggregated (min/prod/last/mean, default the PRM's)."""
+        scores = self.score_steps(prompt, steps)
+        return aggregate_steps(scores, how or self.how) if scores else 0.0
+
+    def __call__(self, completions: list, prompts: list | None = None, **kwargs: Any) -> list[float]:
+        """TRL reward-function form: one aggregated score per completion (``how`` from the constructor)."""
+        from .rewards import completion_text
+
+        if prompts is None:
+            raise ValueError("a PRM reward needs the prompts: call it as prm(completions, prompts=...)")
+        steps = [split_steps(completion_text(c), self.separator) for c in completions]
+        scores = self.score_batch(prompts, steps)
+        return [aggregate_steps(s, self.how) if s else 0.0 for s in scores]
+

@@ -1,0 +1,220 @@
+"""Process reward model (PRM) training on step labels: Math-Shepherd's verifier (arXiv:2312.08935, sec. 3.4).
+
+Recipe example::
+
+    - kind: prm
+      model: smollm2-135m-instruct
+      data: {source: ${label.data}, eval_size: 0.1}     # stepwise rows: prompt, completions, labels
+      lora: {r: 16, alpha: 32}
+    - kind: prm
+      name: orm                                          # the outcome-only baseline on the same rows
+      model: smollm2-135m-instruct
+      data: {source: ${label.data}, eval_size: 0.1}
+      train_on_last_step_only: true
+
+What it does, in order: load stepwise rows (our format, TRL's stepwise format, the public Math-Shepherd
+``input``/``label`` format or PRM800K ratings, through :func:`alignkit.data.load_dataset`'s adapters) and
+hold out an eval split; load the backbone as a two-label token classifier (quantized if asked; LoRA if
+asked, the new ``score`` head trained in full); lay out each row with :func:`alignkit.prm.encode_steps`
+(label at the last token of the separator after each step, -100 elsewhere); measure the held-out step
+metrics; train with ``transformers.Trainer`` and our collator and loss (TRL 1.16 has no PRMTrainer;
+resumes from the last checkpoint in the stage folder); save the adapter and a merged model with
+``alignkit_prm.json`` (separator, chat, aggregation) that :class:`alignkit.prm.PRMScorer` reads; measure
+again. Outputs: ``${<name>.model}``, ``${<name>.adapter}``.
+
+Held-out metrics (:func:`alignkit.prm.step_metrics`): step accuracy, F1 of finding bad steps, "first error
+found" (the first step scored below 0.5 is the labelled first bad step) and "no error kept".
+
+Departures from the paper and from TRL <= 1.13's PRMTrainer (see also :mod:`alignkit.prm`):
+
+1. A classifier head on the separator token, trained with cross-entropy (soft labels: against
+   ``(1 - s, s)``); the paper reads ``+``/``-`` logits of the LM head at a tag token.
+2. ``train_on_last_step_only`` (TRL's flag, our ORM emulation) keeps only the final step's label. With
+   Math-Shepherd hard labels that label is "the solution's final answer is right", i.e. an ORM on the
+   same rows, which makes the PRM-vs-ORM comparison fair (same data, model and budget).
+3. Rows too long for ``max_length`` lose whole trailing steps (never part of one); rows left with no
+   labelled step are dropped and counted (``rows_dropped``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from ..config import DataSpec
+from ..errors import DataError, RecipeError
+from .common import TrainStageConfig, check_trl_passthrough, last_checkpoint, save_trained_model, trl_args
+
+
+class Config(TrainStageConfig):
+    kind: str = "prm"
+    data: DataSpec = Field(..., description="Stepwise rows (prompt, completions, labels[, soft_labels]); "
+                           "`eval_size` holds some out for the step metrics.")
+    eval_data: DataSpec | None = Field(
+        None, description="Held-out stepwise rows (instead of splitting `data` with its `eval_size`).")
+    separator: str = Field("\n", min_length=1, description="Text after each step; its last token is scored.")
+    chat: bool = Field(True, description="Render the prompt with the chat template (as the policy saw it).")
+    train_on_last_step_only: bool = Field(
+        False, description="Label only the final step (an outcome reward model on the same rows).")
+    soft_labels: bool = Field(
+        False, description="Train on `soft_labels` (Math-Shepherd SE) instead of hard `labels` (HE, the paper's "
+        "default).")
+    aggregation: Literal["min", "prod", "last", "mean"] = Field(
+        "min", description="How PRMScorer turns step scores into a solution score by default (the paper: min; "
+        "an ORM is scored by its last step whatever this says).")
+    eval_batch_size: int = Field(16, gt=0, description="Sequences per forward when scoring the eval split.")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (LoRA; use ~1e-5 for full fine-tuning).")
+
+
+def outputs(run_dir: Path) -> dict[str, str]:
+    return {"model": str(run_dir / "model"), "adapter": str(run_dir / "adapter"), "dir": str(run_dir)}
+
+
+def check(config: Config, base_dir: Path) -> None:
+    from transformers import TrainingArguments
+
+    check_trl_passthrough(config.trl, TrainingArguments)
+    if config.data.eval_size is not None and config.eval_data is not None:
+        raise RecipeError("give either data.eval_size or eval_data, not both", field="eval_data")
+
+
+def run(config: Config, ctx) -> Any:
+    from transformers import Trainer
+
+    from ..data import load_dataset, split_eval
+    from ..models import apply_lora, load_model, load_tokenizer
+    from ..pipeline import StageResult
+    from ..prm import write_prm_config
+
+    train_rows, eval_rows = _load_rows(config, load_dataset, split_eval)
+    tokenizer = load_tokenizer(config.model, padding_side="right")
+    train_set, dropped = encode_dataset(train_rows, tokenizer, config)
+    eval_set, _ = encode_dataset(eval_rows, tokenizer, config) if eval_rows is not None else ([], 0)
+    metrics: dict[str, Any] = {"train_rows": len(train_set), "rows_dropped": dropped,
+                               "train_labelled_steps": sum(_labelled(r) for r in train_set)}
+
+    model = load_model(config.model, task="token-cls", num_labels=2, quantization=config.quantization,
+                       dtype=config.dtype)
+    if config.lora is not None:
+        model = apply_lora(model, config.lora, "token-cls", gradient_checkpointing=config.gradient_checkpointing)
+    if eval_set:
+        metrics.update({f"{k}_before": v for k, v in evaluate(model, tokenizer, eval_set, config).items()})
+
+    from datasets import Dataset
+
+    trainer = Trainer(
+        model=model,
+        args=training_args(config, ctx),
+        train_dataset=Dataset.from_list(train_set),
+        data_collator=Collator(tokenizer.pad_token_id),
+        compute_loss_func=loss_func,
+    )
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=last_checkpoint(ctx.run_dir))
+    seconds = time.perf_counter() - started
+    metrics.update(train_loss=result.training_loss, train_steps=trainer.state.global_step,
+                   train_seconds=round(seconds, 2),
+                   examples_per_second=round(result.metrics.get("train_samples_per_second", 0.0), 2))
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    if logged:
+        metrics.update(first_logged_loss=logged[0], last_logged_loss=logged[-1])
+    artifacts = save_trained_model(trainer, tokenizer, ctx)
+    if ctx.is_main:
+        for folder in artifacts.values():
+            write_prm_config(folder, separator=config.separator, chat=config.chat,
+                             aggregation="last" if config.train_on_last_step_only else config.aggregation,
+                             last_step_only=config.train_on_last_step_only)
+    if eval_set:
+        report = evaluate(trainer.model, tokenizer, eval_set, config)
+        metrics.update(report, eval_rows=len(eval_set))
+        if ctx.is_main:
+            print(f"[alignkit] {ctx.name}: held-out step accuracy {report['step_accuracy']:.3f}, "
+                  f"bad-step F1 {report['step_f1']:.3f}, first error found {report['first_error_found']:.3f}")
+    ctx.log({f"prm/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    return StageResult(metrics=metrics, artifacts=artifacts)
+
+
+def _load_rows(config: Config, load_dataset, split_eval):
+    """(train rows, eval rows or None) as lists of dicts in the stepwise format."""
+    data = load_dataset(config.data, "stepwise")
+    train, held_out = split_eval(data, config.data.eval_size, config.data.seed)
+    if config.eval_data is not None:
+        held_out = load_dataset(config.eval_data, "stepwise")
+    return list(train), (list(held_out) if held_out is not None else None)
+
+
+def encode_dataset(rows: list[dict[str, Any]], tokenizer, config: Config) -> tuple[list[dict[str, Any]], int]:
+    """Stepwise rows -> ``{input_ids, labels, step_labels}`` examples, and how many rows were dropped.
+
+    ``labels`` is the per-token float target (P(good) at each labelled step end, -100 elsewhere);
+    ``step_labels`` keeps the hard labels of the steps that fit, for the eval metrics.
+    """
+    from ..prm import IGNORE, encode_steps, step_targets, token_labels
+    from ..prompts import render_prompt
+
+    examples, dropped = [], 0
+    for index, row in enumerate(rows):
+        soft = row.get("soft_labels") if config.soft_labels else None
+        if config.soft_labels and soft is None:
+            raise DataError(f"row {index}: soft_labels: true needs a 'soft_labels' column (Math-Shepherd SE "
+                            "labels, e.g. from the label stage); set soft_labels: false to train on 'labels'")
+        prompt_text = render_prompt(tokenizer, row["prompt"], chat=config.chat)
+        encoded = encode_steps(tokenizer, prompt_text, row["completions"], config.separator, config.max_length)
+        targets = step_targets(row["labels"], soft, last_step_only=config.train_on_last_step_only)
+        labels = token_labels(encoded, targets)
+        if all(value == IGNORE for value in labels):
+            dropped += 1  # nothing labelled fits in max_length
+            continue
+        examples.append({"input_ids": encoded.input_ids, "labels": labels, "step_ends": encoded.step_ends,
+                         "step_labels": [bool(v) for v in row["labels"][: len(encoded.step_ends)]]})
+    return examples, dropped
+
+
+def _labelled(example: dict[str, Any]) -> int:
+    return sum(value != -100 for value in example["labels"])
+
+
+@dataclasses.dataclass
+class Collator:
+    """Right-pads ``input_ids`` (with ``pad_id``) and float ``labels`` (with -100); adds the attention mask."""
+
+    pad_id: int
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        from ..prm import pad_batch
+
+        return pad_batch([e["input_ids"] for e in examples], self.pad_id, [e["labels"] for e in examples])
+
+
+def loss_func(outputs, labels, num_items_in_batch=None):
+    """``Trainer(compute_loss_func=...)`` hook: :func:`alignkit.prm.step_loss` on the token logits."""
+    from ..prm import step_loss
+
+    return step_loss(outputs.logits, labels, num_items_in_batch)
+
+
+def evaluate(model, tokenizer, examples: list[dict[str, Any]], config: Config) -> dict[str, float]:
+    """Held-out step metrics of ``model`` (:func:`alignkit.prm.step_metrics` against the hard labels)."""
+    from ..prm import EncodedSteps, score_encoded, step_metrics
+
+    encoded = [EncodedSteps(e["input_ids"], e["step_ends"]) for e in examples]
+    probs = score_encoded(model, encoded, tokenizer.pad_token_id, config.eval_batch_size)
+    return step_metrics(probs, [e["step_labels"] for e in examples])
+
+
+def training_args(config: Config, ctx):
+    """``transformers.TrainingArguments`` for this stage, from the shared mapping in :mod:`.common`."""
+    from transformers import TrainingArguments
+
+    args = trl_args(dict, config, ctx, remove_unused_columns=False)  # our collator builds the batch
+    # Workaround: common.trl_args still emits `logging_dir` and `warmup_ratio`, which transformers 5
+    # removed from TrainingArguments (a ratio now goes in `warmup_steps` as a float < 1). Delete these
+    # three lines once common.trl_args maps them itself.
+    args["warmup_steps"] = args.pop("warmup_ratio", 0.0) or args.get("warmup_steps", 0)
+    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    args = {k: v for k, v in args.items() if k in known}
+    return TrainingArguments(**args)

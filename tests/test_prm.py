@@ -1,0 +1,284 @@
+"""PRM: token alignment on several tokenizers, the step loss, step metrics, the scorer, and the prm stage."""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+
+import pytest
+import torch
+
+from alignkit.prm import (
+    IGNORE,
+    PRMScorer,
+    encode_steps,
+    read_prm_config,
+    separator_ids,
+    split_steps,
+    step_loss,
+    step_metrics,
+    step_targets,
+    token_labels,
+)
+
+PROMPT = "Mia has 12 marbles. She gets 7 more, then gives away 5. How many marbles does Mia have now?\n"
+STEPS = ["Add 7: 12 + 7 = 19.", "Subtract 5: 19 - 5 = 14.", "The answer is 14."]
+SEPARATORS = ["\n", "\n\n", " ки"]
+
+
+# ------------------------------------------------------------------------------------------- tokenizers
+
+
+def char_tokenizer():
+    """One token per character (a WordLevel vocabulary over single characters)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(PROMPT + "".join(STEPS) + "".join(SEPARATORS) + "abcdefghijklmnopqrstuvwxyz"))
+    vocab = {"<unk>": 0, "<pad>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>")
+
+
+def metaspace_tokenizer():
+    """A sentencepiece-style Unigram with a ``▁`` prefix on every piece tokenized on its own."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.Unigram())
+    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    core.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    alphabet = sorted(set(PROMPT + "".join(STEPS) + "".join(SEPARATORS)))
+    trainer = trainers.UnigramTrainer(vocab_size=120, special_tokens=["<unk>", "<pad>"], unk_token="<unk>",
+                                      initial_alphabet=alphabet, show_progress=False)
+    core.train_from_iterator([PROMPT + "\n".join(STEPS)] * 8, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>")
+
+
+def tiny_bpe():
+    from alignkit.testing import make_tokenizer
+
+    return make_tokenizer()
+
+
+def check_alignment(tokenizer, separator: str) -> None:
+    """Labels land on the last token of each separator, every step is kept, prefixes are consistent."""
+    sep = separator_ids(tokenizer, separator)
+    encoded = encode_steps(tokenizer, PROMPT, STEPS, separator)
+    ids, ends = encoded.input_ids, encoded.step_ends
+    assert len(ends) == len(STEPS) and ends[-1] == len(ids) - 1
+    prompt_len = len(tokenizer(PROMPT, add_special_tokens=False)["input_ids"])
+    starts = [prompt_len] + [e + 1 for e in ends[:-1]]
+    for i, (start, end) in enumerate(zip(starts, ends)):
+        assert ids[end - len(sep) + 1: end + 1] == sep  # the scored token ends a separator
+        assert ids[start: end + 1 - len(sep)] == tokenizer(STEPS[i], add_special_tokens=False)["input_ids"]
+        # A prefix of the solution lays out exactly as the start of the whole: a causal PRM's score of
+        # step i cannot depend on later steps, and label-stage prefixes score like the full solution.
+        assert encode_steps(tokenizer, PROMPT, STEPS[: i + 1], separator).input_ids == ids[: end + 1]
+    labels = token_labels(encoded, [1.0, 0.0, 0.0])
+    assert [i for i, v in enumerate(labels) if v != IGNORE] == ends
+    assert [labels[e] for e in ends] == [1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("separator", SEPARATORS)
+@pytest.mark.parametrize("make", [tiny_bpe, char_tokenizer, metaspace_tokenizer])
+def test_labels_land_on_separator_tokens(make, separator):
+    check_alignment(make(), separator)
+
+
+def test_multi_token_separators_exist_in_the_tested_tokenizers():
+    # The alignment test would be weak if every separator were one token: check that it is not.
+    assert len(separator_ids(char_tokenizer(), "\n\n")) == 2
+    assert len(separator_ids(metaspace_tokenizer(), "\n")) >= 2  # "▁" prefix + newline
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("separator", SEPARATORS)
+def test_labels_land_on_separator_tokens_smollm2(smollm2_dir, separator):
+    from alignkit.models import load_tokenizer
+
+    check_alignment(load_tokenizer(str(smollm2_dir)), separator)
+
+
+@pytest.mark.e2e
+def test_searching_the_merged_text_would_miss_the_separator(smollm2_dir):
+    # Why encode_steps tokenizes piece by piece: SmolLM2 spells "\n\n" alone as one token (1116) but as
+    # two "\n" tokens after "19.", so a search for the separator's ids in the merged text finds nothing.
+    from alignkit.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(smollm2_dir))
+    sep = separator_ids(tokenizer, "\n\n")
+    merged = tokenizer(PROMPT + "\n\n".join(STEPS) + "\n\n", add_special_tokens=False)["input_ids"]
+    assert sep == [1116] and 1116 not in merged
+    assert len(encode_steps(tokenizer, PROMPT, STEPS, "\n\n").step_ends) == 3
+
+
+def test_truncation_keeps_whole_steps_only():
+    tokenizer = char_tokenizer()
+    full = encode_steps(tokenizer, PROMPT, STEPS, "\n")
+    cut = encode_steps(tokenizer, PROMPT, STEPS, "\n", max_length=full.step_ends[1] + 3)
+    assert cut.step_ends == full.step_ends[:2] and cut.input_ids == full.input_ids[: full.step_ends[1] + 1]
+    none = encode_steps(tokenizer, PROMPT, STEPS, "\n", max_length=len(PROMPT) + 2)  # 1 char per token
+    assert none.step_ends == [] and none.input_ids == full.input_ids[: len(PROMPT)]
+    assert len(encode_steps(tokenizer, PROMPT, STEPS, "\n", max_length=50).input_ids) == 50
+
+
+def test_split_steps_and_targets():
+    assert split_steps("a\n\n b \n", "\n") == ["a", "b"]
+    assert split_steps("a ки b ки", " ки") == ["a", "b"]
+    assert step_targets([True, False, False]) == [1.0, 0.0, 0.0]
+    assert step_targets([True, True], [0.25, 0.5]) == [0.25, 0.5]
+    assert step_targets([True, True, False], last_step_only=True) == [None, None, 0.0]
+
+
+# ------------------------------------------------------------------------------------------------- maths
+
+
+def test_step_loss_hard_targets_equal_cross_entropy():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 2)
+    targets = torch.tensor([[IGNORE, 1, IGNORE, 0, IGNORE], [IGNORE, IGNORE, 1, IGNORE, IGNORE]]).float()
+    expected = torch.nn.functional.cross_entropy(logits.view(-1, 2), targets.view(-1).long(), ignore_index=IGNORE)
+    assert torch.allclose(step_loss(logits, targets), expected, atol=1e-6)
+    # with the Trainer's count over an accumulated batch of 6 labelled positions: sum / 6
+    assert torch.allclose(step_loss(logits, targets, num_items=6), expected * 3 / 6, atol=1e-6)
+
+
+def test_step_loss_soft_targets_equal_bce_on_logit_difference():
+    torch.manual_seed(1)
+    logits = torch.randn(1, 4, 2)
+    targets = torch.tensor([[0.25, IGNORE, 0.9, 0.0]])
+    mask = targets != IGNORE
+    diff = logits[..., 1] - logits[..., 0]
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(diff[mask], targets[mask])
+    assert torch.allclose(step_loss(logits, targets), expected, atol=1e-6)
+    # a hand-worked position: logits (0, 0) -> p = 0.5 -> loss log 2 whatever the target
+    assert math.isclose(step_loss(torch.zeros(1, 1, 2), torch.tensor([[0.3]])).item(), math.log(2), rel_tol=1e-6)
+
+
+def test_step_loss_with_nothing_labelled_is_zero():
+    loss = step_loss(torch.randn(1, 3, 2, requires_grad=True), torch.full((1, 3), float(IGNORE)))
+    assert loss.item() == 0.0 and loss.requires_grad
+
+
+def test_step_metrics_by_hand():
+    probs = [[0.9, 0.2, 0.1], [0.8, 0.7], [0.6, 0.4], [0.9, 0.9]]
+    labels = [[True, False, False], [True, True], [False, False], [True, True]]
+    m = step_metrics(probs, labels)
+    # predicted bad: row0 steps 1,2 (right); row1 none (right); row2 step 1 only (step 0 wrong); row3 none
+    assert m["step_accuracy"] == pytest.approx(8 / 9)
+    assert m["step_f1"] == pytest.approx(2 * 3 / (2 * 3 + 0 + 1))  # tp 3, fp 0, fn 1
+    assert m["first_error_found"] == pytest.approx(1 / 2)  # row0 found at 1; row2 flagged at 1, truth 0
+    assert m["no_error_kept"] == 1.0
+
+
+# ------------------------------------------------------------------------------------------------ scorer
+
+
+@pytest.fixture(scope="module")
+def scorer(tiny_tokencls_dir):
+    return PRMScorer(str(tiny_tokencls_dir), batch_size=2)
+
+
+def test_scorer_reads_scores_at_step_ends(scorer):
+    encoded = scorer.encode("What is 3 + 4?", ["Add 4: 3 + 4 = 7.", "The answer is 7."])
+    with torch.no_grad():
+        logits = scorer.model(input_ids=torch.tensor([encoded.input_ids])).logits[0]
+    expected = torch.softmax(logits, -1)[encoded.step_ends, 1].tolist()
+    scores = scorer.score_steps("What is 3 + 4?", ["Add 4: 3 + 4 = 7.", "The answer is 7."])
+    assert scores == pytest.approx(expected, abs=1e-6) and all(0.0 < s < 1.0 for s in scores)
+
+
+def test_scorer_batches_like_one_by_one(scorer):
+    prompts = ["What is 3 + 4?", "Tom has 3 apples. He buys 4 more. How many apples does he have?", "Q?"]
+    steps = [["Add 4: 3 + 4 = 7.", "The answer is 7."], ["Start with 3.", "Add 4: 3 + 4 = 7.", "The answer is 7."],
+             []]
+    batched = scorer.score_batch(prompts, steps)  # batch_size 2: padding and sorting are exercised
+    assert batched[2] == []
+    for prompt, solution, scores in zip(prompts[:2], steps[:2], batched[:2]):
+        assert scores == pytest.approx(scorer.score_steps(prompt, solution), abs=1e-5)
+    # causal model: the score of a prefix's steps equals the first scores of the whole solution
+    assert scorer.score_steps(prompts[1], steps[1][:2]) == pytest.approx(batched[1][:2], abs=1e-5)
+
+
+def test_scorer_aggregates_and_serves_as_a_reward_function(scorer):
+    prompt, steps = "What is 3 + 4?", ["Add 4: 3 + 4 = 7.", "The answer is 7."]
+    scores = scorer.score_steps(prompt, steps)
+    assert scorer.score_solution(prompt, steps) == pytest.approx(min(scores))  # default: min
+    assert scorer.score_solution(prompt, steps, how="prod") == pytest.approx(scores[0] * scores[1])
+    rewards = scorer(["Add 4: 3 + 4 = 7.\nThe answer is 7.", [{"role": "assistant", "content": ""}]],
+                     prompts=[prompt, [{"role": "user", "content": prompt}]], answer=["7", "7"])
+    assert rewards[0] == pytest.approx(min(scores), abs=1e-5) and rewards[1] == 0.0
+    assert scorer.__name__ == "prm"
+    with pytest.raises(ValueError, match="prompts"):
+        scorer(["x"])
+
+
+# ----------------------------------------------------------------------------------------------- stage
+
+RECIPE = """
+name: prm-test
+tracking: {report_to: none}
+stages:
+  - kind: prm
+    model: MODEL
+    # eval on the training rows: a 2-layer random model can memorise 8 rows but not generalise
+    data: {source: arith, params: {n: 8, steps: 2, max_operand: 9}}
+    eval_data: {source: arith, params: {n: 8, steps: 2, max_operand: 9}}
+    lr: 3.0e-3
+    max_steps: 20
+    batch_size: 8
+    logging_steps: 1
+    save_steps: 10
+    max_length: 160
+  - kind: prm
+    name: orm
+    model: MODEL
+    data: {source: arith, params: {n: 24, steps: 2, max_operand: 9}, eval_size: 8}
+    train_on_last_step_only: true
+    lora: {r: 4, alpha: 8, dropout: 0.0}
+    max_steps: 2
+    batch_size: 8
+    max_length: 160
+"""
+
+
+def test_prm_stage_trains_saves_and_scores(tmp_path, tiny_model_dir):
+    from alignkit.pipeline import run_recipe
+    from alignkit.recipe import load_recipe
+
+    path = tmp_path / "prm.yaml"
+    path.write_text(textwrap.dedent(RECIPE).replace("MODEL", str(tiny_model_dir)))
+    recipe = load_recipe(path, output_dir=str(tmp_path / "runs"))
+    prm, orm = (o.metrics for o in run_recipe(recipe, echo=lambda *_: None))
+
+    # 8 rows of 3 steps (2 operations + the answer line), every step labelled; memorised in 20 steps
+    assert prm["train_rows"] == 8 and prm["train_labelled_steps"] == 24 and prm["rows_dropped"] == 0
+    assert prm["train_steps"] == 20 and prm["last_logged_loss"] < 0.2 * prm["first_logged_loss"]
+    assert prm["step_accuracy_before"] < 0.8 and prm["step_accuracy"] == 1.0 and prm["first_error_found"] == 1.0
+    assert orm["train_labelled_steps"] == 16  # the ORM sees one label per row: the final step's
+
+    model_dir = recipe.stage("prm").run_dir / "model"
+    assert read_prm_config(model_dir) == {"separator": "\n", "chat": True, "aggregation": "min",
+                                          "train_on_last_step_only": False, "head": "token-cls-2"}
+    orm_dir = recipe.stage("orm").run_dir
+    assert json.loads((orm_dir / "model" / "alignkit_prm.json").read_text())["aggregation"] == "last"
+    assert (orm_dir / "adapter" / "adapter_config.json").is_file()
+    scores = PRMScorer(str(orm_dir / "model")).score_steps("What is 1 + 2?", ["Add 2: 1 + 2 = 3.", "The answer is 3."])
+    assert len(scores) == 2 and all(0.0 < s < 1.0 for s in scores)
+
+
+def test_soft_labels_need_the_column(tmp_path, tiny_model_dir):
+    from alignkit.errors import DataError
+    from alignkit.pipeline import run_recipe
+    from alignkit.recipe import load_recipe
+
+    path = tmp_path / "prm.yaml"
+    text = textwrap.dedent(RECIPE).replace("MODEL", str(tiny_model_dir)).replace(
+        "    lr: 5.0e-3\n", "    lr: 5.0e-3\n    soft_labels: true\n")
+    path.write_text(text)
+    with pytest.raises(DataError, match="soft_labels"):
+        run_recipe(load_recipe(path, output_dir=str(tmp_path / "runs")), echo=lambda *_: None)

@@ -80,7 +80,6 @@ def trl_args(config_class: type, config: TrainStageConfig, ctx, **stage_args: An
         use_cpu=not on_cuda,
         disable_tqdm=not ctx.is_main,
         dataloader_num_workers=0,
-        logging_dir=str(ctx.run_dir / "logs"),
     )
     args.update(stage_args)
     args.update(config.trl)

@@ -210,11 +210,4 @@ def training_args(config: Config, ctx):
     """``transformers.TrainingArguments`` for this stage, from the shared mapping in :mod:`.common`."""
     from transformers import TrainingArguments
 
-    args = trl_args(dict, config, ctx, remove_unused_columns=False)  # our collator builds the batch
-    # Workaround: common.trl_args still emits `logging_dir` and `warmup_ratio`, which transformers 5
-    # removed from TrainingArguments (a ratio now goes in `warmup_steps` as a float < 1). Delete these
-    # three lines once common.trl_args maps them itself.
-    args["warmup_steps"] = args.pop("warmup_ratio", 0.0) or args.get("warmup_steps", 0)
-    known = {f.name for f in dataclasses.fields(TrainingArguments)}
-    args = {k: v for k, v in args.items() if k in known}
-    return TrainingArguments(**args)
+    return trl_args(TrainingArguments, config, ctx, remove_unused_columns=False)  # our collator builds batches

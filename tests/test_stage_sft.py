@@ -1,0 +1,121 @@
+"""The SFT stage on a tiny model: loss falls, outputs chain, resume works, and a 2-process accelerate run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from alignkit.artifacts import Manifest
+from alignkit.pipeline import run_recipe
+from alignkit.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sft_recipe(tmp_path: Path, model: Path, extra: str = "") -> Path:
+    path = tmp_path / "sft.yaml"
+    path.write_text(textwrap.dedent(f"""
+        name: tiny-sft
+        tracking: {{report_to: none}}
+        defaults:
+          model: {model}
+          lora: {{r: 8, alpha: 16, dropout: 0.0}}
+        stages:
+          - kind: sft
+            data: {{source: arith, params: {{n: 64, steps: 1, max_operand: 9}}}}
+            accuracy_data: {{source: arith, seed: 5, params: {{n: 4, steps: 1, max_operand: 9}}}}
+            accuracy_max_new_tokens: 8
+            lr: 5.0e-3
+            max_steps: 24
+            batch_size: 8
+            max_length: 128
+            logging_steps: 4
+            save_steps: 12
+        {textwrap.indent(textwrap.dedent(extra), '        ').strip()}
+    """))
+    return path
+
+
+def test_sft_lowers_loss_and_writes_loadable_models(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    # full fine-tuning: a random tiny model learns the format far faster than through a rank-8 adapter
+    recipe = load_recipe(sft_recipe(tmp_path, tiny_model_dir), ["stages.sft.lora=null"],
+                         output_dir=str(tmp_path / "runs"))
+    run_recipe(recipe, echo=lambda *_: None)
+    stage = recipe.stage("sft")
+    manifest = Manifest.read(stage.run_dir)
+    assert manifest.status == "done"
+    metrics = manifest.metrics
+    assert metrics["train_steps"] == 24
+    assert metrics["last_logged_loss"] < 0.7 * metrics["first_logged_loss"], metrics
+    assert metrics["tokens_per_second"] > 0 and metrics["peak_memory_gib"] > 0
+    assert 0.0 <= metrics["accuracy_before"] <= 1.0 and 0.0 <= metrics["accuracy_after"] <= 1.0
+    assert (stage.run_dir / "accuracy_after.jsonl").exists()
+    model = AutoModelForCausalLM.from_pretrained(manifest.artifacts["model"])
+    assert not hasattr(model, "peft_config")
+    assert "adapter" not in manifest.artifacts
+    assert (stage.run_dir / "checkpoints").is_dir()
+
+
+def test_sft_resumes_from_last_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
+    """Kill after the first checkpoint; the rerun continues from it instead of starting over."""
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    class Crash(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            raise KeyboardInterrupt  # as if Ctrl-C right after checkpoint-12 was written
+
+    from trl import SFTTrainer
+
+    class CrashingTrainer(SFTTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.add_callback(Crash())
+
+    monkeypatch.setattr("trl.SFTTrainer", CrashingTrainer)
+    recipe = load_recipe(sft_recipe(tmp_path, tiny_model_dir), output_dir=str(tmp_path / "runs"))
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, echo=lambda *_: None)
+    stage = recipe.stage("sft")
+    assert Manifest.read(stage.run_dir).status == "interrupted"
+    assert (stage.run_dir / "checkpoints" / "checkpoint-12").is_dir()
+
+    monkeypatch.setattr("trl.SFTTrainer", SFTTrainer)
+    outcomes = run_recipe(load_recipe(sft_recipe(tmp_path, tiny_model_dir), output_dir=str(tmp_path / "runs")),
+                          echo=lambda *_: None)
+    assert outcomes[0].action == "resumed"
+    manifest = Manifest.read(stage.run_dir)
+    assert manifest.status == "done" and manifest.metrics["train_steps"] == 24
+    # LoRA run: the adapter and a merged plain model (what later stages load) are both written
+    merged = AutoModelForCausalLM.from_pretrained(manifest.artifacts["model"])
+    assert not hasattr(merged, "peft_config")
+    assert (Path(manifest.artifacts["adapter"]) / "adapter_config.json").exists()
+    state = json.loads((stage.run_dir / "checkpoints" / "checkpoint-24" / "trainer_state.json").read_text())
+    # the resumed run logged only steps after 12: no second pass over the first half
+    steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
+    assert steps[0] == 4 and steps[-1] == 24 and len(steps) == len(set(steps))
+
+
+def test_two_process_accelerate_run(tmp_path, tiny_model_dir):
+    """`accelerate launch` with 2 CPU processes (gloo): one manifest, written once, stage done."""
+    recipe_path = sft_recipe(tmp_path, tiny_model_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(REPO / "recipes" / "accelerate" / "cpu_2proc.yaml"), "-m", "alignkit", "run", str(recipe_path),
+         "--output-dir", str(tmp_path / "runs"), "--set", "stages.sft.max_steps=6",
+         "--set", "stages.sft.accuracy_data=null"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    manifest = Manifest.read(tmp_path / "runs" / "tiny-sft" / "sft")
+    assert manifest.status == "done" and manifest.metrics["train_steps"] == 6
+    assert proc.stdout.count("finished; outputs in") == 1  # only the main process reports
+    assert (tmp_path / "runs" / "tiny-sft" / "sft" / "model" / "config.json").exists()

@@ -69,6 +69,22 @@ def _ids(results) -> list[list[list[int]]]:
     return [[c.token_ids for c in row] for row in results]
 
 
+class _DecodeRowCounter:
+    """Counts rows fed to fast's decode forwards: finished rows must stop costing compute.
+
+    Each running row takes one decode step per generated token after the first (which comes from the
+    prefill), so a loop that retires rows on time makes exactly sum(len(token_ids) - 1) row-steps.
+    """
+
+    def __init__(self, model):
+        self.rows = 0
+        self.handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        if isinstance(kwargs.get("past_key_values"), fast_module.SlotCache):
+            self.rows += kwargs["input_ids"].shape[0]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Greedy equality with the reference.
 
@@ -87,12 +103,17 @@ def test_fast_greedy_equals_hf_with_left_padding_and_refill(sharp, prompts):
     assert [row[0].text for row in fast] == [row[0].text for row in padded]
 
 
-def test_token_id_prompts_equal_text_prompts(sharp, prompts):
+def test_token_id_prompts_and_small_prefill_budget_give_the_same_rows(sharp, prompts):
     model, tok = sharp
-    engine = make_engine("fast", model=model, tokenizer=tok, batch_size=8)
     params = SamplingParams(max_new_tokens=8, temperature=0)
+    engine = make_engine("fast", model=model, tokenizer=tok, batch_size=8)
+    expected = _ids(engine.generate(prompts, params, progress=False))
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    assert _ids(engine.generate(ids, params, progress=False)) == _ids(engine.generate(prompts, params, progress=False))
+    assert _ids(engine.generate(ids, params, progress=False)) == expected
+    # A 64-token prefill budget admits about one prompt per prefill forward.
+    spec = GenerationSpec(backend="fast", batch_size=8, max_prefill_tokens=64)
+    small = engine_from_spec(spec, model=model, tokenizer=tok)
+    assert small.max_prefill_tokens == 64 and _ids(small.generate(prompts, params, progress=False)) == expected
 
 
 def test_eos_retires_rows_at_different_steps(sharp, prompts, monkeypatch):
@@ -104,8 +125,11 @@ def test_eos_retires_rows_at_different_steps(sharp, prompts, monkeypatch):
     planted = max({t for r in rows for t in r}, key=lambda t: (len({r.index(t) for r in rows if t in r}), -t))
     monkeypatch.setattr(model.generation_config, "eos_token_id", [tok.eos_token_id, planted])
     hf = make_engine("hf", model=model, tokenizer=tok, batch_size=8).generate(prompts, params, progress=False)
+    counter = _DecodeRowCounter(model)
     fast = make_engine("fast", model=model, tokenizer=tok, batch_size=2).generate(prompts, params, progress=False)
+    counter.handle.remove()
     assert _ids(fast) == _ids(hf)
+    assert counter.rows == sum(len(row[0].token_ids) - 1 for row in fast)
     reasons = set()
     for row, full in zip(fast, rows):
         c = row[0]
@@ -126,7 +150,11 @@ def test_stop_string_truncates_text_and_tokens(sharp, prompts, backend):
     free = engine.generate(prompts, SamplingParams(max_new_tokens=30, temperature=0), progress=False)
     text, ids = free[1][0].text, free[1][0].token_ids
     stop = text[12:15]  # planted: a string the model is known to produce for prompt 1
+    counter = _DecodeRowCounter(model)
     got = engine.generate(prompts, SamplingParams(max_new_tokens=30, temperature=0, stop=[stop]), progress=False)
+    counter.handle.remove()
+    if backend == "fast":
+        assert counter.rows == sum(len(row[0].token_ids) - 1 for row in got)
     c = got[1][0]
     assert c.finish_reason == "stop" and c.text == text[: text.find(stop)]
     k = len(c.token_ids)
@@ -143,7 +171,12 @@ def test_finish_completion_eos_stop_and_length():
     ids = tok("answer is 7. Done", add_special_tokens=False)["input_ids"]
     eos = tok.eos_token_id
     c = finish_completion(ids + [eos, 5], [0.1] * (len(ids) + 2), tokenizer=tok, eos_ids=[eos], stop=[])
-    assert (c.text, c.token_ids, c.finish_reason, len(c.logprobs)) == ("answer is 7. Done", ids + [eos], "eos", len(ids) + 1)
+    assert (c.text, c.token_ids, c.finish_reason, len(c.logprobs)) == (
+        "answer is 7. Done",
+        ids + [eos],
+        "eos",
+        len(ids) + 1,
+    )
     c = finish_completion(ids + [eos], None, tokenizer=tok, eos_ids=[eos], stop=["7.", "Done"])
     assert (c.text, c.finish_reason) == ("answer is ", "stop")
     assert "7." in tok.decode(c.token_ids) and "7." not in tok.decode(c.token_ids[:-1])
@@ -335,7 +368,9 @@ def test_4bit_model_greedy_matches_hf(sharp_dir, prompts):
 
 def test_unsupported_model_falls_back_to_hf_with_one_warning(sharp, prompts, monkeypatch):
     model, tok = sharp
-    monkeypatch.setattr(model.config, "layer_types", ["sliding_attention"] * model.config.num_hidden_layers, raising=False)
+    monkeypatch.setattr(
+        model.config, "layer_types", ["sliding_attention"] * model.config.num_hidden_layers, raising=False
+    )
     assert "sliding_attention" in fast_module.unsupported_reason(model)
     with pytest.warns(RuntimeWarning, match="using the hf backend") as record:
         engine = make_engine("fast", model=model, tokenizer=tok)
@@ -361,7 +396,14 @@ def test_compile_is_ignored_on_cpu_with_a_warning(sharp):
 
 def test_plan_calls_splits_rows_by_batch_size():
     assert plan_calls([2, 0, 1], rows_per_prompt=2, batch_size=4) == [([2, 0], 2), ([1], 2)]
-    assert plan_calls([0, 1], rows_per_prompt=5, batch_size=2) == [([0], 2), ([0], 2), ([0], 1), ([1], 2), ([1], 2), ([1], 1)]
+    assert plan_calls([0, 1], rows_per_prompt=5, batch_size=2) == [
+        ([0], 2),
+        ([0], 2),
+        ([0], 1),
+        ([1], 2),
+        ([1], 2),
+        ([1], 1),
+    ]
 
 
 def test_specs_reject_mistakes():
@@ -422,7 +464,7 @@ def _echo_choice(body: dict, i: int) -> dict:
 def stub():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
     server.requests, server.script, server.lock = [], [], threading.Lock()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     yield server
     server.shutdown()
@@ -446,8 +488,9 @@ def _openai(stub):
 def test_openai_request_fields_and_response_mapping(stub, monkeypatch):
     monkeypatch.setenv("ALIGNKIT_TEST_KEY", "sk-secret")
     engine = _openai(stub)
-    params = SamplingParams(max_new_tokens=7, temperature=0.6, top_p=0.9, top_k=5, n=3, stop=["\n\n"], seed=4,
-                            return_logprobs=True)
+    params = SamplingParams(
+        max_new_tokens=7, temperature=0.6, top_p=0.9, top_k=5, n=3, stop=["\n\n"], seed=4, return_logprobs=True
+    )
     prompts = [f"p{i}" for i in range(5)]
     out = engine.generate(prompts, params, progress=False)
     assert [[c.text for c in row] for row in out] == [[f"p{i}#{j}" for j in range(3)] for i in range(5)]
@@ -457,8 +500,15 @@ def test_openai_request_fields_and_response_mapping(stub, monkeypatch):
     path, headers, body = stub.requests[0]
     assert path == "/v1/completions" and headers["Authorization"] == "Bearer sk-secret"
     assert {k: v for k, v in body.items() if k != "prompt"} == {
-        "model": "policy", "n": 3, "max_tokens": 7, "temperature": 0.6, "top_p": 0.9, "top_k": 5,
-        "stop": ["\n\n"], "seed": 4, "logprobs": 0,
+        "model": "policy",
+        "n": 3,
+        "max_tokens": 7,
+        "temperature": 0.6,
+        "top_p": 0.9,
+        "top_k": 5,
+        "stop": ["\n\n"],
+        "seed": 4,
+        "logprobs": 0,
     }
     assert "sk-secret" not in repr(engine)
     ids_out = engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=2, top_k=0), progress=False)

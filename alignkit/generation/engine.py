@@ -98,8 +98,9 @@ class GenerationSpec(Spec):
 
     backend: Backend = Field("fast", description="hf (model.generate), fast (our decode loop), openai (server).")
     batch_size: int = Field(
-        64, gt=0, description="hf/fast: most sequences decoded together (KV memory grows with it); "
-        "openai: concurrent requests."
+        64,
+        gt=0,
+        description="hf/fast: most sequences decoded together (KV memory grows with it); openai: concurrent requests.",
     )
     max_prefill_tokens: int = Field(
         8192, gt=0, description="fast: most (padded) prompt tokens prefilled in one forward."
@@ -148,11 +149,14 @@ def make_engine(
     an option the backend does not take raises :class:`RecipeError` naming it.
     """
     if backend not in _BACKEND_OPTIONS:
-        raise RecipeError(f"unknown backend {backend!r}; use one of {sorted(_BACKEND_OPTIONS)}", field="generation.backend")
+        raise RecipeError(
+            f"unknown backend {backend!r}; use one of {sorted(_BACKEND_OPTIONS)}", field="generation.backend"
+        )
     unknown = set(opts) - _BACKEND_OPTIONS[backend]
     if unknown:
         raise RecipeError(
-            f"option(s) {sorted(unknown)} do not apply to backend {backend!r}; it takes {sorted(_BACKEND_OPTIONS[backend])}",
+            f"option(s) {sorted(unknown)} do not apply to backend {backend!r}; "
+            f"it takes {sorted(_BACKEND_OPTIONS[backend]) or 'none'}",
             field=f"generation.{sorted(unknown)[0]}",
         )
     if backend == "openai":

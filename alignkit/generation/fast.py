@@ -9,7 +9,8 @@ How one ``generate`` call runs:
    per layer, with ``S`` = longest prompt + ``max_new_tokens``, allocated once per call.
 2. *Admission*: queued prompts (longest first) are prefilled together, left-padded, each distinct prompt
    once; its KV rows are then copied into its ``n`` sample slots (prefix sharing), and each slot samples its
-   own first token from the shared last-position logits.
+   own first token from the shared last-position logits. (A prompt whose samples do not all fit in the free
+   slots is prefilled again when its remaining samples are admitted.)
 3. *Decode*: one forward over the running slots per step. Slots do not share a write position: each has
    ``start`` (first valid KV column, after its left padding) and ``write`` (the column the next token goes
    to), so the attention mask is a per-slot ``[start, write]`` window and the position id ``write - start``.
@@ -41,6 +42,7 @@ import warnings
 from typing import Any
 
 import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from alignkit.generation.engine import (
     Completion,
@@ -106,76 +108,75 @@ def sample_next(
 # The slot cache, driven through the model's ``past_key_values`` argument.
 
 
-def _cache_classes():
-    from transformers.cache_utils import Cache, CacheLayerMixin
+class SlotLayer(CacheLayerMixin):
+    """One layer's ``[slots, H, S, D]`` keys/values; writes each running slot at its own column."""
 
-    class SlotLayer(CacheLayerMixin):
-        """One layer's ``[slots, H, S, D]`` keys/values; writes each running slot at its own column."""
+    is_sliding = False
 
-        is_sliding = False
+    def __init__(self, owner: Any, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.owner, self.keys, self.values, self.is_initialized = owner, keys, values, True
 
-        def __init__(self, owner: Any, keys: torch.Tensor, values: torch.Tensor):
-            super().__init__()
-            self.owner, self.keys, self.values, self.is_initialized = owner, keys, values, True
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise AssertionError("SlotLayer is allocated up front")
 
-        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-            raise AssertionError("SlotLayer is allocated up front")
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        """Write ``[A, H, 1, D]`` states at column ``write[a]`` of slot ``a``; return slots ``[0, A)``'s KV."""
+        assert key_states.shape[2] == 1, "SlotCache takes decode steps only; prompts go through load_prefill"
+        owner = self.owner
+        # Advanced indices around a slice put their dims first: keys[rows, :, write] is [A, H, D].
+        self.keys[owner.rows, :, owner.write] = key_states[:, :, 0].to(self.keys.dtype)
+        self.values[owner.rows, :, owner.write] = value_states[:, :, 0].to(self.values.dtype)
+        active, kv_len = owner.rows.shape[0], owner.kv_len
+        return self.keys[:active, :, :kv_len], self.values[:active, :, :kv_len]
 
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-            # key_states: [A, H, q, D] -> columns write[a] + (0..q-1) of slot a.
-            owner, q = self.owner, key_states.shape[2]
-            cols = owner.write[:, None] + torch.arange(q, device=key_states.device)  # [A, q]
-            rows = owner.rows[:, None]  # [A, 1]
-            # Advanced indices around a slice put their dims first: keys[rows, :, cols] is [A, q, H, D].
-            self.keys[rows, :, cols] = key_states.transpose(1, 2).to(self.keys.dtype)
-            self.values[rows, :, cols] = value_states.transpose(1, 2).to(self.values.dtype)
-            active, kv_len = owner.write.shape[0], owner.kv_len
-            return self.keys[:active, :, :kv_len], self.values[:active, :, :kv_len]
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.kv_len, 0
 
-        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-            return self.owner.kv_len, 0
+    def get_seq_length(self) -> int:
+        return self.owner.kv_len
 
-        def get_seq_length(self) -> int:
-            return self.owner.kv_len
+    def get_max_length(self) -> int:
+        return self.keys.shape[2]
 
-        def get_max_length(self) -> int:
-            return self.keys.shape[2]
 
-    class SlotCache(Cache):
-        """A transformers ``Cache`` over :class:`SlotLayer` s; the engine sets ``write``/``kv_len`` per step."""
+class SlotCache(Cache):
+    """A transformers ``Cache`` over :class:`SlotLayer` s; the engine sets ``write``/``kv_len`` per step.
 
-        def __init__(self, prefill_cache: Any, slots: int, max_len: int):
-            layers = []
-            for layer in prefill_cache.layers:
-                _, heads, _, dim = layer.keys.shape
-                kw = dict(dtype=layer.keys.dtype, device=layer.keys.device)
-                keys = torch.zeros(slots, heads, max_len, dim, **kw)
-                values = torch.zeros(slots, heads, max_len, layer.values.shape[-1], **kw)
-                layers.append(SlotLayer(self, keys, values))
-            super().__init__(layers=layers)
-            self.write = self.rows = torch.zeros(0, dtype=torch.long)
-            self.kv_len = 0
+    Only decode steps (one new token per slot) go through it; prompts are prefilled with the model's own
+    ``DynamicCache`` and copied in by :meth:`load_prefill`.
+    """
 
-        def set_step(self, write: torch.Tensor, kv_len: int) -> None:
-            """Before a forward: ``write`` ``[A]`` columns the new tokens go to; attend to ``[0, kv_len)``."""
-            self.write, self.kv_len = write, kv_len
-            self.rows = torch.arange(write.shape[0], device=write.device)
+    def __init__(self, prefill_cache: Any, slots: int, max_len: int):
+        layers = []
+        for layer in prefill_cache.layers:
+            _, heads, _, dim = layer.keys.shape
+            kw = dict(dtype=layer.keys.dtype, device=layer.keys.device)
+            keys = torch.zeros(slots, heads, max_len, dim, **kw)
+            values = torch.zeros(slots, heads, max_len, layer.values.shape[-1], **kw)
+            layers.append(SlotLayer(self, keys, values))
+        super().__init__(layers=layers)
+        self.write = self.rows = torch.zeros(0, dtype=torch.long)
+        self.kv_len = 0
 
-        def load_prefill(self, prefill_cache: Any, src: torch.Tensor, first: int, width: int) -> None:
-            """Copy prefill rows ``src`` (``[R]``, repeats = shared prefixes) into slots ``first..first+R``."""
-            for layer, pre in zip(self.layers, prefill_cache.layers):
-                layer.keys[first : first + len(src), :, :width] = pre.keys[src]
-                layer.values[first : first + len(src), :, :width] = pre.values[src]
+    def set_step(self, write: torch.Tensor, kv_len: int) -> None:
+        """Before a forward: ``write`` ``[A]`` columns the new tokens go to; attend to ``[0, kv_len)``."""
+        self.write, self.kv_len = write, kv_len
+        self.rows = torch.arange(write.shape[0], device=write.device)
 
-        def move(self, src: list[int], dst: list[int]) -> None:
-            """Copy slots ``src`` onto slots ``dst`` (disjoint), in every layer."""
-            device = self.layers[0].keys.device
-            s, d = torch.tensor(src, device=device), torch.tensor(dst, device=device)
-            for layer in self.layers:
-                layer.keys[d] = layer.keys[s]
-                layer.values[d] = layer.values[s]
+    def load_prefill(self, prefill_cache: Any, src: torch.Tensor, first: int, width: int) -> None:
+        """Copy prefill rows ``src`` (``[R]``, repeats = shared prefixes) into slots ``first..first+R``."""
+        for layer, pre in zip(self.layers, prefill_cache.layers):
+            layer.keys[first : first + len(src), :, :width] = pre.keys[src]
+            layer.values[first : first + len(src), :, :width] = pre.values[src]
 
-    return SlotCache
+    def move(self, src: list[int], dst: list[int]) -> None:
+        """Copy slots ``src`` onto slots ``dst`` (disjoint), in every layer."""
+        device = self.layers[0].keys.device
+        s, d = torch.tensor(src, device=device), torch.tensor(dst, device=device)
+        for layer in self.layers:
+            layer.keys[d] = layer.keys[s]
+            layer.values[d] = layer.values[s]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -246,9 +247,10 @@ class FastEngine:
         ids = encode_prompts(prompts, self.tokenizer)
         if not ids:
             return []
-        with inference_mode(self.model), progress_bar(
-            len(ids) * params.n, enabled=progress, backend=self.backend
-        ) as bar:
+        with (
+            inference_mode(self.model),
+            progress_bar(len(ids) * params.n, enabled=progress, backend=self.backend) as bar,
+        ):
             return _Run(self, ids, params, bar).run()
 
 
@@ -317,7 +319,7 @@ class _Run:
             input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
         )
         if self.cache is None:
-            self.cache = _cache_classes()(out.past_key_values, self.e.batch_size, self.max_len)
+            self.cache = SlotCache(out.past_key_values, self.e.batch_size, self.max_len)
         src = [k for k, (_, rows) in enumerate(take) for _ in range(rows)]  # prefill row of each new slot
         first, count = len(self.owner), len(src)
         self.cache.load_prefill(out.past_key_values, torch.tensor(src, device=self.device), first, width)

@@ -131,9 +131,11 @@ class HFEngine:
         greedy = params.temperature == 0
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths share a call
         results: list[list[Completion]] = [[] for _ in ids]
-        with inference_mode(self.model), _seeded(params.seed, self.model), progress_bar(
-            len(ids) * params.n, enabled=progress, backend=self.backend
-        ) as bar:
+        with (
+            inference_mode(self.model),
+            _seeded(params.seed, self.model),
+            progress_bar(len(ids) * params.n, enabled=progress, backend=self.backend) as bar,
+        ):
             for call, rows_each in plan_calls(order, 1 if greedy else params.n, self.batch_size):
                 rows = self._generate_call([ids[i] for i in call], rows_each, params)
                 for k, i in enumerate(call):

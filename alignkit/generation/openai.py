@@ -109,9 +109,10 @@ class OpenAIEngine:
     ) -> list[list[Completion]]:
         """See :class:`~alignkit.generation.engine.Engine`; one request per prompt, ``batch_size`` at a time."""
         results: list[list[Completion]] = [[] for _ in prompts]
-        with concurrent.futures.ThreadPoolExecutor(self.batch_size) as pool, progress_bar(
-            len(prompts) * params.n, enabled=progress, backend=self.backend
-        ) as bar:
+        with (
+            concurrent.futures.ThreadPoolExecutor(self.batch_size) as pool,
+            progress_bar(len(prompts) * params.n, enabled=progress, backend=self.backend) as bar,
+        ):
             futures = {pool.submit(self._complete, p, params): i for i, p in enumerate(prompts)}
             try:
                 for future in concurrent.futures.as_completed(futures):

@@ -14,6 +14,7 @@ import pytest
 from alignkit.artifacts import Manifest
 from alignkit.pipeline import run_recipe
 from alignkit.recipe import load_recipe
+from alignkit.tracking import read_offline_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +47,8 @@ def test_sft_lowers_loss_and_writes_loadable_models(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
     # full fine-tuning: a random tiny model learns the format far faster than through a rank-8 adapter
-    recipe = load_recipe(sft_recipe(tmp_path, tiny_model_dir), ["stages.sft.lora=null"],
+    recipe = load_recipe(sft_recipe(tmp_path, tiny_model_dir),
+                         ["stages.sft.lora=null", "tracking.report_to=wandb", "tracking.wandb.mode=offline"],
                          output_dir=str(tmp_path / "runs"))
     run_recipe(recipe, echo=lambda *_: None)
     stage = recipe.stage("sft")
@@ -62,6 +64,12 @@ def test_sft_lowers_loss_and_writes_loadable_models(tmp_path, tiny_model_dir):
     assert not hasattr(model, "peft_config")
     assert "adapter" not in manifest.artifacts
     assert (stage.run_dir / "checkpoints").is_dir()
+    # TRL's training curve and our stage metrics land in the same (offline) W&B run
+    (wandb_run,) = [read_offline_run(d) for d in (recipe.root / "wandb").glob("offline-run-*")]
+    losses = [row["train/loss"] for row in wandb_run["history"] if "train/loss" in row]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert wandb_run["summary"]["accuracy_after"] == metrics["accuracy_after"]
+    assert wandb_run["run"]["job_type"] == "sft" and wandb_run["config"]["lr"] == 5e-3
 
 
 def test_sft_resumes_from_last_checkpoint(tmp_path, tiny_model_dir, monkeypatch):

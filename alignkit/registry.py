@@ -27,6 +27,7 @@ STAGES: dict[str, str] = {
     "label": "alignkit.stages.label",
     "prm": "alignkit.stages.prm",
     "eval": "alignkit.stages.eval",
+    "ppo": "alignkit.stages.ppo",
 }
 
 

@@ -1,0 +1,226 @@
+"""What an eval leaves behind: report.md, metrics.json, samples.jsonl, accuracy_vs_n.png, W&B logs, and
+the short table printed at the end.
+
+Everything here reads the ``outcome`` dict that :func:`alignkit.stages.eval.run_suite` builds (``suite``,
+``model``, ``summary``, ``metrics``, ``curves``, ``notes``, and ``problems`` for a problems suite or
+``records`` for a preference/stepwise one) and writes files; nothing is computed that the report alone
+would show, so metrics.json is the source of truth.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .artifacts import write_json_atomic
+
+PLOT = "accuracy_vs_n.png"
+_MAX_TRACKED_SAMPLES = 500  # rows of the W&B samples table; the full set is in samples.jsonl
+
+
+def method_title(label: str) -> str:
+    """Readable name of a curve label (``bon_prm_min`` -> ``best-of-N (PRM, min)``).
+
+    >>> method_title("pass"), method_title("wvote_orm"), method_title("bon_prm_last")
+    ('pass@N', 'weighted vote (ORM)', 'best-of-N (PRM, last)')
+    """
+    if label == "pass":
+        return "pass@N"
+    if label == "maj":
+        return "majority vote"
+    method, _, score = label.partition("_")
+    verifier, _, how = score.partition("_")
+    name = {"bon": "best-of-N", "wvote": "weighted vote"}[method]
+    return f"{name} ({verifier.upper()}{', ' + how if how else ''})"
+
+
+def _finite(value: Any) -> Any:
+    """NaN/inf become None so metrics.json stays standard JSON."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def sample_rows(outcome: dict[str, Any]) -> list[dict[str, Any]]:
+    """One flat row per completion (problems) or per labelled row (preference/stepwise)."""
+    if "problems" not in outcome:
+        return outcome["records"]
+    rows = []
+    for problem in outcome["problems"]:
+        pairs = ([("greedy", problem["greedy"])] if problem["greedy"] else []) + list(enumerate(problem["samples"]))
+        for which, sample in pairs:
+            rows.append({"problem": problem["index"], "sample": which, "prompt": problem["prompt"],
+                         "gold": problem["gold"], "completion": sample["text"], "answer": sample["answer"],
+                         "correct": sample["correct"], "finish_reason": sample["finish_reason"],
+                         "tokens": sample["tokens"], "scores": sample.get("scores", {}),
+                         **({"prm_steps": sample["prm_steps"]} if "prm_steps" in sample else {})})
+    return rows
+
+
+def write_report(outcome: dict[str, Any], out_dir: Path, *, tracker: Any = None) -> dict[str, str]:
+    """Write every output file (and log them when a tracker is given); returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    suite = outcome["suite"]
+    rows = sample_rows(outcome)
+    artifacts = {"report": str(out_dir / "report.md"), "metrics": str(out_dir / "metrics.json"),
+                 "samples": str(out_dir / "samples.jsonl")}
+    with open(artifacts["samples"], "w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    write_json_atomic(Path(artifacts["metrics"]), {
+        "suite": suite.name, "model": outcome["model"], "task": suite.task,
+        "metrics": {k: _finite(v) for k, v in outcome["summary"].items()},
+        "curves": {label: {str(n): acc for n, acc in curve.items()} for label, curve in outcome["curves"].items()},
+        "notes": outcome["notes"], "suite_config": suite.model_dump(mode="json")})
+    if outcome["curves"]:
+        artifacts["plot"] = str(out_dir / PLOT)
+        plot_curves(outcome, Path(artifacts["plot"]))
+    Path(artifacts["report"]).write_text(markdown_report(outcome), encoding="utf-8")
+    if tracker is not None:
+        log_to_tracker(tracker, outcome, rows, artifacts)
+    return artifacts
+
+
+# ------------------------------------------------------------------------------------------------ plot
+
+
+def _style(label: str) -> dict[str, Any]:
+    """pass@N is an oracle upper bound (dashed black); votes solid; best-of-N dash-dot."""
+    if label == "pass":
+        return {"color": "black", "linestyle": "--"}
+    return {"linestyle": "-." if label.startswith("bon") else "-"}
+
+
+def plot_curves(outcome: dict[str, Any], path: Path) -> None:
+    """Accuracy vs N, one line per method, log2 x-axis (the papers' figure); greedy as a flat line."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    suite, curves = outcome["suite"], outcome["curves"]
+    ns = sorted({n for curve in curves.values() for n in curve})
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    values = []
+    for label, curve in curves.items():
+        xs = sorted(curve)
+        ys = [100 * curve[n] for n in xs]
+        values += ys
+        ax.plot(xs, ys, marker="o", markersize=4, label=method_title(label), **_style(label))
+    greedy = outcome["metrics"].get("greedy")
+    if greedy is not None:
+        values.append(100 * greedy)
+        ax.axhline(100 * greedy, color="grey", linestyle=":", label=f"greedy ({100 * greedy:.1f}%)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.minorticks_off()
+    low, high = min(values), max(values)
+    pad = max(2.0, 0.08 * (high - low))
+    ax.set_ylim(max(0.0, low - pad), min(100.0, high + pad))
+    ax.set_xlabel("N (samples per problem, log scale)")
+    ax.set_ylabel("accuracy (%)")
+    problems = len(outcome["problems"])
+    ax.set_title(f"{suite.name}: {Path(str(outcome['model'])).name}  "
+                 f"({problems} problems, {suite.sampling.n} samples at T={suite.sampling.temperature})",
+                 fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------- report text
+
+
+def curve_table(outcome: dict[str, Any]) -> list[list[str]]:
+    """Rows of ``method | N=1 | N=2 | ...`` (accuracy in %), the header first."""
+    curves = outcome["curves"]
+    ns = sorted({n for curve in curves.values() for n in curve})
+    rows = [["method"] + [f"N={n}" for n in ns]]
+    for label, curve in curves.items():
+        rows.append([method_title(label)] + [f"{100 * curve[n]:.1f}" if n in curve else "" for n in ns])
+    return rows
+
+
+def format_table(outcome: dict[str, Any]) -> str:
+    """The short text table printed when an eval finishes."""
+    suite = outcome["suite"]
+    lines = [f"[eval] {suite.name} on {outcome['model']}"]
+    if not outcome["curves"]:
+        lines += [f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}" for k, v in outcome["metrics"].items()]
+        return "\n".join(lines)
+    if "greedy" in outcome["metrics"]:
+        lines.append(f"  greedy: {100 * outcome['metrics']['greedy']:.1f}%")
+    rows = curve_table(outcome)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines += ["  " + "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+              for row in rows]
+    return "\n".join(lines + [f"  note: {note}" for note in outcome["notes"]])
+
+
+def _markdown_table(rows: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+            + ["| " + " | ".join(row) + " |" for row in rows[1:]])
+
+
+def markdown_report(outcome: dict[str, Any]) -> str:
+    """report.md: settings, the accuracy table and plot, pool health, notes, a few examples."""
+    suite, summary = outcome["suite"], outcome["summary"]
+    s = suite.sampling
+    lines = [f"# Eval `{suite.name}`: `{outcome['model']}`", "", suite.description, "",
+             f"- task: {suite.task}; dataset: `{suite.dataset.source}`"
+             + (f" (`{suite.dataset.path}`)" if suite.dataset.path else ""),
+             f"- grader: `{suite.grader.program}`; verifiers: ORM `{suite.orm}`, PRM `{suite.prm}`"]
+    if outcome["curves"]:
+        lines.append(f"- sampling: n={s.n}, temperature={s.temperature}, top_p={s.top_p}, top_k={s.top_k}, "
+                     f"max_new_tokens={s.max_new_tokens}, seed={s.seed}; curves average {suite.draws} "
+                     "subsets per N (all of them when fewer)")
+        lines += ["", "## Accuracy (%)", ""]
+        if "greedy" in outcome["metrics"]:
+            lines += [f"Greedy: **{100 * outcome['metrics']['greedy']:.1f}**", ""]
+        lines += _markdown_table(curve_table(outcome)) + ["", f"![accuracy vs N]({PLOT})", "", "## Sample pool", ""]
+        lines += [f"- {key}: {summary[key]:.4g}" for key in ("no_answer_rate", "truncated_rate", "mean_tokens",
+                                                               "samples_per_s") if key in summary]
+    else:
+        lines += ["", "## Metrics", ""] + [f"- {k}: {_finite(v)}" for k, v in outcome["metrics"].items()]
+    if outcome["notes"]:
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in outcome["notes"]]
+    if outcome["curves"] and suite.examples:
+        lines += ["", "## Examples", ""] + _examples(outcome["problems"], suite.examples)
+    return "\n".join(lines) + "\n"
+
+
+def _examples(problems: list[dict[str, Any]], count: int) -> list[str]:
+    """The first problems' prompt, gold and first sample (greedy when there is one)."""
+    lines = []
+    for problem in problems[:count]:
+        sample = problem["greedy"] or problem["samples"][0]
+        which = "greedy" if problem["greedy"] else "sample 0"
+        verdict = "correct" if sample["correct"] else "wrong"
+        lines += [f"### Problem {problem['index']} (gold `{problem['gold']}`)", "", f"> {problem['prompt']}", "",
+                  f"{which}, answer `{sample['answer']}` ({verdict}):", "", "```", sample["text"].strip(), "```", ""]
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- W&B
+
+
+def log_to_tracker(tracker: Any, outcome: dict[str, Any], rows: list[dict[str, Any]], artifacts: dict[str, str]
+                   ) -> None:
+    """Numbers as metrics, curves and samples as tables, the plot as an image."""
+    tracker.log({f"eval/{k}": v for k, v in outcome["summary"].items() if isinstance(v, (int, float))})
+    if outcome["curves"]:
+        curve_rows = [[method_title(label), n, acc] for label, curve in outcome["curves"].items()
+                      for n, acc in curve.items()]
+        tracker.log_table("eval/curves", ["method", "N", "accuracy"], curve_rows)
+        tracker.log_image("eval/accuracy_vs_n", artifacts["plot"])
+    if rows:
+        columns = list(rows[0])
+        table = [[_cell(row.get(c)) for c in columns] for row in rows[:_MAX_TRACKED_SAMPLES]]
+        tracker.log_table("eval/samples", columns, table)
+
+
+def _cell(value: Any) -> Any:
+    """W&B table cells must be scalars or strings."""
+    return value if isinstance(value, (str, int, float, bool)) or value is None else json.dumps(value)

@@ -1,0 +1,388 @@
+r"""Evaluation suites: the spec of what an eval measures, and the pure functions that turn graded samples
+into accuracies and accuracy-vs-N curves.
+
+A suite is a YAML file (``eval/arith.yaml``, ``eval/gsm8k.yaml``) validated into :class:`Suite`. It runs
+alone (``alignkit eval eval/gsm8k.yaml --model PATH``) or as a recipe stage (``kind: eval``); both go
+through :func:`alignkit.stages.eval.run_suite`, which samples and scores; this module does the counting.
+
+Tasks (``task:``):
+
+- ``problems``: sample ``n`` completions per problem once, grade them, then select from that one pool in
+  every way the suite lists (so all curves reuse the same generations and compare directly):
+  ``greedy`` (one argmax decode), ``pass`` (pass@k, Chen et al. 2021's unbiased estimator), ``majority``
+  (maj@k, self-consistency, Wang et al. 2022), ``best_of_n`` (the sample a verifier scores highest; ORM as in
+  Cobbe et al. 2021, PRM with min/prod/last step aggregation as in Lightman et al. 2023 and Math-Shepherd)
+  and ``weighted_vote`` (the answer with the largest total verifier score, Uesato et al. 2022). Curves
+  subsample N of the n samples without replacement and average over draws
+  (:func:`alignkit.metrics.selection_curve`).
+- ``preference``: an ORM's pairwise accuracy on chosen/rejected pairs.
+- ``stepwise``: a PRM's step-level accuracy and first-error detection on labelled step lists.
+
+Choices, each a departure from a naive reading:
+
+1. Votes group samples by the grader: every sample graded correct goes to one bucket (each equals the gold
+   answer, so an exact equivalence check would group them together); wrong answers group by their
+   normalised answer. This keeps :class:`alignkit.metrics.Pool`'s rule (correctness is a function of the
+   answer) true when the grader accepts forms the normaliser keeps apart (``0.5`` and ``\frac{1}{2}``).
+2. ORM scores are raw rewards (Bradley-Terry logits). Best-of-N uses them as they are; a weighted vote
+   needs non-negative weights, so it sums ``sigmoid(score)``. PRM step scores are already probabilities.
+3. For a PRM, a completion's steps are its non-empty lines (alignkit's one-step-per-line format); a
+   completion without any gets step scores ``[]`` and score 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from .config import DataSpec, Spec
+from .errors import RecipeError
+from .generation import GenerationSpec
+from .metrics import Pool, aggregate_steps, selection_curve
+from .rewards import RewardSpec
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SUITES_DIR = REPO_ROOT / "eval"
+METHODS = ("greedy", "pass", "majority", "best_of_n", "weighted_vote")
+CORRECT_KEY = "\x00correct"  # the vote bucket of every sample graded correct (choice 1)
+_SHORT = {"pass": "pass", "majority": "maj", "best_of_n": "bon", "weighted_vote": "wvote"}
+
+
+# ------------------------------------------------------------------------------------------------ spec
+
+
+class PromptSpec(Spec):
+    """How a dataset prompt becomes model input (same rendering as training: alignkit.prompts)."""
+
+    chat: bool = Field(True, description="Apply the model's chat template (false: raw text + newline).")
+    system: str | None = Field(None, description="System message prepended in chat mode; None: none.")
+    template: str = Field("{prompt}", description="User message; {prompt} is replaced by the problem text.")
+
+    @field_validator("template")
+    @classmethod
+    def _has_placeholder(cls, value: str) -> str:
+        if "{prompt}" not in value:
+            raise ValueError("template must contain {prompt}, e.g. '{prompt}\\nEnd with: The answer is N.'")
+        return value
+
+
+class SamplingSpec(Spec):
+    """The one shared pool of samples per problem that every selection method draws from."""
+
+    n: int = Field(16, gt=0, description="Samples per problem: N_max of the curves (pass@k needs n >= k).")
+    temperature: float = Field(0.8, gt=0, description="Softmax temperature of the pool (greedy is separate).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus mass; 1 = off.")
+    top_k: int = Field(0, ge=0, description="Keep the k likeliest tokens; 0 = off.")
+    max_new_tokens: int = Field(256, gt=0, description="Budget per completion; cut-off ones count as wrong.")
+    stop: list[str] = Field(default_factory=list, description="Stop strings (excluded from the text).")
+    seed: int = Field(0, description="Shard k samples with seed + k, so reruns and resumes reproduce it.")
+
+
+class Suite(Spec):
+    """One evaluation: data, prompt format, grader, sampling, selection methods and curve points."""
+
+    name: str = Field(..., description="Suite name: report titles and the default output folder.")
+    description: str = Field("", description="One line shown in the report.")
+    task: Literal["problems", "preference", "stepwise"] = Field(
+        "problems", description="problems: sample and select; preference: ORM pairwise accuracy; "
+        "stepwise: PRM step accuracy and first-error detection.")
+    dataset: DataSpec = Field(..., description="Rows in the task's format (problems/preference/stepwise).")
+    prompt: PromptSpec = Field(default_factory=PromptSpec, description="Prompt rendering.")
+    grader: RewardSpec = Field(
+        default_factory=lambda: RewardSpec(program="reward/math.py:answer_match"),
+        description="Reward program scoring a completion against the row's `answer`; a string is shorthand.")
+    pass_threshold: float = Field(1.0, description="A sample is correct when its grader score is >= this.")
+    extract: str = Field("reward/math.py:extract_answer", description="text -> answer phrase or None (votes).")
+    normalise: str | None = Field(
+        "reward/math.py:normalise_answer", description="phrase -> canonical vote key (None: use the phrase).")
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="The shared sample pool.")
+    methods: list[Literal["greedy", "pass", "majority", "best_of_n", "weighted_vote"]] = Field(
+        default_factory=lambda: list(METHODS), description="Selection methods to report (task problems).")
+    prm_aggregations: list[Literal["min", "prod", "last", "mean"]] = Field(
+        default_factory=lambda: ["min", "prod", "last"], description="How PRM step scores become one score.")
+    ns: list[int] | None = Field(None, description="Curve points; default 1, 2, 4, ... up to sampling.n.")
+    draws: int = Field(200, gt=0, description="Random N-subsets per problem when there are more than this "
+                       "(fewer are enumerated exactly); cost grows linearly.")
+    step_threshold: float = Field(0.5, ge=0, le=1, description="stepwise: a step is judged correct at >= this.")
+    orm: str | None = Field(None, description="Outcome reward model folder (a stage's `orm:` / --orm wins).")
+    prm: str | None = Field(None, description="Process reward model folder (a stage's `prm:` / --prm wins).")
+    generation: GenerationSpec = Field(default_factory=GenerationSpec, description="Sampling backend.")
+    shard_size: int = Field(32, gt=0, description="Problems per shard: the unit of resume and of progress.")
+    examples: int = Field(3, ge=0, description="Sample completions shown in report.md.")
+
+    @field_validator("grader", mode="before")
+    @classmethod
+    def _grader_shorthand(cls, value: Any) -> Any:
+        return {"program": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_ns(self) -> Suite:
+        for n in self.ns or []:
+            if not 1 <= n <= self.sampling.n:
+                raise ValueError(f"ns: {n} is outside [1, sampling.n = {self.sampling.n}]; "
+                                 "raise sampling.n or drop it")
+        return self
+
+    def curve_ns(self) -> list[int]:
+        """The N values of the curves: ``ns`` if given, else powers of two up to ``sampling.n`` (and n)."""
+        if self.ns:
+            return sorted(set(self.ns))
+        n_max = self.sampling.n
+        return sorted({2 ** i for i in range(int(math.log2(n_max)) + 1)} | {n_max})
+
+
+def find_suite(name: str, search: Sequence[Path] = ()) -> Path:
+    """A suite file: the path as given, else relative to each ``search`` folder, else ``eval/<name>.yaml``."""
+    path = Path(name)
+    candidates = [path] + [Path(d) / path for d in search] + [SUITES_DIR / path, SUITES_DIR / f"{name}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    shipped = sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
+    raise RecipeError(f"eval suite {name!r} not found (looked in {[str(c) for c in candidates]}); "
+                      f"shipped suites: {shipped}", field="suite")
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, Any]:
+    """``["sampling.n=4", "dataset.limit=8"]`` -> ``{"sampling": {"n": 4}, "dataset": {"limit": 8}}``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"--set {item!r}: expected KEY=VALUE, e.g. sampling.n=8", field="set")
+        node = out
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = yaml.safe_load(text) if text else ""
+    return out
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge: mappings merge key by key, anything else in ``overrides`` replaces the base value."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_suite(path: str | Path, overrides: dict[str, Any] | None = None) -> Suite:
+    """Read and validate a suite file with ``overrides`` merged in; RecipeError names the bad field.
+
+    Relative data paths (``dataset.source``/``dataset.path``) that do not exist from the working directory
+    are taken relative to the suite file.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"suite {path} is not valid YAML: {err}", field="suite") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"suite {path} must be a mapping of fields", field="suite")
+    raw = merge(raw, overrides or {})
+    try:
+        suite = Suite.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "suite"
+        raise RecipeError(f"suite {path}: {where}: {first['msg']}", field=where) from None
+    return _localise_data_paths(suite, path.parent)
+
+
+def _localise_data_paths(suite: Suite, suite_dir: Path) -> Suite:
+    updates = {}
+    for attr in ("source", "path"):
+        text = getattr(suite.dataset, attr)
+        if text and not Path(text).exists() and (suite_dir / text).exists():
+            updates[attr] = str(suite_dir / text)
+    return suite.model_copy(update={"dataset": suite.dataset.model_copy(update=updates)}) if updates else suite
+
+
+# ------------------------------------------------------------------------------------- verifier hooks
+
+
+class OutcomeScorer(Protocol):
+    """An ORM in TRL's reward convention (``alignkit.reward_model.RewardModelScorer`` is one): one score
+    per (prompt, completion), higher is better, any scale (a raw Bradley-Terry reward)."""
+
+    def __call__(self, completions: list[str], prompts: list[Any]) -> list[float]: ...
+
+
+class StepScorer(Protocol):
+    """A PRM: per step, the probability that the step (given those before it) is correct."""
+
+    def score_batch(self, prompts: list[Any], steps_lists: list[list[str]]) -> list[list[float]]: ...
+
+
+def split_steps(text: str) -> list[str]:
+    """A completion's steps for a PRM: its non-empty lines, stripped (choice 3).
+
+    >>> split_steps("Add 2: 1 + 2 = 3.\\n\\nThe answer is 3.\\n")
+    ['Add 2: 1 + 2 = 3.', 'The answer is 3.']
+    """
+    return [line.strip() for line in text.split("\n") if line.strip()]
+
+
+def sigmoid(x: float) -> float:
+    """Logistic function, safe for large |x|."""
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def verifier_score_names(has_orm: bool, has_prm: bool, aggregations: Sequence[str]) -> list[str]:
+    """Names of the per-sample scores selection can use: ``orm``, ``prm_min``, ``prm_prod``, ..."""
+    return (["orm"] if has_orm else []) + ([f"prm_{a}" for a in aggregations] if has_prm else [])
+
+
+def sample_scores(orm: float | None, prm_steps: list[float] | None, aggregations: Sequence[str]) -> dict[str, float]:
+    """The named scores of one sample from its raw ORM score and PRM step scores (choice 3 for no steps)."""
+    scores: dict[str, float] = {}
+    if orm is not None:
+        scores["orm"] = float(orm)
+    if prm_steps is not None:
+        for how in aggregations:
+            scores[f"prm_{how}"] = aggregate_steps(prm_steps, how) if prm_steps else 0.0
+    return scores
+
+
+# ------------------------------------------------------------------------------------ problems: counting
+
+
+def vote_key(correct: bool, answer: str | None) -> str | None:
+    """The vote bucket of a sample (choice 1): one shared bucket for correct ones, else the answer."""
+    if correct:
+        return CORRECT_KEY
+    return None if answer is None or answer == CORRECT_KEY else answer
+
+
+def problem_pool(samples: Sequence[dict[str, Any]], score: str | None = None, *, weights: bool = False) -> Pool:
+    """A :class:`Pool` from graded samples (dicts with ``key``, ``correct`` and ``scores``).
+
+    ``score`` names the verifier score to attach; ``weights`` maps ORM scores through a sigmoid (choice 2).
+    """
+    values = None
+    if score is not None:
+        values = [s["scores"][score] for s in samples]
+        if weights and score == "orm":
+            values = [sigmoid(v) for v in values]
+    return Pool.of([s["key"] for s in samples], [s["correct"] for s in samples], values)
+
+
+def selection_metrics(problems: Sequence[dict[str, Any]], suite: Suite, score_names: Sequence[str]
+                      ) -> tuple[dict[str, float], dict[str, dict[int, float]]]:
+    """Flat metrics and curves ``{label: {N: accuracy}}`` for the suite's methods.
+
+    ``problems`` are graded records: ``greedy`` (a graded sample or None) and ``samples`` (graded samples).
+    Labels: ``pass``, ``maj``, ``bon_<score>``, ``wvote_<score>`` for each available verifier score name;
+    metrics are ``<label>@<N>`` plus ``greedy`` and ``pass@1``-style keys for every N.
+    """
+    ns = suite.curve_ns()
+    metrics: dict[str, float] = {}
+    curves: dict[str, dict[int, float]] = {}
+    if "greedy" in suite.methods:
+        metrics["greedy"] = sum(p["greedy"]["correct"] for p in problems) / len(problems)
+    plain = [problem_pool(p["samples"]) for p in problems]
+    for method in ("pass", "majority"):
+        if method in suite.methods:
+            curves[_SHORT[method]] = selection_curve(plain, method, ns, suite.draws, suite.sampling.seed)
+    for method in ("best_of_n", "weighted_vote"):
+        if method not in suite.methods:
+            continue
+        for name in score_names:
+            pools = [problem_pool(p["samples"], name, weights=method == "weighted_vote") for p in problems]
+            curves[f"{_SHORT[method]}_{name}"] = selection_curve(pools, method, ns, suite.draws, suite.sampling.seed)
+    for label, curve in curves.items():
+        metrics.update({f"{label}@{n}": acc for n, acc in curve.items()})
+    return metrics, curves
+
+
+def pool_stats(problems: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Health of the pool: share of samples without an answer, cut off at the budget, and their length."""
+    samples = [s for p in problems for s in p["samples"]]
+    return {
+        "no_answer_rate": sum(s["answer"] is None for s in samples) / len(samples),
+        "truncated_rate": sum(s["finish_reason"] == "length" for s in samples) / len(samples),
+        "mean_tokens": sum(s["tokens"] for s in samples) / len(samples),
+    }
+
+
+# ------------------------------------------------------------------------------- verifiers on labelled data
+
+
+def first_error(labels: Sequence[bool]) -> int:
+    """Index of the first incorrect step, or -1 when every step is correct.
+
+    >>> first_error([True, False, False]), first_error([True, True])
+    (1, -1)
+    """
+    return next((i for i, ok in enumerate(labels) if not ok), -1)
+
+
+def step_metrics(scores: Sequence[Sequence[float]], labels: Sequence[Sequence[bool]], threshold: float
+                 ) -> dict[str, float]:
+    """A PRM against step labels: step accuracy and first-error detection (ProcessBench-style).
+
+    A step is judged correct when its score is >= ``threshold``. First-error detection is right when the
+    predicted first bad step equals the labelled one (-1: none). It is reported on solutions with an error,
+    on solutions without one, and as their harmonic mean (``first_error_f1``), since a PRM that flags
+    nothing scores well on the second set alone.
+    """
+    if len(scores) != len(labels) or not labels:
+        raise ValueError(f"need one score list per label list, got {len(scores)} and {len(labels)}")
+    steps_right = steps = 0
+    hits = {True: [], False: []}  # has an error -> per-solution first-error hit
+    for row_scores, row_labels in zip(scores, labels):
+        if len(row_scores) != len(row_labels):
+            raise ValueError(f"a solution has {len(row_labels)} labelled steps but {len(row_scores)} scores")
+        predicted = [s >= threshold for s in row_scores]
+        steps_right += sum(p == bool(lab) for p, lab in zip(predicted, row_labels))
+        steps += len(row_labels)
+        truth = first_error(row_labels)
+        hits[truth >= 0].append(first_error(predicted) == truth)
+    out = {"step_accuracy": steps_right / steps, "solutions": float(len(labels))}
+    all_hits = hits[True] + hits[False]
+    out["first_error_accuracy"] = sum(all_hits) / len(all_hits)
+    for name, group in (("erroneous", hits[True]), ("correct", hits[False])):
+        out[f"first_error_accuracy_{name}"] = sum(group) / len(group) if group else math.nan
+    a, b = out["first_error_accuracy_erroneous"], out["first_error_accuracy_correct"]
+    if not (hits[True] and hits[False]):
+        out["first_error_f1"] = math.nan  # undefined without both kinds of solution
+    else:
+        out["first_error_f1"] = 2 * a * b / (a + b) if a + b > 0 else 0.0
+    return out
+
+
+def score_pairs(rows: Sequence[dict[str, Any]], orm: OutcomeScorer) -> dict[str, Any]:
+    """A preference suite's outcome: the ORM scores chosen and rejected of every row."""
+    from .reward_model import pairwise_stats  # the reward stage's numbers (ties count as wrong there too)
+
+    prompts = [row["prompt"] for row in rows]
+    chosen = [float(x) for x in orm([row["chosen"] for row in rows], prompts=prompts)]
+    rejected = [float(x) for x in orm([row["rejected"] for row in rows], prompts=prompts)]
+    stats = pairwise_stats(chosen, rejected)
+    metrics = {"pairwise_accuracy": stats["accuracy"], "mean_margin": stats["margin"], "pairs": stats["n"]}
+    records = [{"prompt": row["prompt"], "chosen_score": c, "rejected_score": r, "correct": c > r}
+               for row, c, r in zip(rows, chosen, rejected)]
+    return {"summary": {"accuracy": metrics["pairwise_accuracy"], **metrics}, "metrics": metrics,
+            "records": records, "curves": {}, "notes": []}
+
+
+def score_steps(rows: Sequence[dict[str, Any]], prm: StepScorer, threshold: float) -> dict[str, Any]:
+    """A stepwise suite's outcome: the PRM scores each row's steps, compared with their labels."""
+    scores = [[float(x) for x in row] for row in prm.score_batch([r["prompt"] for r in rows],
+                                                                 [r["completions"] for r in rows])]
+    metrics = step_metrics(scores, [r["labels"] for r in rows], threshold)
+    records = [{"prompt": r["prompt"], "steps": r["completions"], "labels": r["labels"], "step_scores": s,
+                "first_error": first_error(r["labels"]),
+                "predicted_first_error": first_error([x >= threshold for x in s])}
+               for r, s in zip(rows, scores)]
+    return {"summary": {"accuracy": metrics["step_accuracy"], **metrics}, "metrics": metrics,
+            "records": records, "curves": {}, "notes": []}

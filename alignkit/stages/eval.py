@@ -1,0 +1,410 @@
+"""Evaluation and inference-time scaling: sample once, grade, verify, select many ways, report.
+
+Recipe example::
+
+    - kind: eval
+      suite: eval/arith.yaml            # or a shipped suite by name: arith, gsm8k
+      model: ${sft.model}
+      orm: ${rm.model}                  # optional: best-of-N / weighted vote by an outcome reward model
+      prm: ${prm.model}                 # optional: ... by a process reward model (min/prod/last)
+      overrides: {sampling: {n: 8}, dataset: {limit: 50}}
+
+Alone: ``alignkit eval eval/gsm8k.yaml --model PATH [--orm PATH] [--prm PATH] [--out DIR] [--set k=v]``.
+
+What a ``problems`` suite does, in order (the suite spec and the counting are in :mod:`alignkit.evalsuite`):
+
+1. **Sample.** Shard by shard (``shard_size`` problems): a greedy decode and ``n`` samples per problem,
+   written to ``shards/samples-K.jsonl`` under a temporary name and then ``os.replace``d, so a rerun skips
+   complete shards and redoes at most one. Shard K samples with ``seed + K``: a resumed run draws what an
+   uninterrupted one would. Under ``accelerate launch`` process r takes the shards with K % world == r.
+2. **Verify.** The policy is freed, then each verifier scores every shard (``shards/orm-K.json``,
+   ``shards/prm-K.json``; same resume rule, redone when the verifier path changes).
+3. **Grade and select** (main process): the suite's grader marks each sample, answers become vote keys,
+   and every method is counted on the one pool (:func:`alignkit.evalsuite.selection_metrics`).
+4. **Report**: report.md, metrics.json, samples.jsonl, accuracy_vs_n.png, W&B tables/images
+   (:mod:`alignkit.evalreport`).
+
+``preference`` suites score chosen/rejected pairs with the ORM, ``stepwise`` suites step lists with the
+PRM; both skip steps 1-2. A changed suite (data, prompt or sampling) makes old shards stale: they are
+removed when their fingerprint differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from .. import evalsuite
+from ..errors import ModelError, RecipeError
+from ..evalsuite import OutcomeScorer, StepScorer, Suite
+from ..registry import StageConfig
+
+
+class Config(StageConfig):
+    kind: str = "eval"
+    suite: str = Field(..., description="Suite file (eval/arith.yaml) or a shipped suite's name (gsm8k).")
+    model: str = Field(..., description="Policy to evaluate: folder, Hub id, alias, or ${stage.model}.")
+    orm: str | None = Field(None, description="Outcome reward model for best-of-N / weighted vote.")
+    prm: str | None = Field(None, description="Process reward model for best-of-N / weighted vote.")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Suite fields to change, as a nested mapping: {sampling: {n: 8}}.")
+
+
+def outputs(run_dir: Path) -> dict[str, str]:
+    return {"report": str(run_dir / "report.md"), "metrics": str(run_dir / "metrics.json"),
+            "samples": str(run_dir / "samples.jsonl"), "dir": str(run_dir)}
+
+
+def _stage_suite(config: Config, base_dir: Path) -> tuple[Suite, Path]:
+    """The suite a stage runs: found next to the recipe or shipped, with the stage's fields applied."""
+    path = evalsuite.find_suite(config.suite, [base_dir])
+    extra = {key: value for key in ("orm", "prm") if (value := getattr(config, key)) is not None}
+    try:
+        return evalsuite.load_suite(path, evalsuite.merge(config.overrides, extra)), path
+    except RecipeError as err:
+        field = "suite" if err.field == "suite" else f"overrides.{err.field}"
+        raise RecipeError(err.reason, field=field) from None
+
+
+def check(config: Config, base_dir: Path) -> None:
+    _stage_suite(config, base_dir)
+
+
+def run(config: Config, ctx) -> Any:
+    from ..pipeline import StageResult
+
+    base_dir = Path(ctx.recipe.file).parent if ctx.recipe.file else Path.cwd()
+    suite, path = _stage_suite(config, base_dir)
+    result = run_suite(suite, config.model, ctx.run_dir, suite_dir=path.parent, tracker=ctx.tracker,
+                       rank=ctx.state.process_index, world=ctx.state.num_processes, barrier=ctx.wait)
+    if result is None:  # not the main process
+        return StageResult()
+    return StageResult(metrics=result["summary"], artifacts=result["artifacts"])
+
+
+# -------------------------------------------------------------------------------------------- the runner
+
+
+def run_suite(suite: Suite, model: str, out_dir: Path, *, suite_dir: Path | None = None, tracker: Any = None,
+              engine: Any = None, tokenizer: Any = None, orm_scorer: OutcomeScorer | None = None,
+              prm_scorer: StepScorer | None = None, rank: int = 0, world: int = 1, barrier=lambda: None,
+              echo=print) -> dict[str, Any] | None:
+    """Run ``suite`` on ``model``, writing everything under ``out_dir``; the main process returns
+    ``{"summary", "metrics", "curves", "artifacts"}`` (others None).
+
+    ``engine``/``tokenizer``/``*_scorer`` replace what would be loaded from ``model``/``suite.orm``/
+    ``suite.prm`` (tests pass fakes; a scorer passed in counts as that verifier being present).
+    """
+    from .. import evalreport
+    from ..data import load_dataset
+
+    out_dir = Path(out_dir)
+    rows = list(load_dataset(suite.dataset, suite.task))
+    if not rows:
+        raise RecipeError("the suite's dataset has no rows", field="dataset")
+    verifiers = {"orm": orm_scorer or suite.orm, "prm": prm_scorer or suite.prm}
+    if suite.task == "problems":
+        outcome = _problems(suite, model, rows, out_dir / "shards", engine, tokenizer, verifiers, suite_dir,
+                            rank, world, barrier)
+    elif rank != 0:
+        outcome = None
+    elif suite.task == "preference":
+        outcome = evalsuite.score_pairs(rows, _need(verifiers, "orm", suite))
+    else:
+        outcome = evalsuite.score_steps(rows, _need(verifiers, "prm", suite), suite.step_threshold)
+    if outcome is None:
+        return None
+    outcome.update(suite=suite, model=model)
+    artifacts = evalreport.write_report(outcome, out_dir, tracker=tracker)
+    echo(evalreport.format_table(outcome))
+    echo(f"[eval] report: {artifacts['report']}")
+    return {**outcome, "artifacts": artifacts}
+
+
+def _problems(suite: Suite, model: str, rows: list, shard_dir: Path, engine: Any, tokenizer: Any,
+              verifiers: dict[str, Any], suite_dir: Path | None, rank: int, world: int, barrier) -> dict | None:
+    """Steps 1-3 of the module docstring; the outcome on the main process, None elsewhere."""
+    if rank == 0:
+        _clear_stale(shard_dir, _fingerprint(suite, model, len(rows)))
+    barrier()
+    throughput = _sample(suite, model, rows, shard_dir, engine, tokenizer, rank, world)
+    for kind, verifier in verifiers.items():
+        if verifier is not None:
+            _verify(kind, verifier, shard_dir, _num_shards(rows, suite), rank, world)
+    barrier()
+    return _select(suite, rows, shard_dir, verifiers, suite_dir, throughput) if rank == 0 else None
+
+
+def _need(verifiers: dict[str, Any], kind: str, suite: Suite) -> Any:
+    verifier = verifiers[kind]
+    if verifier is None:
+        raise RecipeError(f"a {suite.task} suite scores with a {kind.upper()}: give `{kind}:` (stage) or "
+                          f"--{kind} PATH", field=kind)
+    return _load_verifier(kind, verifier) if isinstance(verifier, str) else verifier
+
+
+def _load_verifier(kind: str, path: str) -> Any:
+    """The scorer classes of the reward-model and PRM stages, imported only when a verifier is used."""
+    import importlib
+
+    module_name, class_name = {"orm": ("alignkit.reward_model", "RewardModelScorer"),
+                               "prm": ("alignkit.prm", "PRMScorer")}[kind]
+    try:
+        scorer_class = getattr(importlib.import_module(module_name), class_name)
+    except (ModuleNotFoundError, AttributeError):
+        raise ModelError(f"no {kind.upper()} scorer is installed ({module_name}.{class_name}); "
+                         f"cannot score with {path}") from None
+    return scorer_class(path)
+
+
+def _fingerprint(suite: Suite, model: str, n_rows: int) -> str:
+    """What the samples depend on; shards made under another fingerprint are stale."""
+    blob = {"model": model, "rows": n_rows, "greedy": "greedy" in suite.methods, "shard": suite.shard_size,
+            **suite.model_dump(mode="json", include={"dataset", "prompt", "sampling"})}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _clear_stale(shard_dir: Path, fingerprint: str) -> None:
+    stamp = shard_dir / "fingerprint.txt"
+    if shard_dir.exists() and (not stamp.exists() or stamp.read_text().strip() != fingerprint):
+        shutil.rmtree(shard_dir)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fingerprint + "\n")
+
+
+def _num_shards(rows: list, suite: Suite) -> int:
+    return -(-len(rows) // suite.shard_size)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name, then rename: a shard is either complete or absent."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def _read_shard(shard_dir: Path, k: int) -> list[dict[str, Any]]:
+    lines = (shard_dir / f"samples-{k:05d}.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+# ------------------------------------------------------------------------------------- 1. sampling
+
+
+def _sample(suite: Suite, model: str, rows: list, shard_dir: Path, engine: Any, tokenizer: Any, rank: int,
+            world: int) -> float | None:
+    """Write the missing sample shards of this process; returns samples/s (None when nothing was left)."""
+    from tqdm.auto import tqdm
+
+    from ..generation import SamplingParams
+
+    todo = [k for k in range(_num_shards(rows, suite))
+            if k % world == rank and not (shard_dir / f"samples-{k:05d}.jsonl").exists()]
+    if not todo:
+        return None
+    if engine is None:
+        engine, tokenizer = _load_engine(suite, model)
+    s = suite.sampling
+    pool = {"max_new_tokens": s.max_new_tokens, "top_p": s.top_p, "top_k": s.top_k, "stop": s.stop}
+    per_problem = s.n + ("greedy" in suite.methods)
+    total = sum(len(rows[k * suite.shard_size:(k + 1) * suite.shard_size]) for k in todo) * per_problem
+    started, done = time.perf_counter(), 0
+    with tqdm(total=total, unit="sample", desc=f"eval[{suite.name}]", disable=rank != 0) as bar:
+        for k in todo:
+            chunk = rows[k * suite.shard_size:(k + 1) * suite.shard_size]
+            prompts = [_render(tokenizer, row["prompt"], suite) for row in chunk]
+            greedy = (engine.generate(prompts, SamplingParams(**pool, temperature=0.0, n=1), progress=False)
+                      if "greedy" in suite.methods else [[None]] * len(chunk))
+            sampled = engine.generate(prompts, SamplingParams(**pool, temperature=s.temperature, n=s.n,
+                                                              seed=s.seed + k), progress=False)
+            records = [{"index": k * suite.shard_size + i, "prompt": row["prompt"], "gold": row["answer"],
+                        "greedy": _completion(g[0]), "samples": [_completion(c) for c in samples]}
+                       for i, (row, g, samples) in enumerate(zip(chunk, greedy, sampled))]
+            for kind in ("orm", "prm"):  # scores of the shard's previous samples no longer apply
+                (shard_dir / f"{kind}-{k:05d}.json").unlink(missing_ok=True)
+            _write_atomic(shard_dir / f"samples-{k:05d}.jsonl",
+                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            done += len(chunk) * per_problem
+            bar.update(len(chunk) * per_problem)
+    del engine
+    _free_memory()
+    return done / max(time.perf_counter() - started, 1e-9)
+
+
+def _load_engine(suite: Suite, model: str) -> tuple[Any, Any]:
+    from ..generation import engine_from_spec
+    from ..models import is_quantized, load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(model, padding_side="left")
+    if suite.generation.backend == "openai":
+        return engine_from_spec(suite.generation, tokenizer=tokenizer), tokenizer
+    policy = load_model(model)
+    if not is_quantized(policy):
+        from accelerate import PartialState
+
+        policy.to(PartialState().device)
+    policy.eval()
+    return engine_from_spec(suite.generation, model=policy, tokenizer=tokenizer), tokenizer
+
+
+def _render(tokenizer: Any, prompt: Any, suite: Suite) -> str:
+    from ..prompts import render_prompt
+
+    text = suite.prompt.template.replace("{prompt}", prompt) if isinstance(prompt, str) else prompt
+    return render_prompt(tokenizer, text, chat=suite.prompt.chat, system=suite.prompt.system)
+
+
+def _completion(completion: Any) -> dict[str, Any] | None:
+    if completion is None:
+        return None
+    return {"text": completion.text, "finish_reason": completion.finish_reason,
+            "tokens": len(completion.token_ids)}
+
+
+def _free_memory() -> None:
+    """Give a finished model's memory back before the next one loads (torch only if it is in use)."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------ 2. verifiers
+
+
+def _verify(kind: str, verifier: Any, shard_dir: Path, n_shards: int, rank: int, world: int) -> None:
+    """Score every sample of this process's shards with one verifier (``orm``: a float per sample;
+    ``prm``: step scores per sample). Shards already scored by the same verifier are kept."""
+    name = verifier if isinstance(verifier, str) else f"<{type(verifier).__name__}>"
+    todo = []
+    for k in range(n_shards):
+        path = shard_dir / f"{kind}-{k:05d}.json"
+        if k % world == rank and (not path.exists() or json.loads(path.read_text())["model"] != name):
+            todo.append(k)
+    if not todo:
+        return
+    scorer = _load_verifier(kind, verifier) if isinstance(verifier, str) else verifier
+    for k in todo:
+        problems = _read_shard(shard_dir, k)
+        prompts = [p["prompt"] for p in problems for _ in p["samples"]]
+        texts = [s["text"] for p in problems for s in p["samples"]]
+        if kind == "orm":
+            flat: list[Any] = [float(x) for x in scorer(texts, prompts=prompts)]
+        else:
+            flat = _prm_scores(scorer, prompts, [evalsuite.split_steps(t) for t in texts])
+        if len(flat) != len(texts):
+            raise ModelError(f"the {kind.upper()} returned {len(flat)} scores for {len(texts)} completions")
+        sizes = [len(p["samples"]) for p in problems]
+        grouped = [flat[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(sizes))]
+        _write_atomic(shard_dir / f"{kind}-{k:05d}.json", json.dumps({"model": name, "scores": grouped}))
+    del scorer
+    _free_memory()
+
+
+def _prm_scores(scorer: StepScorer, prompts: list, steps: list[list[str]]) -> list[list[float]]:
+    """PRM step scores; completions without steps are not sent and get ``[]`` (evalsuite choice 3)."""
+    keep = [i for i, s in enumerate(steps) if s]
+    scored = scorer.score_batch([prompts[i] for i in keep], [steps[i] for i in keep]) if keep else []
+    out: list[list[float]] = [[] for _ in steps]
+    for i, scores in zip(keep, scored):
+        out[i] = [float(x) for x in scores]
+    return out
+
+
+# ------------------------------------------------------------------------------- 3. grade and select
+
+
+def _select(suite: Suite, rows: list, shard_dir: Path, verifiers: dict[str, Any], suite_dir: Path | None,
+            throughput: float | None) -> dict[str, Any]:
+    problems = [p for k in range(_num_shards(rows, suite)) for p in _read_shard(shard_dir, k)]
+    raw = {kind: [row for k in range(_num_shards(rows, suite))
+                  for row in json.loads((shard_dir / f"{kind}-{k:05d}.json").read_text())["scores"]]
+           for kind, verifier in verifiers.items() if verifier is not None}
+    _grade(problems, suite, suite_dir)
+    for i, problem in enumerate(problems):
+        for j, sample in enumerate(problem["samples"]):
+            if "prm" in raw:
+                sample["prm_steps"] = raw["prm"][i][j]
+            sample["scores"] = evalsuite.sample_scores(raw["orm"][i][j] if "orm" in raw else None,
+                                             sample.get("prm_steps"), suite.prm_aggregations)
+    names = evalsuite.verifier_score_names("orm" in raw, "prm" in raw, suite.prm_aggregations)
+    metrics, curves = evalsuite.selection_metrics(problems, suite, names)
+    stats = evalsuite.pool_stats(problems)
+    if throughput is not None:
+        stats["samples_per_s"] = throughput
+    skipped = [m for m in ("best_of_n", "weighted_vote") if m in suite.methods and not names]
+    notes = [f"{m} not run: no verifier (give orm:/prm: or --orm/--prm)" for m in skipped]
+    headline = metrics.get("greedy", metrics.get("pass@1"))
+    summary = {**({"accuracy": headline} if headline is not None else {}), **metrics, **stats,
+               "problems": len(problems)}
+    return {"summary": summary, "metrics": metrics, "stats": stats, "curves": curves, "problems": problems,
+            "notes": notes}
+
+
+def _grade(problems: list[dict[str, Any]], suite: Suite, suite_dir: Path | None) -> None:
+    """Mark every completion in place: ``answer`` (extracted phrase), ``correct``, ``key`` (vote bucket)."""
+    from ..rewards import bind_reward, load_reward
+
+    grader = bind_reward(suite.grader, base_dir=suite_dir)
+    extract = load_reward(suite.extract, base_dir=suite_dir)
+    normalise = load_reward(suite.normalise, base_dir=suite_dir) if suite.normalise else (lambda x: x)
+    graded = [(s, p["gold"]) for p in problems for s in [p["greedy"], *p["samples"]] if s is not None]
+    for start in range(0, len(graded), 1024):
+        batch = graded[start:start + 1024]
+        scores = grader([s["text"] for s, _ in batch], answer=[gold for _, gold in batch])
+        for (sample, _), score in zip(batch, scores):
+            sample["correct"] = score is not None and float(score) >= suite.pass_threshold
+            sample["answer"] = extract(sample["text"])
+            sample["key"] = evalsuite.vote_key(sample["correct"], normalise(sample["answer"]))
+
+
+# ------------------------------------------------------------------------------------------- command line
+
+
+def eval_main(argv: list[str]) -> int:
+    """``alignkit eval SUITE --model PATH [--orm P] [--prm P] [--out DIR] [--set k=v ...] [--wandb MODE]``."""
+    parser = argparse.ArgumentParser(prog="alignkit eval", description="Run an eval suite on a model: "
+                                     "accuracy, pass@k, maj@k, best-of-N, curves vs N; report.md + plots.")
+    parser.add_argument("suite", help="suite file (eval/gsm8k.yaml) or shipped suite name (gsm8k)")
+    parser.add_argument("--model", required=True, help="model folder, Hub id or alias")
+    parser.add_argument("--orm", help="outcome reward model folder (best-of-N, weighted vote)")
+    parser.add_argument("--prm", help="process reward model folder (best-of-N, weighted vote)")
+    parser.add_argument("--out", help="output folder (default: runs/eval/<suite>/<model folder name>)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a suite field, e.g. sampling.n=8 or dataset.limit=50 (repeatable)")
+    parser.add_argument("--wandb", choices=["online", "offline"], help="also log to W&B in this mode")
+    args = parser.parse_args(argv)
+    path = evalsuite.find_suite(args.suite)
+    extra = {key: value for key in ("orm", "prm") if (value := getattr(args, key)) is not None}
+    suite = evalsuite.load_suite(path, evalsuite.merge(evalsuite.parse_sets(args.sets), extra))
+    out = Path(args.out or Path("runs") / "eval" / suite.name / Path(args.model.rstrip("/")).name)
+    tracker = _cli_tracker(args.wandb, suite, args.model, out)
+    tracker.start()
+    try:
+        run_suite(suite, args.model, out, suite_dir=path.parent, tracker=tracker)
+    except BaseException:
+        tracker.finish(failed=True)
+        raise
+    tracker.finish()
+    return 0
+
+
+def _cli_tracker(mode: str | None, suite: Suite, model: str, out: Path) -> Any:
+    from ..config import TrackingSpec
+    from ..tracking import Tracker
+
+    spec = TrackingSpec(report_to="wandb" if mode else "none", wandb={"mode": mode or "offline"})
+    return Tracker(spec, group=f"eval-{suite.name}", job_type="eval", name=f"eval/{suite.name}/{Path(model).name}",
+                   config={"suite": suite.model_dump(mode="json"), "model": model}, directory=out)

@@ -84,15 +84,35 @@ def write_report(outcome: dict[str, Any], out_dir: Path, *, tracker: Any = None)
 # ------------------------------------------------------------------------------------------------ plot
 
 
-def _style(label: str) -> dict[str, Any]:
-    """pass@N is an oracle upper bound (dashed black); votes solid; best-of-N dash-dot."""
-    if label == "pass":
-        return {"color": "black", "linestyle": "--"}
-    return {"linestyle": "-." if label.startswith("bon") else "-"}
+# One colour per verifier score, the same in both panels; pass@N and majority vote are in every panel.
+_COLORS = {"pass": "black", "maj": "tab:blue", "orm": "tab:orange", "prm_min": "tab:green",
+           "prm_prod": "tab:red", "prm_last": "tab:purple", "prm_mean": "tab:brown"}
+_FAMILIES = (("best-of-N", "bon_"), ("weighted vote", "wvote_"))
+
+
+def plot_panels(curves: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """``[(panel title, curve labels)]``: one panel per verifier family (each with pass@N and majority as
+    references), or a single panel when no verifier ran.
+
+    >>> plot_panels({"pass": {}, "maj": {}, "bon_orm": {}, "wvote_orm": {}})
+    [('best-of-N', ['pass', 'maj', 'bon_orm']), ('weighted vote', ['pass', 'maj', 'wvote_orm'])]
+    """
+    shared = [label for label in curves if label in ("pass", "maj")]
+    panels = [(title, shared + [label for label in curves if label.startswith(prefix)])
+              for title, prefix in _FAMILIES if any(label.startswith(prefix) for label in curves)]
+    return panels or [("", shared)]
+
+
+def _draw(ax: Any, label: str, curve: dict[int, float]) -> None:
+    """pass@N (an oracle upper bound) dashed; every other method solid with markers."""
+    xs = sorted(curve)
+    score = label.split("_", 1)[1] if "_" in label else label
+    ax.plot(xs, [100 * curve[n] for n in xs], color=_COLORS.get(score), marker="o", markersize=4,
+            linestyle="--" if label == "pass" else "-", label=method_title(label))
 
 
 def plot_curves(outcome: dict[str, Any], path: Path) -> None:
-    """Accuracy vs N, one line per method, log2 x-axis (the papers' figure); greedy as a flat line."""
+    """Accuracy vs N on a log2 x-axis (the papers' figure): a panel per selection family, greedy dotted."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
@@ -100,31 +120,29 @@ def plot_curves(outcome: dict[str, Any], path: Path) -> None:
 
     suite, curves = outcome["suite"], outcome["curves"]
     ns = sorted({n for curve in curves.values() for n in curve})
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-    values = []
-    for label, curve in curves.items():
-        xs = sorted(curve)
-        ys = [100 * curve[n] for n in xs]
-        values += ys
-        ax.plot(xs, ys, marker="o", markersize=4, label=method_title(label), **_style(label))
     greedy = outcome["metrics"].get("greedy")
-    if greedy is not None:
-        values.append(100 * greedy)
-        ax.axhline(100 * greedy, color="grey", linestyle=":", label=f"greedy ({100 * greedy:.1f}%)")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(ns, [str(n) for n in ns])
-    ax.minorticks_off()
-    low, high = min(values), max(values)
-    pad = max(2.0, 0.08 * (high - low))
-    ax.set_ylim(max(0.0, low - pad), min(100.0, high + pad))
-    ax.set_xlabel("N (samples per problem, log scale)")
-    ax.set_ylabel("accuracy (%)")
-    problems = len(outcome["problems"])
-    ax.set_title(f"{suite.name}: {Path(str(outcome['model'])).name}  "
-                 f"({problems} problems, {suite.sampling.n} samples at T={suite.sampling.temperature})",
-                 fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    values = [100 * acc for curve in curves.values() for acc in curve.values()]
+    values += [100 * greedy] if greedy is not None else []
+    pad = max(2.0, 0.08 * (max(values) - min(values)))
+    panels = plot_panels(curves)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.6), dpi=120, sharey=True,
+                             squeeze=False)
+    for ax, (title, labels) in zip(axes[0], panels):
+        for label in labels:
+            _draw(ax, label, curves[label])
+        if greedy is not None:
+            ax.axhline(100 * greedy, color="grey", linestyle=":", label=f"greedy ({100 * greedy:.1f}%)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.minorticks_off()
+        ax.set_ylim(max(0.0, min(values) - pad), min(100.0, max(values) + pad))
+        ax.set_xlabel("N (samples per problem, log scale)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    axes[0][0].set_ylabel("accuracy (%)")
+    fig.suptitle(f"{suite.name}: {Path(str(outcome['model'])).name}  ({len(outcome['problems'])} problems, "
+                 f"{suite.sampling.n} samples at T={suite.sampling.temperature})", fontsize=11)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

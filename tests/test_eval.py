@@ -138,10 +138,29 @@ def test_runner_numbers_equal_hand_worked_values(tmp_path):
     assert orm.calls == prm.calls == 2  # one call per shard (2 problems + 1 problem)
 
 
-def test_outputs_report_plot_and_samples(tmp_path):
-    out = tmp_path / "out"
+class RecordingTracker:
+    def __init__(self):
+        self.logged, self.tables, self.images = {}, {}, {}
+
+    def log(self, metrics, step=None):
+        self.logged.update(metrics)
+
+    def log_table(self, key, columns, rows):
+        self.tables[key] = (columns, rows)
+
+    def log_image(self, key, path):
+        self.images[key] = Path(path)
+
+
+def test_outputs_report_plot_samples_and_tracking(tmp_path):
+    out, tracker = tmp_path / "out", RecordingTracker()
     run_suite(planned_suite(tmp_path), "planned-model", out, engine=PlannedEngine(), orm_scorer=FakeORM(),
-              echo=lambda *_: None)
+              tracker=tracker, echo=lambda *_: None)
+    assert tracker.logged["eval/maj@2"] == pytest.approx(4 / 9) and tracker.images["eval/accuracy_vs_n"].is_file()
+    columns, curve_rows = tracker.tables["eval/curves"]
+    assert columns == ["method", "N", "accuracy"] and ["best-of-N (ORM)", 4, pytest.approx(1 / 3)] in curve_rows
+    columns, sample_rows = tracker.tables["eval/samples"]
+    assert len(sample_rows) == 15 and sample_rows[0][columns.index("scores")] == "{}"  # greedy: no scores
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["curves"]["maj"] == {"1": pytest.approx(5 / 12), "2": pytest.approx(4 / 9), "4": pytest.approx(1 / 3)}
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]

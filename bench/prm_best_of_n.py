@@ -1,0 +1,182 @@
+"""Best-of-N with a process reward model vs an outcome reward model vs majority vote vs a random pick.
+
+The evidence for recipes/math-shepherd.yaml: on held-out arith problems (a seed the policy, labels and
+reward models never saw) the SFT policy samples N solutions per problem; each is checked against the gold
+answer and, step by step, against the exact arith checker. The PRM scores every step (aggregated by min,
+the paper's choice, and prod/last/mean for comparison), the ORM its last step. Selection accuracy vs N is
+computed with alignkit.metrics.selection_curve from the one pool of N samples per problem, so every method
+sees the same generations. A bootstrap over problems gives a 95% interval for "PRM minus ORM" at the
+largest N.
+
+    python bench/prm_best_of_n.py --run runs/math-shepherd --problems 48 --n 8
+    python bench/prm_best_of_n.py --policy P --prm M1 --orm M2 --out results.json
+
+Samples are cached in ``<out dir>/bench_samples.jsonl`` (keyed by problems, N, seed and policy), so a rerun
+after a crash, or with other scorers, does not sample again. Reports, never asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from alignkit.config import DataSpec
+from alignkit.data import check_steps, load_dataset
+from alignkit.labels import true_step_labels
+from alignkit.metrics import Pool, aggregate_steps, selection_curve
+from alignkit.prm import PRMScorer, split_steps, step_metrics
+from alignkit.rewards import load_reward
+
+AGGREGATIONS = ("min", "prod", "last", "mean")
+
+
+def sample_solutions(policy: str, problems: list[dict[str, Any]], n: int, seed: int, cache: Path,
+                     max_new_tokens: int, temperature: float, batch_size: int) -> tuple[list[list[str]], float]:
+    """N solution texts per problem (from the cache when it matches), and the seconds spent sampling."""
+    key = {"policy": str(policy), "problems": [p["prompt"] for p in problems], "n": n, "seed": seed,
+           "max_new_tokens": max_new_tokens, "temperature": temperature}
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached["key"] == key:
+            return cached["texts"], cached["seconds"]
+    from alignkit.generation import SamplingParams, make_engine
+    from alignkit.models import load_model, load_tokenizer
+    from alignkit.prompts import render_prompt
+
+    tokenizer, model = load_tokenizer(policy), load_model(policy)
+    engine = make_engine("fast", model=model, tokenizer=tokenizer, batch_size=batch_size)
+    params = SamplingParams(n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+    started = time.perf_counter()
+    outs = engine.generate([render_prompt(tokenizer, p["prompt"]) for p in problems], params)
+    seconds = time.perf_counter() - started
+    texts = [[c.text for c in samples] for samples in outs]
+    cache.write_text(json.dumps({"key": key, "texts": texts, "seconds": seconds}))
+    return texts, seconds
+
+
+def step_scores(model_dir: str, problems: list[dict[str, Any]], steps: list[list[list[str]]],
+                batch_size: int) -> tuple[list[list[list[float]]], float]:
+    """p_good per step of every sample, ``[problem][sample][step]``, and the seconds spent scoring."""
+    scorer = PRMScorer(model_dir, batch_size=batch_size)
+    prompts = [p["prompt"] for p, sols in zip(problems, steps) for _ in sols]
+    flat = [s for sols in steps for s in sols]
+    started = time.perf_counter()
+    scores = scorer.score_batch(prompts, flat)
+    seconds = time.perf_counter() - started
+    out, i = [], 0
+    for sols in steps:
+        out.append(scores[i: i + len(sols)])
+        i += len(sols)
+    return out, seconds
+
+
+def solution_score(scores: list[float], how: str) -> float:
+    return aggregate_steps(scores, how) if scores else 0.0
+
+
+def per_problem(pools: list[Pool], method: str, n: int) -> list[float]:
+    return [selection_curve([pool], method, [n])[n] for pool in pools]
+
+
+def bootstrap_diff(a: list[float], b: list[float], draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of mean(a) - mean(b) over problems resampled with replacement."""
+    rng, m = random.Random(seed), len(a)
+    diffs = []
+    for _ in range(draws):
+        idx = [rng.randrange(m) for _ in range(m)]
+        diffs.append(sum(a[i] - b[i] for i in idx) / m)
+    diffs.sort()
+    return diffs[int(0.025 * draws)], diffs[int(0.975 * draws) - 1]
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (a metric with no cases, e.g. no all-good solution) -> null, so the file is strict JSON."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", help="recipe run folder with sft/, prm/, orm/ (runs/math-shepherd)")
+    parser.add_argument("--policy"), parser.add_argument("--prm"), parser.add_argument("--orm")
+    parser.add_argument("--problems", type=int, default=48)
+    parser.add_argument("--steps", type=int, default=2, help="operations per arith problem")
+    parser.add_argument("--n", type=int, default=8, help="samples per problem (largest N)")
+    parser.add_argument("--seed", type=int, default=9001, help="arith seed of the held-out problems")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--out", help="results JSON (default: <run>/bench_best_of_n.json)")
+    args = parser.parse_args()
+    run = Path(args.run) if args.run else None
+    policy = args.policy or str(run / "sft" / "model")
+    prm, orm = args.prm or str(run / "prm" / "model"), args.orm or str(run / "orm" / "model")
+    out = Path(args.out) if args.out else run / "bench_best_of_n.json"
+
+    spec = DataSpec(source="arith", seed=args.seed, params={"n": args.problems, "steps": args.steps,
+                                                             "max_operand": 20})
+    problems = list(load_dataset(spec, "problems"))
+    texts, gen_s = sample_solutions(policy, problems, args.n, args.seed, out.parent / "bench_samples.jsonl",
+                                    args.max_new_tokens, args.temperature, args.batch_size)
+    answer_match = load_reward("reward/math.py:answer_match")
+    extract = load_reward("reward/math.py:extract_answer")
+    normalise = load_reward("reward/math.py:normalise_answer")
+    steps = [[split_steps(t) for t in sols] for sols in texts]
+    correct = [[bool(s) for s in answer_match(sols, answer=[p["answer"]] * len(sols))]
+               for p, sols in zip(problems, texts)]
+    answers = [[normalise(extract(t)) for t in sols] for sols in texts]
+    truth = [[true_step_labels(check_steps(p["prompt"], s), len(s)) for s in sols] for p, sols in zip(problems, steps)]
+
+    prm_steps, prm_s = step_scores(prm, problems, steps, args.batch_size)
+    orm_steps, orm_s = step_scores(orm, problems, steps, args.batch_size)
+    scorers = {f"prm_{how}": [[solution_score(s, how) for s in sols] for sols in prm_steps] for how in AGGREGATIONS}
+    scorers["orm"] = [[solution_score(s, "last") for s in sols] for sols in orm_steps]
+
+    ns = [n for n in (1, 2, 4, 8, 16, 32) if n <= args.n]
+    base = [Pool.of(a, c) for a, c in zip(answers, correct)]
+    curves: dict[str, dict[int, float]] = {
+        "random_pick": {n: sum(map(sum, correct)) / sum(map(len, correct)) for n in ns},
+        "pass@n (oracle)": selection_curve(base, "pass", ns),
+        "majority_vote": selection_curve(base, "majority", ns),
+    }
+    for name, scores in scorers.items():
+        pools = [Pool.of(a, c, s) for a, c, s in zip(answers, correct, scores)]
+        curves[f"best_of_n/{name}"] = selection_curve(pools, "best_of_n", ns)
+        if name in ("prm_min", "orm"):
+            curves[f"weighted_vote/{name}"] = selection_curve(pools, "weighted_vote", ns)
+    top = ns[-1]
+    prm_pools = [Pool.of(a, c, s) for a, c, s in zip(answers, correct, scorers["prm_min"])]
+    orm_pools = [Pool.of(a, c, s) for a, c, s in zip(answers, correct, scorers["orm"])]
+    diff = bootstrap_diff(per_problem(prm_pools, "best_of_n", top), per_problem(orm_pools, "best_of_n", top))
+
+    flat_truth = [t for sols in truth for t in sols if t]
+    results = {
+        "args": vars(args), "problems": len(problems), "samples": sum(map(len, texts)), "ns": ns,
+        "curves": curves, f"prm_min_minus_orm_at_{top}_ci95": diff,
+        "sample_accuracy": curves["random_pick"][ns[0]],
+        "right_answer_wrong_steps": sum(c and not all(t) for cs, ts in zip(correct, truth) for c, t in zip(cs, ts)),
+        "prm_vs_true_steps": step_metrics([s for sols in prm_steps for s in sols if s], flat_truth),
+        "orm_vs_true_steps": step_metrics([s for sols in orm_steps for s in sols if s], flat_truth),
+        "seconds": {"generate": round(gen_s, 1), "score_prm": round(prm_s, 1), "score_orm": round(orm_s, 1)},
+    }
+    results = _json_safe(results)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"| method | " + " | ".join(f"N={n}" for n in ns) + " |")
+    print("|---|" + "---|" * len(ns))
+    for name, curve in curves.items():
+        print(f"| {name} | " + " | ".join(f"{curve[n]:.3f}" for n in ns) + " |")
+    print(f"PRM(min) - ORM at N={top}: 95% bootstrap interval [{diff[0]:+.3f}, {diff[1]:+.3f}]")
+    print(json.dumps({k: v for k, v in results.items() if k not in ("curves", "args")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

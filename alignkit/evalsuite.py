@@ -113,6 +113,8 @@ class Suite(Spec):
     orm: str | None = Field(None, description="Outcome reward model folder (a stage's `orm:` / --orm wins).")
     prm: str | None = Field(None, description="Process reward model folder (a stage's `prm:` / --prm wins).")
     generation: GenerationSpec = Field(default_factory=GenerationSpec, description="Sampling backend.")
+    shuffle: bool = Field(True, description="Store each problem's samples in a seeded random order (ties in "
+                          "votes go to the earlier sample; engines may return short samples first).")
     shard_size: int = Field(32, gt=0, description="Problems per shard: the unit of resume and of progress.")
     examples: int = Field(3, ge=0, description="Sample completions shown in report.md.")
 

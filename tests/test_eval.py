@@ -103,7 +103,7 @@ def planned_suite(tmp_path: Path, **overrides) -> Suite:
     data = tmp_path / "planned.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "answer": gold}) + "\n" for p, (gold, _, _) in PLAN.items()))
     raw = {"name": "planned", "dataset": {"source": str(data)}, "prompt": {"chat": False},
-           "sampling": {"n": 4, "seed": 0}, "shard_size": 2}
+           "sampling": {"n": 4, "seed": 0}, "shard_size": 2, "shuffle": False}  # keep the planned order
     return Suite.model_validate(merge(raw, overrides))
 
 
@@ -150,6 +150,19 @@ class RecordingTracker:
 
     def log_image(self, key, path):
         self.images[key] = Path(path)
+
+
+def test_shuffled_pool_is_a_permutation(tmp_path):
+    """Shuffling (the default) reorders each problem's samples; order-free numbers do not move."""
+    planned = run_suite(planned_suite(tmp_path), "m", tmp_path / "a", engine=PlannedEngine(), orm_scorer=FakeORM(),
+                        echo=lambda *_: None)
+    shuffled = run_suite(planned_suite(tmp_path, shuffle=True), "m", tmp_path / "b", engine=PlannedEngine(),
+                         orm_scorer=FakeORM(), echo=lambda *_: None)
+    texts = [[s["text"] for s in p["samples"]] for p in shuffled["problems"]]
+    assert texts != [[t for t, _, _ in samples] for _, _, samples in PLAN.values()]
+    assert [sorted(t) for t in texts] == [sorted(t for t, _, _ in samples) for _, _, samples in PLAN.values()]
+    for key in ("pass@1", "pass@2", "pass@4", "maj@4", "bon_orm@4", "wvote_orm@4", "maj@1"):
+        assert shuffled["metrics"][key] == pytest.approx(planned["metrics"][key])
 
 
 def test_outputs_report_plot_samples_and_tracking(tmp_path):

@@ -36,6 +36,7 @@ import gc
 import hashlib
 import json
 import os
+import random
 import shutil
 import sys
 import tempfile
@@ -171,6 +172,7 @@ def _load_verifier(kind: str, path: str) -> Any:
 def _fingerprint(suite: Suite, model: str, n_rows: int) -> str:
     """What the samples depend on; shards made under another fingerprint are stale."""
     blob = {"model": model, "rows": n_rows, "greedy": "greedy" in suite.methods, "shard": suite.shard_size,
+            "shuffle": suite.shuffle,
             **suite.model_dump(mode="json", include={"dataset", "prompt", "sampling"})}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -230,7 +232,9 @@ def _sample(suite: Suite, model: str, rows: list, shard_dir: Path, engine: Any, 
             sampled = engine.generate(prompts, SamplingParams(**pool, temperature=s.temperature, n=s.n,
                                                               seed=s.seed + k), progress=False)
             records = [{"index": k * suite.shard_size + i, "prompt": row["prompt"], "gold": row["answer"],
-                        "greedy": _completion(g[0]), "samples": [_completion(c) for c in samples]}
+                        "greedy": _completion(g[0]),
+                        "samples": _pool_order([_completion(c) for c in samples], s.seed, k * suite.shard_size + i,
+                                               suite.shuffle)}
                        for i, (row, g, samples) in enumerate(zip(chunk, greedy, sampled))]
             for kind in ("orm", "prm"):  # scores of the shard's previous samples no longer apply
                 (shard_dir / f"{kind}-{k:05d}.json").unlink(missing_ok=True)
@@ -241,6 +245,14 @@ def _sample(suite: Suite, model: str, rows: list, shard_dir: Path, engine: Any, 
     del engine
     _free_memory()
     return done / max(time.perf_counter() - started, 1e-9)
+
+
+def _pool_order(samples: list, seed: int, index: int, shuffle: bool) -> list:
+    """The samples in a seeded random order: votes break ties toward the earlier sample, and an engine may
+    return a prompt's samples in finish order (shortest first), which would favour short answers."""
+    if shuffle:
+        random.Random(seed * 1_000_003 + index).shuffle(samples)
+    return samples
 
 
 def _load_engine(suite: Suite, model: str) -> tuple[Any, Any]:

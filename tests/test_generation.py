@@ -366,6 +366,32 @@ def test_4bit_model_greedy_matches_hf(sharp_dir, prompts):
     assert _ids(fast) == _ids(hf)
 
 
+@pytest.mark.parametrize("arch,attn", [("llama", "eager"), ("qwen3", "sdpa")])
+def test_other_architecture_and_attention_kernel(sharp_dir, prompts, arch, attn):
+    # Qwen3 (q/k norms, explicit head_dim) from config; eager attention takes an additive float mask.
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
+
+    tok = AutoTokenizer.from_pretrained(sharp_dir)
+    if arch == "llama":
+        model = AutoModelForCausalLM.from_pretrained(sharp_dir, attn_implementation=attn)
+    else:
+        config = Qwen3Config(
+            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.dim() == 2:
+                    param.normal_(0, 0.3)
+    assert model.config._attn_implementation == attn
+    params = SamplingParams(max_new_tokens=12, temperature=0, n=2)
+    hf = make_engine("hf", model=model, tokenizer=tok, batch_size=8).generate(prompts, params, progress=False)
+    fast = make_engine("fast", model=model, tokenizer=tok, batch_size=3).generate(prompts, params, progress=False)
+    assert _ids(fast) == _ids(hf) and len({tuple(row[0].token_ids) for row in fast}) > 1
+
+
 def test_unsupported_model_falls_back_to_hf_with_one_warning(sharp, prompts, monkeypatch):
     model, tok = sharp
     monkeypatch.setattr(

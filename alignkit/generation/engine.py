@@ -310,7 +310,7 @@ def inference_mode(model: Any) -> Iterator[None]:
         model.train(was_training)
 
 
-def progress_bar(total: int, *, enabled: bool, backend: str):
+def progress_bar(total: int, *, enabled: bool, backend: str) -> Any:
     """A tqdm bar counting finished completions (its rate reads completions/s)."""
     from tqdm.auto import tqdm
 

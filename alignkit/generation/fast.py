@@ -5,7 +5,7 @@ GRPO groups, pass@k) and ragged completion lengths.
 
 How one ``generate`` call runs:
 
-1. The cache holds ``batch_size`` *slots*, one per running sequence: ``[slots, kv_heads, S, head_dim]``
+1. The cache holds ``min(batch_size, rows)`` *slots*, one per running sequence: ``[slots, kv_heads, S, head_dim]``
    per layer, with ``S`` = longest prompt + ``max_new_tokens``, allocated once per call.
 2. *Admission*: queued prompts (longest first) are prefilled together, left-padded, each distinct prompt
    once; its KV rows are then copied into its ``n`` sample slots (prefix sharing), and each slot samples its
@@ -120,7 +120,9 @@ class SlotLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         raise AssertionError("SlotLayer is allocated up front")
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``[A, H, 1, D]`` states at column ``write[a]`` of slot ``a``; return slots ``[0, A)``'s KV."""
         assert key_states.shape[2] == 1, "SlotCache takes decode steps only; prompts go through load_prefill"
         owner = self.owner
@@ -266,7 +268,8 @@ class _Run:
         self.queue = collections.deque((i, rows_each) for i in order)
         self.max_len = max(len(p) for p in ids) + params.max_new_tokens
         self.cache: Any = None
-        slots = engine.batch_size
+        # Never more slots than rows: the KV cache is allocated for every slot.
+        self.slots = slots = min(engine.batch_size, len(ids) * rows_each)
         # Per-slot state. Tensors on CPU (small; one copy to the device per step), lists for Python-side text.
         self.start = torch.zeros(slots, dtype=torch.long)  # first valid KV column
         self.write = torch.zeros(slots, dtype=torch.long)  # column the next fed token is written to
@@ -284,8 +287,8 @@ class _Run:
 
     def run(self) -> list[list[Completion]]:
         while self.queue or self.owner:
-            free = self.e.batch_size - len(self.owner)
-            if self.queue and (not self.owner or free >= max(1, int(self.e.batch_size * REFILL_FRACTION))):
+            free = self.slots - len(self.owner)
+            if self.queue and (not self.owner or free >= max(1, int(self.slots * REFILL_FRACTION))):
                 self._admit()
             if self.owner:
                 self._decode()
@@ -293,7 +296,7 @@ class _Run:
 
     def _take(self) -> list[tuple[int, int]]:
         """Pop ``(prompt, rows)`` pieces that fit the free slots and the prefill token budget."""
-        free, width, take = self.e.batch_size - len(self.owner), 0, []
+        free, width, take = self.slots - len(self.owner), 0, []
         while self.queue and free > 0:
             i, rows = self.queue[0]
             new_width = max(width, len(self.ids[i]))
@@ -319,7 +322,7 @@ class _Run:
             input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
         )
         if self.cache is None:
-            self.cache = SlotCache(out.past_key_values, self.e.batch_size, self.max_len)
+            self.cache = SlotCache(out.past_key_values, self.slots, self.max_len)
         src = [k for k, (_, rows) in enumerate(take) for _ in range(rows)]  # prefill row of each new slot
         first, count = len(self.owner), len(src)
         self.cache.load_prefill(out.past_key_values, torch.tensor(src, device=self.device), first, width)

@@ -26,8 +26,9 @@ Choices, each a departure from a naive reading:
    answer) true when the grader accepts forms the normaliser keeps apart (``0.5`` and ``\frac{1}{2}``).
 2. ORM scores are raw rewards (Bradley-Terry logits). Best-of-N uses them as they are; a weighted vote
    needs non-negative weights, so it sums ``sigmoid(score)``. PRM step scores are already probabilities.
-3. For a PRM, a completion's steps are its non-empty lines (alignkit's one-step-per-line format); a
-   completion without any gets step scores ``[]`` and score 0.
+3. For a PRM, a completion is split into steps on the PRM's own separator (``alignkit.prm.split_steps``;
+   a newline by default, alignkit's one-step-per-line format); a completion without any gets step scores
+   ``[]`` and score 0.
 """
 
 from __future__ import annotations
@@ -225,15 +226,6 @@ class StepScorer(Protocol):
     def score_batch(self, prompts: list[Any], steps_lists: list[list[str]]) -> list[list[float]]: ...
 
 
-def split_steps(text: str) -> list[str]:
-    """A completion's steps for a PRM: its non-empty lines, stripped (choice 3).
-
-    >>> split_steps("Add 2: 1 + 2 = 3.\\n\\nThe answer is 3.\\n")
-    ['Add 2: 1 + 2 = 3.', 'The answer is 3.']
-    """
-    return [line.strip() for line in text.split("\n") if line.strip()]
-
-
 def sigmoid(x: float) -> float:
     """Logistic function, safe for large |x|."""
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
@@ -328,37 +320,21 @@ def first_error(labels: Sequence[bool]) -> int:
     return next((i for i, ok in enumerate(labels) if not ok), -1)
 
 
-def step_metrics(scores: Sequence[Sequence[float]], labels: Sequence[Sequence[bool]], threshold: float
-                 ) -> dict[str, float]:
-    """A PRM against step labels: step accuracy and first-error detection (ProcessBench-style).
-
-    A step is judged correct when its score is >= ``threshold``. First-error detection is right when the
-    predicted first bad step equals the labelled one (-1: none). It is reported on solutions with an error,
-    on solutions without one, and as their harmonic mean (``first_error_f1``), since a PRM that flags
-    nothing scores well on the second set alone.
+def stepwise_metrics(scores: Sequence[Sequence[float]], labels: Sequence[Sequence[bool]], threshold: float
+                     ) -> dict[str, float]:
+    """A PRM against step labels: the PRM stage's :func:`alignkit.prm.step_metrics` (step accuracy, F1 of
+    finding bad steps, ``first_error_found`` on solutions with an error, ``no_error_kept`` on those
+    without) plus ``first_error_f1``, the harmonic mean of the last two (ProcessBench's score: a PRM that
+    flags nothing is perfect on correct solutions alone). NaN when either kind of solution is missing.
     """
-    if len(scores) != len(labels) or not labels:
-        raise ValueError(f"need one score list per label list, got {len(scores)} and {len(labels)}")
-    steps_right = steps = 0
-    hits = {True: [], False: []}  # has an error -> per-solution first-error hit
-    for row_scores, row_labels in zip(scores, labels):
-        if len(row_scores) != len(row_labels):
-            raise ValueError(f"a solution has {len(row_labels)} labelled steps but {len(row_scores)} scores")
-        predicted = [s >= threshold for s in row_scores]
-        steps_right += sum(p == bool(lab) for p, lab in zip(predicted, row_labels))
-        steps += len(row_labels)
-        truth = first_error(row_labels)
-        hits[truth >= 0].append(first_error(predicted) == truth)
-    out = {"step_accuracy": steps_right / steps, "solutions": float(len(labels))}
-    all_hits = hits[True] + hits[False]
-    out["first_error_accuracy"] = sum(all_hits) / len(all_hits)
-    for name, group in (("erroneous", hits[True]), ("correct", hits[False])):
-        out[f"first_error_accuracy_{name}"] = sum(group) / len(group) if group else math.nan
-    a, b = out["first_error_accuracy_erroneous"], out["first_error_accuracy_correct"]
-    if not (hits[True] and hits[False]):
-        out["first_error_f1"] = math.nan  # undefined without both kinds of solution
+    from .prm import step_metrics
+
+    out = {**step_metrics(scores, labels, threshold), "solutions": float(len(labels))}
+    found, kept = out["first_error_found"], out["no_error_kept"]
+    if math.isnan(found) or math.isnan(kept):
+        out["first_error_f1"] = math.nan
     else:
-        out["first_error_f1"] = 2 * a * b / (a + b) if a + b > 0 else 0.0
+        out["first_error_f1"] = 2 * found * kept / (found + kept) if found + kept > 0 else 0.0
     return out
 
 
@@ -381,7 +357,7 @@ def score_steps(rows: Sequence[dict[str, Any]], prm: StepScorer, threshold: floa
     """A stepwise suite's outcome: the PRM scores each row's steps, compared with their labels."""
     scores = [[float(x) for x in row] for row in prm.score_batch([r["prompt"] for r in rows],
                                                                  [r["completions"] for r in rows])]
-    metrics = step_metrics(scores, [r["labels"] for r in rows], threshold)
+    metrics = stepwise_metrics(scores, [r["labels"] for r in rows], threshold)
     records = [{"prompt": r["prompt"], "steps": r["completions"], "labels": r["labels"], "step_scores": s,
                 "first_error": first_error(r["labels"]),
                 "predicted_first_error": first_error([x >= threshold for x in s])}

@@ -20,8 +20,7 @@ from alignkit.evalsuite import (
     load_suite,
     merge,
     parse_sets,
-    split_steps,
-    step_metrics,
+    stepwise_metrics,
     vote_key,
 )
 from alignkit.generation import Completion
@@ -245,7 +244,7 @@ def test_preference_and_stepwise_suites(tmp_path):
     stepwise = Suite.model_validate({"name": "steps", "task": "stepwise", "dataset": {"source": str(steps)}})
     result = run_suite(stepwise, "m", tmp_path / "steps", prm_scorer=PlannedPRM(), echo=lambda *_: None)
     assert result["metrics"]["step_accuracy"] == pytest.approx(4 / 5)  # step 3 of q1 judged right, is wrong
-    assert result["metrics"]["first_error_accuracy"] == 1.0
+    assert (result["metrics"]["first_error_found"], result["metrics"]["first_error_f1"]) == (1.0, 1.0)
     with pytest.raises(RecipeError, match="PRM"):
         run_suite(stepwise, "m", tmp_path / "none", echo=lambda *_: None)
 
@@ -253,23 +252,20 @@ def test_preference_and_stepwise_suites(tmp_path):
 # ------------------------------------------------------------------------------------- pure pieces
 
 
-def test_step_metrics_hand_worked():
+def test_stepwise_metrics_hand_worked():
     scores = [[0.9, 0.2, 0.7], [0.8, 0.6], [0.9, 0.9], [0.3, 0.9]]
     labels = [[True, False, False], [True, True], [True, False], [True, True]]
-    m = step_metrics(scores, labels, 0.5)
-    assert m["step_accuracy"] == pytest.approx(6 / 9)
-    # first errors: truth 1, -1, 1, -1; predicted 1, -1, -1, 0 -> erroneous 1/2, correct 1/2.
-    assert (m["first_error_accuracy"], m["first_error_accuracy_erroneous"], m["first_error_accuracy_correct"]) \
-        == (0.5, 0.5, 0.5)
-    assert m["first_error_f1"] == pytest.approx(0.5)
-    assert math.isnan(step_metrics([[0.9]], [[True]], 0.5)["first_error_f1"])
-    assert first_error([True, True, False]) == 2
-    with pytest.raises(ValueError, match="labelled steps"):
-        step_metrics([[0.9]], [[True, True]], 0.5)
+    m = stepwise_metrics(scores, labels, 0.5)
+    # 6 of 9 steps right; bad steps found: tp 1 (row 1 step 2), fp 1 (row 4 step 1), fn 2 -> F1 2/5.
+    assert (m["step_accuracy"], m["step_f1"]) == pytest.approx((6 / 9, 0.4))
+    # first errors: truth 1, -, 1, -; predicted 1, -, -, 0 -> found 1/2, kept 1/2, harmonic mean 1/2.
+    assert (m["first_error_found"], m["no_error_kept"], m["first_error_f1"]) == pytest.approx((0.5, 0.5, 0.5))
+    assert math.isnan(stepwise_metrics([[0.9]], [[True]], 0.5)["first_error_f1"])  # no erroneous solution
+    assert stepwise_metrics([[0.9], [0.1]], [[False], [True]], 0.5)["first_error_f1"] == 0.0
+    assert first_error([True, True, False]) == 2 and first_error([True]) == -1
 
 
 def test_small_helpers():
-    assert split_steps("a\n\n  b  \n") == ["a", "b"]
     assert vote_key(True, "3") == CORRECT_KEY and vote_key(False, "3") == "3" and vote_key(False, None) is None
     assert parse_sets(["sampling.n=8", "dataset.params.n=5", "prompt.system=Be brief"]) == {
         "sampling": {"n": 8}, "dataset": {"params": {"n": 5}}, "prompt": {"system": "Be brief"}}
@@ -360,11 +356,11 @@ def test_gsm8k_grader_agrees_with_every_reference_solution():
 @pytest.mark.e2e
 def test_smollm2_on_arith_writes_report_and_plot(tmp_path, smollm2_dir):
     out = tmp_path / "smol"
-    suite = load_suite(REPO / "eval" / "arith.yaml", {"dataset": {"params": {"n": 6}}, "shard_size": 3,
+    suite = load_suite(REPO / "eval" / "arith.yaml", {"dataset": {"params": {"n": 4}}, "shard_size": 2,
                                                       "sampling": {"n": 4, "max_new_tokens": 96}})
     result = run_suite(suite, str(smollm2_dir), out, echo=lambda *_: None)
     m = result["metrics"]
     assert m["pass@1"] <= m["pass@2"] <= m["pass@4"] <= 1.0 and 0.0 <= m["greedy"] <= 1.0
     assert result["summary"]["samples_per_s"] > 0 and result["summary"]["mean_tokens"] > 0
     assert (out / "accuracy_vs_n.png").stat().st_size > 10_000 and "## Examples" in (out / "report.md").read_text()
-    assert len((out / "samples.jsonl").read_text().splitlines()) == 6 * 5
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 4 * 5

@@ -307,6 +307,8 @@ def _verify(kind: str, verifier: Any, shard_dir: Path, n_shards: int, rank: int,
             todo.append(k)
     if not todo:
         return
+    from ..prm import DEFAULT_SEPARATOR, split_steps
+
     scorer = _load_verifier(kind, verifier) if isinstance(verifier, str) else verifier
     for k in todo:
         problems = _read_shard(shard_dir, k)
@@ -315,7 +317,8 @@ def _verify(kind: str, verifier: Any, shard_dir: Path, n_shards: int, rank: int,
         if kind == "orm":
             flat: list[Any] = [float(x) for x in scorer(texts, prompts=prompts)]
         else:
-            flat = _prm_scores(scorer, prompts, [evalsuite.split_steps(t) for t in texts])
+            separator = getattr(scorer, "separator", DEFAULT_SEPARATOR)  # split as the PRM was trained
+            flat = _prm_scores(scorer, prompts, [split_steps(t, separator) for t in texts])
         if len(flat) != len(texts):
             raise ModelError(f"the {kind.upper()} returned {len(flat)} scores for {len(texts)} completions")
         sizes = [len(p["samples"]) for p in problems]

@@ -283,3 +283,26 @@ def test_soft_labels_need_the_column(tmp_path, tiny_model_dir):
     path.write_text(text)
     with pytest.raises(DataError, match="soft_labels"):
         run_recipe(load_recipe(path, output_dir=str(tmp_path / "runs")), echo=lambda *_: None)
+
+
+def test_stage_reads_math_shepherd_prm800k_and_trl_rows(tmp_path):
+    from alignkit.data import load_dataset, split_eval
+    from alignkit.stages import prm as stage
+
+    shepherd = "Q? Step 1: 1+1=2 ки\nStep 2: 2*3=6 ки\nStep 3: The answer is 7 ки"
+    files = {
+        "shepherd.jsonl": {"input": shepherd, "label": shepherd.replace("2 ки", "2 +").replace("6 ки", "6 +")
+                           .replace("7 ки", "7 -")},
+        "prm800k.jsonl": {"prompt": "Q?", "steps": ["a", "b", "c"], "ratings": [1, 0, -1]},
+        "trl.jsonl": {"prompt": "Q?", "completions": ["a", "b", "c"], "labels": [True, True, False]},
+    }
+    tokenizer = tiny_bpe()
+    for name, row in files.items():
+        (tmp_path / name).write_text(json.dumps(row) + "\n")
+        params = {"neutral": "positive"} if name.startswith("prm800k") else {}
+        config = stage.Config(model="m", data={"source": str(tmp_path / name), "params": params})
+        rows, held_out = stage._load_rows(config, load_dataset, split_eval)
+        assert held_out is None and rows[0]["labels"] == [True, True, False]
+        (example,), dropped = stage.encode_dataset(rows, tokenizer, config)
+        labelled = [v for v in example["labels"] if v != IGNORE]
+        assert dropped == 0 and labelled == [1.0, 1.0, 0.0] and example["step_labels"] == [True, True, False]

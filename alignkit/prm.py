@@ -190,7 +190,8 @@ def step_metrics(probs: Sequence[Sequence[float]], labels: Sequence[Sequence[boo
 # ------------------------------------------------------------------------------------------------ scoring
 
 
-def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, labels: Sequence[Sequence[float]] | None = None):
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int,
+              labels: Sequence[Sequence[float]] | None = None) -> dict[str, Any]:
     """Right-pad id lists into tensors: ``{input_ids, attention_mask[, labels]}`` ([B, T] each)."""
     import torch
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -95,7 +96,7 @@ def bootstrap_diff(a: list[float], b: list[float], draws: int = 2000, seed: int 
 
 def _json_safe(value: Any) -> Any:
     """NaN (a metric with no cases, e.g. no all-good solution) -> null, so the file is strict JSON."""
-    if isinstance(value, float) and value != value:
+    if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
@@ -170,7 +171,7 @@ def main() -> None:
     }
     results = _json_safe(results)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"| method | " + " | ".join(f"N={n}" for n in ns) + " |")
+    print("| method | " + " | ".join(f"N={n}" for n in ns) + " |")
     print("|---|" + "---|" * len(ns))
     for name, curve in curves.items():
         print(f"| {name} | " + " | ".join(f"{curve[n]:.3f}" for n in ns) + " |")

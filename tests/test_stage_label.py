@@ -12,7 +12,14 @@ import pytest
 
 from alignkit.config import DataSpec
 from alignkit.data import check_steps, load_dataset
-from alignkit.data.arith import answer_line, apply_op, corrupt, make_record, parse_problem, step_line
+from alignkit.data.arith import (
+    answer_line,
+    apply_op,
+    corrupt,
+    make_record,
+    parse_problem,
+    step_line,
+)
 from alignkit.generation import Completion
 from alignkit.labels import step_labels, true_step_labels
 from alignkit.pipeline import run_recipe
@@ -155,7 +162,7 @@ def test_agreement_grows_with_n_for_a_noisy_completer(tmp_path, monkeypatch):
 
 
 def test_killed_run_resumes_without_duplicate_or_missing_rows(tmp_path, monkeypatch):
-    reference_policy, _ = fake_samplers(monkeypatch)
+    fake_samplers(monkeypatch)
     reference = recipe_at(tmp_path / "ref")
     run_recipe(reference, echo=lambda *_: None)
     expected = read_rows(reference.stage("label").run_dir / "data.jsonl")
@@ -217,7 +224,7 @@ def test_given_solutions_are_labelled_without_a_policy(tmp_path, monkeypatch):
     problems = load_dataset(DataSpec(source="arith", params={"n": 3, "steps": 2, "max_operand": 9}), "problems")
     rows = []
     for i, row in enumerate(problems):
-        lines, bad = corrupt({"prompt": row["prompt"]}, random.Random(i))
+        lines, _ = corrupt({"prompt": row["prompt"]}, random.Random(i))
         rows.append({"prompt": row["prompt"], "answer": row["answer"], "steps": lines})
     path = tmp_path / "given.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

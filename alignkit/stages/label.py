@@ -107,7 +107,7 @@ def check(config: Config, base_dir: Path) -> None:
                           "set quality_check: auto or false", field="quality_check")
 
 
-def run(config: Config, ctx) -> Any:
+def run(config: Config, ctx: Any) -> Any:
     from ..data import load_dataset
     from ..pipeline import StageResult
     from ..rewards import load_reward
@@ -150,7 +150,7 @@ class Sampler:
         return render_prompt(self.tokenizer, prompt, chat=self.chat)
 
 
-def build_samplers(config: Config, ctx) -> tuple[Sampler, Sampler]:
+def build_samplers(config: Config, ctx: Any) -> tuple[Sampler, Sampler]:
     """(policy, completer); the same sampler twice when no separate completer is named."""
     policy = _sampler(config.model, config, ctx)
     if config.completer is None or config.completer == config.model:
@@ -205,7 +205,7 @@ def _label_shards(todo, problems, policy, completer, reward, config, shard_dir: 
 
 
 def label_shard(problems: list[dict[str, Any]], first_index: int, policy: Sampler, completer: Sampler,
-                reward, config: Config, *, seed: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                reward: Any, config: Config, *, seed: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Label one shard: rows (one per kept solution) and counts for the metrics."""
     from ..generation import SamplingParams
 

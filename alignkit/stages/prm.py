@@ -47,7 +47,13 @@ from pydantic import Field
 
 from ..config import DataSpec
 from ..errors import DataError, RecipeError
-from .common import TrainStageConfig, check_trl_passthrough, last_checkpoint, save_trained_model, trl_args
+from .common import (
+    TrainStageConfig,
+    check_trl_passthrough,
+    last_checkpoint,
+    save_trained_model,
+    trl_args,
+)
 
 
 class Config(TrainStageConfig):
@@ -82,7 +88,7 @@ def check(config: Config, base_dir: Path) -> None:
         raise RecipeError("give either data.eval_size or eval_data, not both", field="eval_data")
 
 
-def run(config: Config, ctx) -> Any:
+def run(config: Config, ctx: Any) -> Any:
     from transformers import Trainer
 
     from ..data import load_dataset, split_eval
@@ -147,7 +153,7 @@ def _load_rows(config: Config, load_dataset, split_eval):
     return list(train), (list(held_out) if held_out is not None else None)
 
 
-def encode_dataset(rows: list[dict[str, Any]], tokenizer, config: Config) -> tuple[list[dict[str, Any]], int]:
+def encode_dataset(rows: list[dict[str, Any]], tokenizer: Any, config: Config) -> tuple[list[dict[str, Any]], int]:
     """Stepwise rows -> ``{input_ids, labels, step_labels}`` examples, and how many rows were dropped.
 
     ``labels`` is the per-token float target (P(good) at each labelled step end, -100 elsewhere);
@@ -190,14 +196,14 @@ class Collator:
         return pad_batch([e["input_ids"] for e in examples], self.pad_id, [e["labels"] for e in examples])
 
 
-def loss_func(outputs, labels, num_items_in_batch=None):
+def loss_func(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
     """``Trainer(compute_loss_func=...)`` hook: :func:`alignkit.prm.step_loss` on the token logits."""
     from ..prm import step_loss
 
     return step_loss(outputs.logits, labels, num_items_in_batch)
 
 
-def evaluate(model, tokenizer, examples: list[dict[str, Any]], config: Config) -> dict[str, float]:
+def evaluate(model: Any, tokenizer: Any, examples: list[dict[str, Any]], config: Config) -> dict[str, float]:
     """Held-out step metrics of ``model`` (:func:`alignkit.prm.step_metrics` against the hard labels)."""
     from ..prm import EncodedSteps, score_encoded, step_metrics
 
@@ -206,7 +212,7 @@ def evaluate(model, tokenizer, examples: list[dict[str, Any]], config: Config) -
     return step_metrics(probs, [e["step_labels"] for e in examples])
 
 
-def training_args(config: Config, ctx):
+def training_args(config: Config, ctx: Any) -> Any:
     """``transformers.TrainingArguments`` for this stage, from the shared mapping in :mod:`.common`."""
     from transformers import TrainingArguments
 

@@ -34,7 +34,10 @@ Choices, each a departure from a naive reading:
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -132,6 +135,12 @@ class Suite(Spec):
                                  "raise sampling.n or drop it")
         return self
 
+    def fingerprint(self, model: str, n_rows: int) -> str:
+        """Hash of what the sample pool depends on; shards made under another fingerprint are stale."""
+        blob = {"model": model, "rows": n_rows, "greedy": "greedy" in self.methods, "shard": self.shard_size,
+                "shuffle": self.shuffle, **self.model_dump(mode="json", include={"dataset", "prompt", "sampling"})}
+        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
     def curve_ns(self) -> list[int]:
         """The N values of the curves: ``ns`` if given, else powers of two up to ``sampling.n`` (and n)."""
         if self.ns:
@@ -208,6 +217,22 @@ def _localise_data_paths(suite: Suite, suite_dir: Path) -> Suite:
         if text and not Path(text).exists() and (suite_dir / text).exists():
             updates[attr] = str(suite_dir / text)
     return suite.model_copy(update={"dataset": suite.dataset.model_copy(update=updates)}) if updates else suite
+
+
+def render(tokenizer: Any, prompt: Any, spec: PromptSpec) -> str:
+    """Model input for a dataset prompt: the template filled, then the chat template (alignkit.prompts)."""
+    from .prompts import render_prompt
+
+    text = spec.template.replace("{prompt}", prompt) if isinstance(prompt, str) else prompt
+    return render_prompt(tokenizer, text, chat=spec.chat, system=spec.system)
+
+
+def pool_order(samples: list, seed: int, index: int, shuffle: bool) -> list:
+    """A problem's samples in a seeded random order (in place): votes break ties toward the earlier sample,
+    and an engine may return a prompt's samples in finish order (shortest first), favouring short answers."""
+    if shuffle:
+        random.Random(seed * 1_000_003 + index).shuffle(samples)
+    return samples
 
 
 # ------------------------------------------------------------------------------------- verifier hooks

@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import json
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -137,7 +135,7 @@ def _problems(suite: Suite, model: str, rows: list, shard_dir: Path, engine: Any
               verifiers: dict[str, Any], suite_dir: Path | None, rank: int, world: int, barrier) -> dict | None:
     """Steps 1-3 of the module docstring; the outcome on the main process, None elsewhere."""
     if rank == 0:
-        _clear_stale(shard_dir, _fingerprint(suite, model, len(rows)))
+        _clear_stale(shard_dir, suite.fingerprint(model, len(rows)))
     barrier()
     throughput = _sample(suite, model, rows, shard_dir, engine, tokenizer, rank, world)
     for kind, verifier in verifiers.items():
@@ -167,14 +165,6 @@ def _load_verifier(kind: str, path: str) -> Any:
         raise ModelError(f"no {kind.upper()} scorer is installed ({module_name}.{class_name}); "
                          f"cannot score with {path}") from None
     return scorer_class(path)
-
-
-def _fingerprint(suite: Suite, model: str, n_rows: int) -> str:
-    """What the samples depend on; shards made under another fingerprint are stale."""
-    blob = {"model": model, "rows": n_rows, "greedy": "greedy" in suite.methods, "shard": suite.shard_size,
-            "shuffle": suite.shuffle,
-            **suite.model_dump(mode="json", include={"dataset", "prompt", "sampling"})}
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _clear_stale(shard_dir: Path, fingerprint: str) -> None:
@@ -226,15 +216,15 @@ def _sample(suite: Suite, model: str, rows: list, shard_dir: Path, engine: Any, 
     with tqdm(total=total, unit="sample", desc=f"eval[{suite.name}]", disable=rank != 0) as bar:
         for k in todo:
             chunk = rows[k * suite.shard_size:(k + 1) * suite.shard_size]
-            prompts = [_render(tokenizer, row["prompt"], suite) for row in chunk]
+            prompts = [evalsuite.render(tokenizer, row["prompt"], suite.prompt) for row in chunk]
             greedy = (engine.generate(prompts, SamplingParams(**pool, temperature=0.0, n=1), progress=False)
                       if "greedy" in suite.methods else [[None]] * len(chunk))
             sampled = engine.generate(prompts, SamplingParams(**pool, temperature=s.temperature, n=s.n,
                                                               seed=s.seed + k), progress=False)
             records = [{"index": k * suite.shard_size + i, "prompt": row["prompt"], "gold": row["answer"],
                         "greedy": _completion(g[0]),
-                        "samples": _pool_order([_completion(c) for c in samples], s.seed, k * suite.shard_size + i,
-                                               suite.shuffle)}
+                        "samples": evalsuite.pool_order([_completion(c) for c in samples], s.seed,
+                                                        k * suite.shard_size + i, suite.shuffle)}
                        for i, (row, g, samples) in enumerate(zip(chunk, greedy, sampled))]
             for kind in ("orm", "prm"):  # scores of the shard's previous samples no longer apply
                 (shard_dir / f"{kind}-{k:05d}.json").unlink(missing_ok=True)
@@ -245,14 +235,6 @@ def _sample(suite: Suite, model: str, rows: list, shard_dir: Path, engine: Any, 
     del engine
     _free_memory()
     return done / max(time.perf_counter() - started, 1e-9)
-
-
-def _pool_order(samples: list, seed: int, index: int, shuffle: bool) -> list:
-    """The samples in a seeded random order: votes break ties toward the earlier sample, and an engine may
-    return a prompt's samples in finish order (shortest first), which would favour short answers."""
-    if shuffle:
-        random.Random(seed * 1_000_003 + index).shuffle(samples)
-    return samples
 
 
 def _load_engine(suite: Suite, model: str) -> tuple[Any, Any]:
@@ -269,13 +251,6 @@ def _load_engine(suite: Suite, model: str) -> tuple[Any, Any]:
         policy.to(PartialState().device)
     policy.eval()
     return engine_from_spec(suite.generation, model=policy, tokenizer=tokenizer), tokenizer
-
-
-def _render(tokenizer: Any, prompt: Any, suite: Suite) -> str:
-    from ..prompts import render_prompt
-
-    text = suite.prompt.template.replace("{prompt}", prompt) if isinstance(prompt, str) else prompt
-    return render_prompt(tokenizer, text, chat=suite.prompt.chat, system=suite.prompt.system)
 
 
 def _completion(completion: Any) -> dict[str, Any] | None:

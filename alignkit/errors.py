@@ -33,3 +33,7 @@ class DataError(AlignkitError, ValueError):
 
 class ModelError(AlignkitError):
     """A model cannot be resolved or loaded."""
+
+
+class GenerationError(AlignkitError, RuntimeError):
+    """Generation failed for a reason outside our code (e.g. the completions server kept failing)."""

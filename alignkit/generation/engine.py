@@ -36,14 +36,10 @@ from typing import Any, Literal, Protocol
 from pydantic import Field, field_validator, model_validator
 
 from alignkit.config import Spec
-from alignkit.errors import AlignkitError, DataError, RecipeError
+from alignkit.errors import DataError, GenerationError, RecipeError  # noqa: F401 (GenerationError re-exported)
 
 Backend = Literal["hf", "fast", "openai"]
 FinishReason = Literal["eos", "stop", "length"]
-
-
-class GenerationError(AlignkitError, RuntimeError):
-    """Generation failed for a reason outside our code (e.g. the completions server kept failing)."""
 
 
 class SamplingParams(Spec):

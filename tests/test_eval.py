@@ -295,7 +295,7 @@ shard_size: 2
 """
 
 
-def test_stage_in_a_recipe_and_the_cli(tmp_path, tiny_model_dir):
+def test_stage_in_a_recipe_and_the_cli(tmp_path, tiny_model_dir, tiny_seqcls_dir, tiny_tokencls_dir):
     from alignkit.artifacts import Manifest
     from alignkit.pipeline import run_recipe
     from alignkit.recipe import load_recipe
@@ -323,11 +323,16 @@ def test_stage_in_a_recipe_and_the_cli(tmp_path, tiny_model_dir):
     with pytest.raises(RecipeError, match=r"stages\.eval\.overrides\.sampling\.temp"):
         load_recipe(recipe_file, output_dir=str(tmp_path / "runs"))
 
+    # The CLI, with the real verifier scorers (tiny random ORM and PRM) behind the hooks.
     out = tmp_path / "cli"
     code = eval_main([str(tmp_path / "tiny.yaml"), "--model", str(tiny_model_dir), "--out", str(out),
-                      "--set", "sampling.n=1", "--set", "methods=[greedy, pass]"])
+                      "--orm", str(tiny_seqcls_dir), "--prm", str(tiny_tokencls_dir),
+                      "--set", "methods=[pass, best_of_n]", "--set", "prm_aggregations=[min]"])
     saved = json.loads((out / "metrics.json").read_text())
-    assert code == 0 and set(saved["curves"]) == {"pass"} and saved["metrics"]["problems"] == 3
+    assert code == 0 and set(saved["curves"]) == {"pass", "bon_orm", "bon_prm_min"} and saved["metrics"]["problems"] == 3
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * 2 and all(set(r["scores"]) == {"orm", "prm_min"} for r in rows)
+    assert all(0.0 <= p <= 1.0 for r in rows for p in r["prm_steps"])
 
 
 # ----------------------------------------------------------------------------------------------- GSM8K

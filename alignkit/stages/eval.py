@@ -154,17 +154,16 @@ def _need(verifiers: dict[str, Any], kind: str, suite: Suite) -> Any:
 
 
 def _load_verifier(kind: str, path: str) -> Any:
-    """The scorer classes of the reward-model and PRM stages, imported only when a verifier is used."""
-    import importlib
+    """The reward-model and PRM stages' scorers, on this process's device; imported only when used."""
+    from accelerate import PartialState
 
-    module_name, class_name = {"orm": ("alignkit.reward_model", "RewardModelScorer"),
-                               "prm": ("alignkit.prm", "PRMScorer")}[kind]
-    try:
-        scorer_class = getattr(importlib.import_module(module_name), class_name)
-    except (ModuleNotFoundError, AttributeError):
-        raise ModelError(f"no {kind.upper()} scorer is installed ({module_name}.{class_name}); "
-                         f"cannot score with {path}") from None
-    return scorer_class(path)
+    if kind == "orm":
+        from ..reward_model import RewardModelScorer  # moves itself to CUDA when there is one
+
+        return RewardModelScorer(path)
+    from ..prm import PRMScorer
+
+    return PRMScorer(path, device=str(PartialState().device))
 
 
 def _clear_stale(shard_dir: Path, fingerprint: str) -> None:

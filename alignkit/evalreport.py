@@ -123,7 +123,7 @@ def plot_curves(outcome: dict[str, Any], path: Path) -> None:
     greedy = outcome["metrics"].get("greedy")
     values = [100 * acc for curve in curves.values() for acc in curve.values()]
     values += [100 * greedy] if greedy is not None else []
-    pad = max(2.0, 0.08 * (max(values) - min(values)))
+    pad = max(5.0, 0.08 * (max(values) - min(values)))
     panels = plot_panels(curves)
     fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.6), dpi=120, sharey=True,
                              squeeze=False)
@@ -135,14 +135,17 @@ def plot_curves(outcome: dict[str, Any], path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xticks(ns, [str(n) for n in ns])
         ax.minorticks_off()
-        ax.set_ylim(max(0.0, min(values) - pad), min(100.0, max(values) + pad))
+        ax.set_ylim(max(-1.0, min(values) - pad), min(101.0, max(values) + pad))  # 0% stays off the axis
+        ax.set_yticks([t for t in ax.get_yticks() if 0 <= t <= 100])
         ax.set_xlabel("N (samples per problem, log scale)")
         ax.set_title(title, fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     axes[0][0].set_ylabel("accuracy (%)")
-    fig.suptitle(f"{suite.name}: {Path(str(outcome['model'])).name}  ({len(outcome['problems'])} problems, "
-                 f"{suite.sampling.n} samples at T={suite.sampling.temperature})", fontsize=11)
+    no_answer = outcome["summary"].get("no_answer_rate", 0.0)
+    fig.suptitle(f"{suite.name}: {Path(str(outcome['model'])).name}\n{len(outcome['problems'])} problems, "
+                 f"{suite.sampling.n} samples at T={suite.sampling.temperature}; "
+                 f"{100 * no_answer:.0f}% of samples state no answer", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -369,3 +369,13 @@ def test_smollm2_on_arith_writes_report_and_plot(tmp_path, smollm2_dir):
     assert result["summary"]["samples_per_s"] > 0 and result["summary"]["mean_tokens"] > 0
     assert (out / "accuracy_vs_n.png").stat().st_size > 10_000 and "## Examples" in (out / "report.md").read_text()
     assert len((out / "samples.jsonl").read_text().splitlines()) == 3 * 5
+
+
+def test_docstring_examples():
+    import doctest
+
+    from alignkit import evalreport, evalsuite
+
+    for module in (evalsuite, evalreport):
+        result = doctest.testmod(module)
+        assert result.failed == 0 and result.attempted > 0

@@ -568,3 +568,25 @@ def test_openai_connection_refused_is_retried_then_reported(stub):
         warnings.simplefilter("ignore", ResourceWarning)
         with pytest.raises(GenerationError, match="failed 3 times; last error: URLError"):
             engine.generate(["x"], SamplingParams(), progress=False)
+
+
+def test_fast_returns_samples_in_admission_order_not_by_length(sharp, prompts, monkeypatch):
+    """Rows finish shortest-first; callers whose vote ties go to the first sample must not see that order."""
+    model, tok = sharp
+    params = SamplingParams(max_new_tokens=12, temperature=1.5, n=8, seed=3)
+    sampled = make_engine("hf", model=model, tokenizer=tok).generate(prompts[:3], params, progress=False)
+    counts: dict[int, int] = {}
+    for row in sampled:
+        for c in row:
+            for t in c.token_ids[1:6]:
+                counts[t] = counts.get(t, 0) + 1
+    planted = max(counts, key=counts.get)  # a frequent token as EOS: lengths vary from sample to sample
+    monkeypatch.setattr(model.generation_config, "eos_token_id", [tok.eos_token_id, planted])
+    fast = make_engine("fast", model=model, tokenizer=tok, batch_size=64).generate(prompts[:3], params,
+                                                                                  progress=False)
+    lengths = [[len(c.token_ids) for c in row] for row in fast]
+    assert any(len(set(row)) > 1 for row in lengths), lengths
+    assert not all(row == sorted(row) for row in lengths), lengths  # was always shortest-first
+    again = make_engine("fast", model=model, tokenizer=tok, batch_size=64).generate(prompts[:3], params,
+                                                                                   progress=False)
+    assert _ids(again) == _ids(fast)  # seeded and ordered: the same samples in the same places

@@ -275,9 +275,13 @@ class _Run:
         self.write = torch.zeros(slots, dtype=torch.long)  # column the next fed token is written to
         self.last = torch.zeros(slots, dtype=torch.long)  # token fed at the next step
         self.owner: list[int] = []  # prompt index of each running slot
+        self.admitted: list[int] = []  # admission number of each running slot (orders a prompt's samples)
+        self.next_admission = 0
         self.tokens: list[list[int]] = []
         self.logps: list[list[float]] = []
-        self.results: list[list[Completion]] = [[] for _ in ids]
+        # (admission number, completion): rows finish shortest-first, but callers (votes that break ties
+        # toward the first sample) must not see samples ordered by length, so results are re-sorted.
+        self.results: list[list[tuple[int, Completion]]] = [[] for _ in ids]
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.eos = set(engine.eos_ids)
@@ -292,7 +296,7 @@ class _Run:
                 self._admit()
             if self.owner:
                 self._decode()
-        return self.results
+        return [[c for _, c in sorted(row, key=lambda item: item[0])] for row in self.results]
 
     def _take(self) -> list[tuple[int, int]]:
         """Pop ``(prompt, rows)`` pieces that fit the free slots and the prefill token budget."""
@@ -331,6 +335,8 @@ class _Run:
         self.write[first : first + count] = width
         for k in src:
             self.owner.append(take[k][0])
+            self.admitted.append(self.next_admission)
+            self.next_admission += 1
             self.tokens.append([])
             self.logps.append([])
         logits = out.logits[:, -1].float()[torch.tensor(src, device=self.device)]  # [count, V]
@@ -387,7 +393,8 @@ class _Run:
                 self.tokens[r], lps, tokenizer=self.e.tokenizer, eos_ids=self.e.eos_ids, stop=self.params.stop
             )
             copies = self.params.n if self.greedy else 1
-            self.results[self.owner[r]].extend([c] + [copy_completion(c) for _ in range(copies - 1)])
+            rows = [c] + [copy_completion(c) for _ in range(copies - 1)]
+            self.results[self.owner[r]].extend((self.admitted[r], row) for row in rows)
             self.bar.update(copies)
         # Compact: running slots at the tail move into the holes, so running slots stay [0, A).
         keep = len(self.owner) - len(done)
@@ -398,6 +405,7 @@ class _Run:
             self.cache.move(movers, holes)
             for s, d in zip(movers, holes):
                 self.owner[d], self.tokens[d], self.logps[d] = self.owner[s], self.tokens[s], self.logps[s]
+                self.admitted[d] = self.admitted[s]
             for t in (self.start, self.write, self.last):
                 t[holes] = t[movers]
-        del self.owner[keep:], self.tokens[keep:], self.logps[keep:]
+        del self.owner[keep:], self.tokens[keep:], self.logps[keep:], self.admitted[keep:]

@@ -118,10 +118,8 @@ def check(config: Config, base_dir: Path) -> None:
 
 
 def run(config: Config, ctx) -> Any:
-    from trl import DPOConfig, DPOTrainer
-
     from ..data import load_dataset
-    from ..models import load_model, load_tokenizer, lora_config
+    from ..models import load_model, load_tokenizer
     from ..pipeline import StageResult
 
     tokenizer = load_tokenizer(config.model)
@@ -136,9 +134,26 @@ def run(config: Config, ctx) -> Any:
         metrics.update(pair_metrics)
     else:
         pairs = [dict(row) for row in load_dataset(config.data, "preference")]
-    train_data = _training_rows(pairs, tokenizer, chat=config.chat)
-    metrics["train_pairs"] = len(train_data)
+    trainer, train_metrics = _train(model, tokenizer, pairs, config, ctx)
+    metrics.update(train_metrics)
+    artifacts = save_trained_model(trainer, tokenizer, ctx)
+    if config.pairs is not None and ctx.is_main:
+        artifacts["pairs"] = str(ctx.run_dir / "pairs.jsonl")
 
+    if problems is not None:
+        metrics["accuracy_after"] = _accuracy(trainer.model, tokenizer, problems, config, ctx, "after")
+    ctx.log({f"dpo/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    return StageResult(metrics=metrics, artifacts=artifacts)
+
+
+def _train(model, tokenizer, pairs: list[dict[str, Any]], config: Config, ctx) -> tuple[Any, dict[str, Any]]:
+    """TRL's DPOTrainer on ``pairs`` (LoRA via peft_config: the reference is the adapter-disabled model),
+    resuming from the last checkpoint; returns the trainer and its metrics."""
+    from trl import DPOConfig, DPOTrainer
+
+    from ..models import lora_config
+
+    train_data = _training_rows(pairs, tokenizer, chat=config.chat)
     args = trl_args(
         DPOConfig, config, ctx,
         beta=config.beta,
@@ -155,15 +170,8 @@ def run(config: Config, ctx) -> Any:
     )
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last_checkpoint(ctx.run_dir))
-    metrics.update(_train_metrics(trainer, result, time.perf_counter() - started))
-    artifacts = save_trained_model(trainer, tokenizer, ctx)
-    if config.pairs is not None and ctx.is_main:
-        artifacts["pairs"] = str(ctx.run_dir / "pairs.jsonl")
-
-    if problems is not None:
-        metrics["accuracy_after"] = _accuracy(trainer.model, tokenizer, problems, config, ctx, "after")
-    ctx.log({f"dpo/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-    return StageResult(metrics=metrics, artifacts=artifacts)
+    metrics = {"train_pairs": len(train_data), **_train_metrics(trainer, result, time.perf_counter() - started)}
+    return trainer, metrics
 
 
 def _on_policy_pairs(model, tokenizer, config: Config, ctx) -> tuple[list[dict[str, Any]], dict[str, Any]]:

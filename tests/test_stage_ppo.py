@@ -206,6 +206,7 @@ def test_orm_prm_and_value_model_from_a_reward_model(tmp_path, tiny_model_dir, t
           value_model: {tiny_seqcls_dir}
           stop: ["\\n\\n"]
           missing_eos_penalty: 1.0
+          gradient_checkpointing: true
           batch_size: 8
           max_steps: 2
           save_steps: 2
@@ -342,6 +343,20 @@ def test_reference_is_the_adapter_disabled_policy(tiny_model_dir):
         base = _naive_logps(load_model(str(tiny_model_dir)).eval(), rollout)
     torch.testing.assert_close(ref, base, rtol=0, atol=1e-5)
     assert (pol - base).abs().max() > 1e-2  # the adapter is on outside the context
+
+
+def test_training_models_have_no_dropout_and_keep_checkpointing(tiny_model_dir):
+    """Dropout off by p = 0, not eval mode: transformers checkpoints activations only in training mode."""
+    from alignkit.stages.ppo import Config, _load_for_training
+
+    config = Config(model=str(tiny_model_dir), lora={"r": 4, "alpha": 8, "dropout": 0.1}, data="arith",
+                    rewards=[{"program": "reward/math.py:answer_match"}], gradient_checkpointing=True)
+    for task in ("causal-lm", "seq-cls"):
+        model = _load_for_training(str(tiny_model_dir), task, config, torch.device("cpu"))
+        dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+        assert dropouts and all(m.p == 0.0 for m in dropouts)  # LoRA's dropout 0.1 included
+        assert model.training and model.get_base_model().is_gradient_checkpointing
+    assert model.get_base_model().score.modules_to_save["default"].weight.abs().sum() == 0  # V = 0 at first
 
 
 def test_chunked_logps_equal_naive_and_keep_no_vocab_tensors(tiny_model_dir):

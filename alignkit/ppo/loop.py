@@ -51,7 +51,7 @@ class RewardSources:
 @torch.no_grad()
 def fill_experience(models: PPOModels, rollout: Rollout, config: Any) -> None:
     """Set ``old_logps``, ``entropy``, ``ref_logps`` and ``old_values`` of ``rollout``, ``batch_size`` rows
-    per forward. Models run in eval mode (no dropout), as in training."""
+    per forward, with the same code (and dropout off) as the training forward, so the first ratios are 1."""
     shape = rollout.response_mask.shape
     fields = {name: torch.zeros(shape, device=rollout.response_ids.device) for name in
               ("old_logps", "entropy", "ref_logps", "old_values")}

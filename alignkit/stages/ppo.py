@@ -263,7 +263,13 @@ def _reward_sources(config: Config, ctx) -> Any:
 
 
 def _load_for_training(name: str, task: str, config: Config, device: Any) -> Any:
-    """Load ``name`` for ``task`` (quantized if asked), on ``device``, with a fresh LoRA adapter, dropout off."""
+    """Load ``name`` for ``task`` (quantized if asked), on ``device``, with a fresh LoRA adapter, dropout off.
+
+    Dropout is switched off by setting every dropout probability to 0 rather than by eval mode: transformers
+    only checkpoints activations in training mode, so eval mode would silently ignore gradient_checkpointing.
+    """
+    import torch
+
     from ..models import apply_lora, is_quantized, load_model
 
     model = load_model(name, task=task, num_labels=1, quantization=config.quantization, dtype=config.dtype)
@@ -276,8 +282,10 @@ def _load_for_training(name: str, task: str, config: Config, device: Any) -> Any
     if not is_quantized(model):
         model = model.to(device)
     model = apply_lora(model, config.lora, task, gradient_checkpointing=config.gradient_checkpointing)
-    model.eval()  # dropout off for sampling, scoring and training alike
-    return model
+    for module in model.modules():  # LoRA's own dropout included: PPO ratios must start at exactly 1
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model.train()
 
 
 def _build_models(config: Config, tokenizer: Any, device: Any) -> tuple[Any, list[list[Any]]]:

@@ -390,6 +390,16 @@ def test_chunked_logps_equal_naive_and_keep_no_vocab_tensors(tiny_model_dir):
     torch.testing.assert_close(chunked, naive, rtol=1e-5, atol=1e-5)
     for got, expected in zip(grads, naive_grads):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # the experience pass: log-probs and entropies from one pass
+        logps, entropy = sequence_logps(policy, ids, mask, rollout.response_mask, temperature=0.7, chunk_tokens=2,
+                                        with_entropy=True)
+        width = rollout.query_ids.shape[1]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = policy(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, width - 1: -1] / 0.7
+        probs = torch.softmax(logits.float(), -1)
+        naive_entropy = -(probs * torch.log_softmax(logits.float(), -1)).sum(-1) * rollout.response_mask
+    torch.testing.assert_close(logps, naive.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy, naive_entropy, rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------- step reward placement

@@ -78,15 +78,15 @@ def _chunk_logps(hidden: Tensor, targets: Tensor, head: Any, temperature: float)
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def _chunk_entropy(hidden: Tensor, head: Any, temperature: float) -> Tensor:
-    """(n, H) -> (n,) entropy of softmax(head(hidden) / T), float32."""
+def _chunk_logps_entropy(hidden: Tensor, targets: Tensor, head: Any, temperature: float) -> tuple[Tensor, Tensor]:
+    """(n, H), (n,) -> ((n,) log-probs of the targets, (n,) entropies), from one float32 logits chunk."""
     logits = head(hidden).float() / temperature  # (n, V)
-    logps = torch.log_softmax(logits, dim=-1)
-    return -(logps.exp() * logps).sum(-1)
+    logps = torch.log_softmax(logits, dim=-1)  # (n, V)
+    return logps.gather(-1, targets[:, None]).squeeze(-1), -(logps.exp() * logps).sum(-1)
 
 
 def token_logps(hidden: Tensor, targets: Tensor, head: Any, *, temperature: float = 1.0,
-                chunk_tokens: int = 4096) -> Tensor:
+                chunk_tokens: int = 1024) -> Tensor:
     """Log-prob of each target token, ``chunk_tokens`` rows at a time: (N, H), (N,) -> (N,) float32.
 
     Equals ``log_softmax(head(hidden).float() / T, -1).gather(-1, targets[:, None])[:, 0]``. With autograd
@@ -104,10 +104,16 @@ def token_logps(hidden: Tensor, targets: Tensor, head: Any, *, temperature: floa
 
 
 @torch.no_grad()
-def token_entropy(hidden: Tensor, head: Any, *, temperature: float = 1.0, chunk_tokens: int = 4096) -> Tensor:
-    """Entropy of the (tempered) next-token distribution at each row: (N, H) -> (N,), no gradient."""
-    pieces = [_chunk_entropy(h, head, temperature) for h in hidden.split(chunk_tokens)]
-    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+def token_logps_and_entropy(hidden: Tensor, targets: Tensor, head: Any, *, temperature: float = 1.0,
+                            chunk_tokens: int = 1024) -> tuple[Tensor, Tensor]:
+    """Without gradients: :func:`token_logps` and the entropy of each row's (tempered) next-token
+    distribution, from one pass over the output layer: (N, H), (N,) -> ((N,), (N,)) float32."""
+    pieces = [_chunk_logps_entropy(h, t, head, temperature)
+              for h, t in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens))]
+    if not pieces:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    return torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
 
 
 def _scatter(mask: Tensor, flat: Tensor) -> Tensor:
@@ -116,9 +122,11 @@ def _scatter(mask: Tensor, flat: Tensor) -> Tensor:
 
 
 def sequence_logps(model: Any, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, *,
-                   temperature: float = 1.0, chunk_tokens: int = 4096,
+                   temperature: float = 1.0, chunk_tokens: int = 1024,
                    with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
     """Log-probs (and optionally entropies) of a causal LM's response tokens: ``(logps, entropy)``, (B, R).
+
+    ``with_entropy`` is for the no-gradient experience pass (entropies are logged, never trained on).
 
     ``input_ids``/``attention_mask``: (B, P + R), prompt left-padded to P, response right-padded to R;
     ``response_mask``: (B, R) bool, True on generated tokens. Entries outside the mask are 0.
@@ -128,13 +136,12 @@ def sequence_logps(model: Any, input_ids: Tensor, attention_mask: Tensor, respon
     hidden = response_hidden(backbone, input_ids, attention_mask, width)  # (B, R, H)
     kept = hidden[response_mask]  # (N, H): padding positions never reach the output layer
     targets = input_ids[:, width:][response_mask]  # (N,)
-    logps = _scatter(response_mask, token_logps(kept, targets, head, temperature=temperature,
-                                                chunk_tokens=chunk_tokens))
-    entropy = None
-    if with_entropy:
-        entropy = _scatter(response_mask, token_entropy(kept, head, temperature=temperature,
-                                                        chunk_tokens=chunk_tokens))
-    return logps, entropy
+    if with_entropy:  # the experience pass: no gradient, one output-layer pass for both
+        logps, entropy = token_logps_and_entropy(kept, targets, head, temperature=temperature,
+                                                 chunk_tokens=chunk_tokens)
+        return _scatter(response_mask, logps), _scatter(response_mask, entropy)
+    logps = token_logps(kept, targets, head, temperature=temperature, chunk_tokens=chunk_tokens)
+    return _scatter(response_mask, logps), None
 
 
 def sequence_values(value_model: Any, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor) -> Tensor:

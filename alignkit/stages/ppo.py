@@ -115,7 +115,8 @@ class Config(TrainStageConfig):
     ppo_epochs: int = Field(4, gt=0, description="Passes over each rollout.")
     max_steps: int = Field(-1, description="PPO steps (rollouts) to run (-1: `epochs` passes over `data`).")
     logits_chunk_tokens: int = Field(
-        4096, gt=0, description="Response tokens whose full-vocabulary logits exist at once (memory knob).")
+        1024, gt=0, description="Response tokens whose full-vocabulary logits exist at once (memory knob: "
+        "1024 x 152k-vocabulary float32 logits are 0.6 GB).")
     # --- losses and KL
     clip_eps: float = Field(0.2, gt=0, description="Clip range of the policy ratio.")
     value_clip_eps: float = Field(0.2, gt=0, description="Clip range of the value change (value units).")

@@ -37,15 +37,16 @@ import time
 from pathlib import Path
 
 PRESETS = {
-    "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, inter=128, vocab=None, batch=8,
-                 prompt=24, response=16, steps=6, lora_r=8, lr=1e-3),
-    "wide-vocab": dict(hidden=128, layers=2, heads=4, kv_heads=2, head_dim=32, inter=256, vocab=151936,
-                       batch=8, prompt=64, response=32, steps=5, lora_r=16, lr=1e-4),
-    "qwen3-0.6b": dict(hidden=1024, layers=28, heads=16, kv_heads=8, head_dim=128, inter=3072, vocab=151936,
-                       batch=32, prompt=128, response=128, steps=6, lora_r=16, lr=1e-4),
+    "tiny": {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "head_dim": 16, "inter": 128, "vocab": None,
+             "batch": 8, "prompt": 24, "response": 16, "steps": 6, "lora_r": 8, "lr": 1e-3},
+    "wide-vocab": {"hidden": 128, "layers": 2, "heads": 4, "kv_heads": 2, "head_dim": 32, "inter": 256,
+                   "vocab": 151936, "batch": 8, "prompt": 64, "response": 32, "steps": 5, "lora_r": 16, "lr": 1e-4},
+    "qwen3-0.6b": {"hidden": 1024, "layers": 28, "heads": 16, "kv_heads": 8, "head_dim": 128, "inter": 3072,
+                   "vocab": 151936, "batch": 32, "prompt": 128, "response": 128, "steps": 6, "lora_r": 16,
+                   "lr": 1e-4},
 }
-SHARED = dict(ppo_epochs=4, num_mini_batches=1, kl_coef=0.05, clip_eps=0.2, value_clip_eps=0.2, vf_coef=0.1,
-              gamma=1.0, lam=0.95, temperature=1.0)
+SHARED = {"ppo_epochs": 4, "num_mini_batches": 1, "kl_coef": 0.05, "clip_eps": 0.2, "value_clip_eps": 0.2,
+          "vf_coef": 0.1, "gamma": 1.0, "lam": 0.95, "temperature": 1.0}
 
 
 # ------------------------------------------------------------------------------------- setup (our venv)
@@ -56,8 +57,8 @@ def ensure_venv(venv: Path) -> Path:
     import torch
 
     python = venv / "bin" / "python"
-    check = [str(python), "-c", "import trl, sys; sys.exit(trl.__version__ != '1.12.0')"]
-    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
+    probe = [str(python), "-c", "import trl, sys; sys.exit(trl.__version__ != '1.12.0')"]
+    if python.exists() and subprocess.run(probe, capture_output=True, check=False).returncode == 0:
         return python
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(python), "-m", "pip", "install", "-q"]
@@ -239,9 +240,12 @@ def side(name: str, python: str, settings_file: Path) -> dict:
 
 def report(results: dict, settings: dict) -> str:
     ours, trl = results["ours"], results["trl"]
-    median = lambda r: statistics.median(r["step_s"][1:] or r["step_s"])  # noqa: E731
-    lines = [f"preset {settings['preset']}: batch {settings['batch']}, response {settings['response']}, "
-             f"{SHARED['ppo_epochs']} PPO epochs, {settings['steps']} steps, memory = {ours['kind']}",
+
+    def median(r: dict) -> float:  # the first step is warm-up
+        return statistics.median(r["step_s"][1:] or r["step_s"])
+
+    lines = [(f"preset {settings['preset']}: batch {settings['batch']}, response {settings['response']}, "
+              f"{SHARED['ppo_epochs']} PPO epochs, {settings['steps']} steps, memory = {ours['kind']}"),
              f"{'':6} {'s/step':>8} {'peak GiB':>9} {'growth GiB':>11}"]
     for name, r in (("ours", ours), ("trl", trl)):
         growth = f"{r['growth_gib']:11.3f}" if "growth_gib" in r else f"{'-':>11}"

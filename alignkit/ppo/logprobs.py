@@ -93,7 +93,7 @@ def token_logps(hidden: Tensor, targets: Tensor, head: Any, *, temperature: floa
     on, each chunk is checkpointed (only ``hidden`` is saved; backward recomputes the chunk's logits).
     """
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 (the log-probs of a greedy policy are not defined), got {temperature}")
+        raise ValueError(f"temperature must be > 0 (a greedy policy has no log-probs), got {temperature}")
     pieces = []
     for h, t in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens)):
         if torch.is_grad_enabled() and h.requires_grad:

@@ -60,7 +60,7 @@ def fill_experience(models: PPOModels, rollout: Rollout, config: Any) -> None:
         part = rollout.select(rows)
         ids, attention = part.inputs()
         mask, width = part.response_mask, part.response_mask.shape[1]
-        options = dict(temperature=config.temperature, chunk_tokens=config.logits_chunk_tokens)
+        options = {"temperature": config.temperature, "chunk_tokens": config.logits_chunk_tokens}
         logps, entropy = sequence_logps(models.policy, ids, attention, mask, with_entropy=True, **options)
         with models.policy.disable_adapter():
             ref_logps, _ = sequence_logps(models.policy, ids, attention, mask, **options)

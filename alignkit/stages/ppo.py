@@ -170,7 +170,8 @@ def check(config: Config, base_dir: Path) -> None:
                 raise RecipeError(error.reason, field=f"rewards.{index}") from None
     if config.rollout_size % config.samples_per_prompt:
         raise RecipeError(f"batch_size * grad_accum * num_mini_batches = {config.rollout_size} samples per step is "
-                          f"not a multiple of samples_per_prompt={config.samples_per_prompt}", field="samples_per_prompt")
+                          f"not a multiple of samples_per_prompt={config.samples_per_prompt}",
+                          field="samples_per_prompt")
     if config.generation.backend == "openai":
         raise RecipeError("ppo samples from the policy being trained: use generation.backend hf or fast",
                           field="generation.backend")
@@ -355,7 +356,8 @@ def _save_outputs(models: Any, tokenizer: Any, ctx) -> dict[str, str]:
 
     paths = outputs(ctx.run_dir)
     if ctx.is_main:
-        for model, adapter, merged in ((models.policy, "adapter", "model"), (models.value, "value_adapter", "value_model")):
+        pairs = ((models.policy, "adapter", "model"), (models.value, "value_adapter", "value_model"))
+        for model, adapter, merged in pairs:
             model.save_pretrained(paths[adapter])
             tokenizer.save_pretrained(paths[adapter])
             merge_adapter(paths[adapter], paths[merged])
@@ -368,7 +370,10 @@ def _summary(history: list[dict[str, Any]], start: int, seconds: float) -> dict[
     if not history:
         return {"train_steps": 0}
     k = max(1, len(history) // 4)
-    mean = lambda rows, key: sum(r.get(key, 0.0) for r in rows) / len(rows)  # noqa: E731
+
+    def mean(rows: list[dict[str, Any]], key: str) -> float:
+        return sum(r.get(key, 0.0) for r in rows) / len(rows)
+
     ran = len(history) - start
     return {
         "train_steps": history[-1]["step"], "train_seconds": round(seconds, 2),

@@ -41,11 +41,19 @@ def world_size() -> int:
     return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
+def _collective_device() -> torch.device:
+    """Where a collective's tensor must live: NCCL reduces CUDA tensors only, gloo CPU ones."""
+    if "nccl" in str(torch.distributed.get_backend()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(values: Tensor) -> Tensor:
-    """Sum a tensor over processes (returned unchanged in a single process)."""
+    """Sum a tensor over processes, returned on its own device (unchanged in a single process)."""
     if world_size() > 1:
-        values = values.clone()
-        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
+        work = values.to(_collective_device(), copy=True)
+        torch.distributed.all_reduce(work, op=torch.distributed.ReduceOp.SUM)
+        values = work.to(values.device)
     return values
 
 
@@ -59,12 +67,13 @@ def sync_gradients(params: list[Tensor]) -> None:
     """
     if world_size() == 1:
         return
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+    # float32 buffer: a bf16 score head and float32 LoRA weights share one reduction
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().reshape(-1) for p in params])
+    flat = all_reduce_sum(flat)
     offset = 0
     for p in params:
         size = p.numel()
-        p.grad = flat[offset: offset + size].view_as(p).clone()
+        p.grad = flat[offset: offset + size].view_as(p).to(p.dtype)
         offset += size
 
 

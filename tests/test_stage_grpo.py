@@ -16,13 +16,14 @@ from alignkit.pipeline import run_recipe
 from alignkit.recipe import load_recipe
 from alignkit.stages.rl_common import check_prompt_lengths, prompt_rows, reward_metrics, throughput
 
-# A reward the tiny random model can learn in a few steps: the share of "7" characters in the completion.
+# A reward the tiny random model can learn in a few steps: the share of digits in the completion (~5% at
+# random init). A single target character ("7", ~1%) left most groups all-zero and was seed-dependent.
 REWARDS_PY = '''
 from alignkit.rewards import completion_text
 
-def char_fraction(completions, target="7", **kwargs):
+def digit_fraction(completions, **kwargs):
     texts = [completion_text(c) for c in completions]
-    return [t.count(target) / len(t) if t else 0.0 for t in texts]
+    return [sum(ch.isdigit() for ch in t) / len(t) if t else 0.0 for t in texts]
 
 def constant(completions, **kwargs):
     return [1.0] * len(completions)
@@ -38,7 +39,7 @@ def write_recipe(tmp_path: Path, model: Path, stage: str) -> Path:
         defaults:
           model: {model}
           data: {{source: arith, params: {{n: 32, steps: 1, max_operand: 9}}}}
-          rewards: [{{program: rewards.py:char_fraction}}]
+          rewards: [{{program: rewards.py:digit_fraction}}]
           num_generations: 4
           batch_size: 8
           max_completion_length: 8
@@ -78,8 +79,8 @@ def test_grpo_raises_reward_through_the_pipeline(tmp_path, tiny_model_dir):
     metrics = manifest.metrics
     rewards = [entry["reward"] for entry in logged]
     assert len(rewards) == 6  # 12 steps, logged every 2
-    # Random init: ~1% of characters are "7"; three runs of this test (seeds 0-2) ended at 0.3-0.5.
-    assert mean(rewards[-2:]) > mean(rewards[:2]) + 0.1, rewards
+    # Seeds 0, 1, 2 of this run went from 0.04-0.10 to 0.94, 0.50, 0.99.
+    assert mean(rewards[-2:]) > mean(rewards[:2]) + 0.15, rewards
     assert metrics["reward_first"] == rewards[0] and metrics["reward_last"] == rewards[-1]
     assert 0 <= metrics["frac_reward_zero_std_mean"] <= 1
     assert metrics["completions_sampled"] == 12 * 8 and metrics["completions_per_second"] > 0
@@ -92,18 +93,20 @@ def test_grpo_raises_reward_through_the_pipeline(tmp_path, tiny_model_dir):
 
 
 def test_rloo_raises_reward(tmp_path, tiny_model_dir):
-    # beta 0: with rewards of ~0.01, TRL's default KL penalty (0.05 x summed log-ratio) would swamp them.
+    # beta 0: with rewards of ~0.05, TRL's default KL penalty (0.05 x summed log-ratio) would swamp them.
+    # 4 prompts per step (batch 16): with 2, one seed in three stayed flat. Seeds 0-2: 0.06 -> 0.51, 0.20, 0.52.
     manifest, logged = run_stage(tmp_path, tiny_model_dir, """
         - kind: rloo
           beta: 0.0
+          batch_size: 16
           lr: 3.0e-2
           max_steps: 8
           save_steps: 8
     """)
     rewards = [entry["reward"] for entry in logged]
     assert len(rewards) == 4
-    assert mean(rewards[-2:]) > mean(rewards[:2]) + 0.1, rewards
-    assert manifest.metrics["completions_sampled"] == 8 * 8
+    assert mean(rewards[-2:]) > mean(rewards[:2]) + 0.05, rewards
+    assert manifest.metrics["completions_sampled"] == 8 * 16
     assert set(manifest.artifacts) == {"model"}  # full fine-tuning: no adapter
 
 

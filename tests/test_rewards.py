@@ -100,7 +100,7 @@ def test_spec_binds_options_and_rejects_unknown_ones(programs: Path) -> None:
                                    RewardSpec(program="rw/toy.py:length")], base_dir=programs)
     assert isinstance(funcs[0], functools.partial) and funcs[0].func.__name__ == "flag"
     assert funcs[0](["x"], flag=[0.5]) == [5.0] and weights == [2.0, 1.0]
-    options = r"no option\(s\) \['scal'\]; its options are \['completions', 'flag', 'scale'\]"
+    options = r"no option\(s\) \['scal'\]; its options are \['flag', 'scale'\]"
     with pytest.raises(RecipeError, match=options):
         load_rewards([RewardSpec(program="rw/toy.py:flag", kwargs={"scal": 10.0})], base_dir=programs)
     with pytest.raises(ValueError, match="names no function"):
@@ -201,3 +201,34 @@ def test_step_format(text: str, score: float) -> None:
     step_format = load_reward("reward/format.py:step_format")
     assert step_format([text]) == [score]
     assert step_format([[{"role": "assistant", "content": text}]], answer=["ignored"]) == [score]
+
+
+def test_model_prefixes_load_trained_scorers(tmp_path, tiny_seqcls_dir, tiny_tokencls_dir, monkeypatch):
+    """`model:<folder>` is an outcome reward model and `prm:<folder>` a process reward model, both as
+    TRL-convention reward functions; scorer options come from the spec's kwargs."""
+    import alignkit.prm as prm
+    import alignkit.reward_model as reward_model
+    from alignkit.rewards import RewardSpec, bind_reward, is_model_reward
+
+    built = []
+
+    class FakeScorer:
+        def __init__(self, model_path, *, batch_size=16, max_length=1024, dtype="auto"):
+            built.append((type(self).__name__, model_path, batch_size))
+
+        def __call__(self, completions, prompts=None, **kwargs):
+            return [float(len(c)) for c in completions]
+
+    class FakePRM(FakeScorer):
+        pass
+
+    monkeypatch.setattr(reward_model, "RewardModelScorer", FakeScorer)
+    monkeypatch.setattr(prm, "PRMScorer", FakePRM)
+    assert is_model_reward("model:x") and is_model_reward("prm:x") and not is_model_reward("reward/math.py:f")
+    orm = bind_reward(RewardSpec(program=f"model:{tiny_seqcls_dir}", kwargs={"batch_size": 4}))
+    assert orm(["ab", "abc"], prompts=["q", "q"]) == [2.0, 3.0]
+    (tmp_path / "rm").mkdir()
+    bind_reward(RewardSpec(program="prm:rm"), base_dir=tmp_path)  # relative to the recipe's folder
+    assert built == [("FakeScorer", str(tiny_seqcls_dir), 4), ("FakePRM", str(tmp_path / "rm"), 16)]
+    with pytest.raises(RecipeError, match="no option"):
+        bind_reward(RewardSpec(program="model:x", kwargs={"temperature": 2}))

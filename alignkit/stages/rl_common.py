@@ -22,7 +22,7 @@ from pydantic import Field
 
 from ..config import DataSpec
 from ..errors import DataError, RecipeError
-from ..rewards import RewardSpec, bind_reward, load_reward
+from ..rewards import RewardSpec, bind_reward, is_model_reward, load_reward
 from .common import TrainStageConfig, check_trl_passthrough, last_checkpoint, save_trained_model
 
 
@@ -61,6 +61,8 @@ def check_rl(config: RLStageConfig, base_dir: Path, trl_config_class: type) -> N
     """Load-time checks shared by grpo and rloo; raise RecipeError naming the field."""
     check_trl_passthrough(config.trl, trl_config_class)
     for index, spec in enumerate(config.rewards):
+        if is_model_reward(spec.program):
+            continue  # a model folder an earlier stage will make: loaded (and checked) at run time
         try:
             load_reward(spec.program, base_dir=base_dir)
         except RecipeError as error:

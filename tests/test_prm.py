@@ -272,17 +272,17 @@ def test_prm_stage_trains_saves_and_scores(tmp_path, tiny_model_dir):
     assert len(scores) == 2 and all(0.0 < s < 1.0 for s in scores)
 
 
-def test_soft_labels_need_the_column(tmp_path, tiny_model_dir):
+def test_soft_labels_are_the_targets_and_need_the_column():
     from alignkit.errors import DataError
-    from alignkit.pipeline import run_recipe
-    from alignkit.recipe import load_recipe
+    from alignkit.stages import prm as stage
 
-    path = tmp_path / "prm.yaml"
-    text = textwrap.dedent(RECIPE).replace("MODEL", str(tiny_model_dir)).replace(
-        "    lr: 5.0e-3\n", "    lr: 5.0e-3\n    soft_labels: true\n")
-    path.write_text(text)
-    with pytest.raises(DataError, match="soft_labels"):
-        run_recipe(load_recipe(path, output_dir=str(tmp_path / "runs")), echo=lambda *_: None)
+    config = stage.Config(model="m", data={"source": "arith"}, soft_labels=True)
+    row = {"prompt": "Q?", "completions": ["a", "b"], "labels": [True, False], "soft_labels": [0.75, 0.0]}
+    (example,), _ = stage.encode_dataset([row], tiny_bpe(), config)
+    assert [v for v in example["labels"] if v != IGNORE] == [0.75, 0.0]
+    assert example["step_labels"] == [True, False]  # eval compares with the hard labels
+    with pytest.raises(DataError, match="row 1: soft_labels: true needs a 'soft_labels' column"):
+        stage.encode_dataset([row, {k: v for k, v in row.items() if k != "soft_labels"}], tiny_bpe(), config)
 
 
 def test_stage_reads_math_shepherd_prm800k_and_trl_rows(tmp_path):

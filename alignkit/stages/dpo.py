@@ -53,7 +53,9 @@ from ..config import DataSpec, Spec
 from ..errors import DataError, RecipeError
 from ..generation import GenerationSpec
 from ..rewards import RewardSpec
-from .common import TrainStageConfig, check_trl_passthrough, last_checkpoint, save_trained_model, trl_args
+from .common import (
+    TrainStageConfig, check_trl_passthrough, last_checkpoint, measure_accuracy, save_trained_model, trl_args,
+)
 
 
 class PairsSpec(Spec):
@@ -127,7 +129,7 @@ def run(config: Config, ctx) -> Any:
     problems = load_dataset(config.accuracy_data, "problems") if config.accuracy_data else None
     metrics: dict[str, Any] = {}
     if problems is not None:
-        metrics["accuracy_before"] = _accuracy(model, tokenizer, problems, config, ctx, "before")
+        metrics["accuracy_before"] = measure_accuracy(model, tokenizer, problems, config, ctx, "before")
 
     if config.pairs is not None:
         pairs, pair_metrics = _on_policy_pairs(model, tokenizer, config, ctx)
@@ -141,7 +143,7 @@ def run(config: Config, ctx) -> Any:
         artifacts["pairs"] = str(ctx.run_dir / "pairs.jsonl")
 
     if problems is not None:
-        metrics["accuracy_after"] = _accuracy(trainer.model, tokenizer, problems, config, ctx, "after")
+        metrics["accuracy_after"] = measure_accuracy(trainer.model, tokenizer, problems, config, ctx, "after")
     ctx.log({f"dpo/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     return StageResult(metrics=metrics, artifacts=artifacts)
 
@@ -264,19 +266,6 @@ def _training_rows(pairs: list[dict[str, Any]], tokenizer, *, chat: bool):
         return {"prompt": render_prompt(tokenizer, row["prompt"], chat=False), "chosen": chosen, "rejected": rejected}
 
     return Dataset.from_list([convert(row) for row in pairs])
-
-
-def _accuracy(model, tokenizer, problems, config: Config, ctx, when: str) -> float:
-    from ..evaluation import greedy_accuracy
-
-    report = greedy_accuracy(model, tokenizer, problems, max_new_tokens=config.accuracy_max_new_tokens,
-                             chat=config.chat, progress=ctx.is_main)
-    if ctx.is_main:
-        path = ctx.run_dir / f"accuracy_{when}.jsonl"
-        path.write_text("".join(json.dumps(sample) + "\n" for sample in report["samples"]))
-        print(f"[alignkit] {ctx.name}: greedy accuracy {when} training = {report['accuracy']:.3f} "
-              f"on {report['n']} held-out problems")
-    return report["accuracy"]
 
 
 def _train_metrics(trainer, result, seconds: float) -> dict[str, Any]:

@@ -23,7 +23,9 @@ from pydantic import Field
 from ..config import DataSpec
 from ..errors import DataError, RecipeError
 from ..rewards import RewardSpec, bind_reward, is_model_reward, load_reward
-from .common import TrainStageConfig, check_trl_passthrough, last_checkpoint, save_trained_model
+from .common import (
+    TrainStageConfig, check_trl_passthrough, last_checkpoint, measure_accuracy, save_trained_model,
+)
 
 
 class RLStageConfig(TrainStageConfig):
@@ -227,17 +229,3 @@ def throughput(global_step: int, args: Any, seconds: float, *, resumed_from: str
         "completions_per_second": round(completions / seconds, 3) if seconds > 0 else None,
         "resumed_from_step": start or None,
     }
-
-
-def measure_accuracy(model: Any, tokenizer: Any, problems: Any, config: RLStageConfig, ctx, when: str) -> float:
-    """Greedy exact-match on held-out problems; writes ``accuracy_<when>.jsonl`` in the stage folder."""
-    from ..evaluation import greedy_accuracy
-
-    report = greedy_accuracy(model, tokenizer, problems, max_new_tokens=config.accuracy_max_new_tokens,
-                             chat=config.chat, progress=ctx.is_main)
-    if ctx.is_main:
-        path = ctx.run_dir / f"accuracy_{when}.jsonl"
-        path.write_text("".join(json.dumps(sample) + "\n" for sample in report["samples"]))
-        print(f"[alignkit] {ctx.name}: greedy accuracy {when} training = {report['accuracy']:.3f} "
-              f"on {report['n']} held-out problems")
-    return report["accuracy"]

@@ -31,7 +31,9 @@ from typing import Any
 from pydantic import Field
 
 from ..config import DataSpec
-from .common import TrainStageConfig, check_trl_passthrough, last_checkpoint, save_trained_model, trl_args
+from .common import (
+    TrainStageConfig, check_trl_passthrough, last_checkpoint, measure_accuracy, save_trained_model, trl_args,
+)
 
 
 class Config(TrainStageConfig):
@@ -70,7 +72,7 @@ def run(config: Config, ctx) -> Any:
     metrics: dict[str, Any] = {"train_examples": len(train_data)}
 
     if problems is not None:
-        metrics["accuracy_before"] = _accuracy(model, tokenizer, problems, config, ctx, "before")
+        metrics["accuracy_before"] = measure_accuracy(model, tokenizer, problems, config, ctx, "before")
 
     args = trl_args(
         SFTConfig, config, ctx,
@@ -92,7 +94,7 @@ def run(config: Config, ctx) -> Any:
     artifacts = save_trained_model(trainer, tokenizer, ctx)
 
     if problems is not None:
-        metrics["accuracy_after"] = _accuracy(trainer.model, tokenizer, problems, config, ctx, "after")
+        metrics["accuracy_after"] = measure_accuracy(trainer.model, tokenizer, problems, config, ctx, "after")
     ctx.log({f"sft/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     return StageResult(metrics=metrics, artifacts=artifacts)
 
@@ -108,19 +110,6 @@ def _as_training_rows(dataset, *, chat: bool):
         },
         remove_columns=[c for c in dataset.column_names if c not in ("prompt", "completion")],
     )
-
-
-def _accuracy(model, tokenizer, problems, config: Config, ctx, when: str) -> float:
-    from ..evaluation import greedy_accuracy
-
-    report = greedy_accuracy(model, tokenizer, problems, max_new_tokens=config.accuracy_max_new_tokens,
-                             chat=config.chat, progress=ctx.is_main)
-    if ctx.is_main:
-        path = ctx.run_dir / f"accuracy_{when}.jsonl"
-        path.write_text("".join(json.dumps(sample) + "\n" for sample in report["samples"]))
-        print(f"[alignkit] {ctx.name}: greedy accuracy {when} training = {report['accuracy']:.3f} "
-              f"on {report['n']} held-out problems")
-    return report["accuracy"]
 
 
 def _train_metrics(trainer, result, seconds: float) -> dict[str, Any]:

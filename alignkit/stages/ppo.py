@@ -43,9 +43,9 @@ Departures from the papers and from TRL 1.12's PPOTrainer:
 7. Early stop on KL (``target_kl``: remaining updates of a rollout are skipped once a mini-batch's approximate
    KL to the sampling policy passes 1.5x it, Spinning Up's rule) and an adaptive KL coefficient
    (``adaptive_kl``, Ziegler et al. 2019) are offered; TRL 1.12 had neither.
-8. Dropout is off in every model, as TRL does; responses are sampled with temperature only (no top-p/top-k),
-   so the recomputed log-probs are those of the distribution that sampled. Advantages are whitened over each
-   process's rollout, as in TRL.
+8. Dropout is off in every model (probabilities set to 0), as TRL does; responses are sampled with
+   temperature only (no top-p/top-k), so the recomputed log-probs are those of the distribution that
+   sampled. Advantages are whitened over each process's rollout, as in TRL.
 """
 
 from __future__ import annotations

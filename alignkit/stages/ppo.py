@@ -366,7 +366,8 @@ def _save_outputs(models: Any, tokenizer: Any, ctx) -> dict[str, str]:
 
 
 def _summary(history: list[dict[str, Any]], start: int, seconds: float) -> dict[str, Any]:
-    """Reward and KL at the start and end of training (means over the first and last quarter of the steps)."""
+    """Sequence and step (PRM) rewards and KL at the start and end of training (means over the first and last
+    quarter of the steps)."""
     if not history:
         return {"train_steps": 0}
     k = max(1, len(history) // 4)
@@ -378,6 +379,8 @@ def _summary(history: list[dict[str, Any]], start: int, seconds: float) -> dict[
     return {
         "train_steps": history[-1]["step"], "train_seconds": round(seconds, 2),
         "reward_first": mean(history[:k], "reward/score"), "reward_last": mean(history[-k:], "reward/score"),
+        "step_reward_first": mean(history[:k], "reward/step_score"),
+        "step_reward_last": mean(history[-k:], "reward/step_score"),
         "kl_last": mean(history[-k:], "kl/sequence"), "entropy_last": mean(history[-k:], "policy/entropy"),
         "seconds_per_step": round(seconds / ran, 3) if ran > 0 else None,
         "tokens_per_second": round(mean(history[start:], "throughput/tokens_per_s"), 1) if ran > 0 else None,

@@ -135,7 +135,7 @@ def load_constitution(ref: str | Path, *, base_dir: str | Path | None = None) ->
         return Constitution.model_validate(raw)
     except ValidationError as err:
         # a misspelt key also reports the real key as missing: name the misspelling first
-        first = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
+        first = min(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
         field = ".".join(str(part) for part in first["loc"]) or None
         raise RecipeError(_describe(first, raw), file=str(path), field=field) from None
 

@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from alignkit.constitution import (CONSTITUTIONS_DIR, Constitution, load_constitution, shipped_constitutions)
+from alignkit.constitution import (
+    CONSTITUTIONS_DIR,
+    Constitution,
+    load_constitution,
+    shipped_constitutions,
+)
 from alignkit.errors import RecipeError
 
 GOOD = """\

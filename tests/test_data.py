@@ -115,7 +115,7 @@ def test_hh_dev_file_skips_and_counts_bad_rows(caplog):
         assert [m["role"] for m in row["chosen"] + row["rejected"]] == ["assistant", "assistant"]
     assert ds[0]["prompt"][0]["content"] == "what are some pranks with a pen i can do?"
     assert ds[0]["chosen"][0]["content"].startswith("No, sorry!")
-    with pytest.raises(DataError, match=r"gives formats \['preference'\], not 'sft'"):
+    with pytest.raises(DataError, match=r"gives formats \['preference', 'prompts'\], not 'sft'"):
         load_dataset(DataSpec(source=str(HH)), "sft")
 
 

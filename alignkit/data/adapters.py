@@ -251,9 +251,11 @@ def prm800k_row(row: dict[str, Any], params: Prm800kParams) -> list[dict[str, An
 # ---------------------------------------------------------------- registry and detection
 
 ADAPTERS: dict[str, Adapter] = {
-    "gsm8k": Adapter("gsm8k", (("question", "answer"),), ("sft", "problems", "text"), gsm8k_row,
+    "gsm8k": Adapter("gsm8k", (("question", "answer"),), ("sft", "problems", "text", "prompts"), gsm8k_row,
                      hub=("openai/gsm8k", "main")),
-    "hh": Adapter("hh", (("chosen", "rejected"),), ("preference",), hh_row, hub=("Anthropic/hh-rlhf", None)),
+    # prompts: the conversation before the final reply (the requests Constitutional AI answers and revises)
+    "hh": Adapter("hh", (("chosen", "rejected"),), ("preference", "prompts"), hh_row,
+                  hub=("Anthropic/hh-rlhf", None)),
     "math-shepherd": Adapter("math-shepherd", (("input", "label"),), ("stepwise",), math_shepherd_row,
                              hub=("peiyi9979/Math-Shepherd", None)),
     # PRM800K is published on GitHub, not the Hub: `path:` is required.

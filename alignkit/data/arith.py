@@ -315,4 +315,6 @@ def view(record: dict[str, Any], fmt: str, params: ArithParams, index: int) -> d
         return {"prompt": record["prompt"], "completion": record["completion"]}
     if fmt == "text":
         return {"text": f"{record['prompt']}\n{record['completion']}"}
+    if fmt == "prompts":
+        return {"prompt": record["prompt"]}
     return {k: record[k] for k in ("prompt", "answer", "steps", "values")}

@@ -11,6 +11,7 @@ format         columns
 ``stepwise``   ``prompt`` (str), ``completions`` (list[str]), ``labels`` (list[bool]), optional
                ``soft_labels`` (list[float] in [0, 1]): TRL's stepwise supervision format
 ``text``       ``text`` (str)
+``prompts``    ``prompt``: a string or a message list (requests to answer: red-team prompts, HH prompts)
 =============  =============================================================================================
 
 Only these columns are kept: extra columns would make TRL guess differently (e.g. a stray ``text`` column
@@ -30,6 +31,7 @@ FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "preference": (("prompt", "chosen", "rejected"), ()),
     "stepwise": (("prompt", "completions", "labels"), ("soft_labels",)),
     "text": (("text",), ()),
+    "prompts": (("prompt",), ()),
 }
 
 
@@ -141,6 +143,8 @@ def to_format(record: dict[str, Any], fmt: str, where: str) -> dict[str, Any]:
         problem = next((p for c in required if (p := _text_or_messages(row, c))), None)
     elif fmt == "stepwise":
         problem = _string(row, "prompt") or _stepwise(row)
+    elif fmt == "prompts":
+        problem = _text_or_messages(row, "prompt")
     elif fmt == "problems":
         problem = _problems(row)
     else:

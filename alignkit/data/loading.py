@@ -2,7 +2,7 @@
 
 Order of work (each step names the DataSpec field it serves):
 
-1. read rows: the ``arith`` generator; a named source (``gsm8k``, ``hh``, ``math-shepherd``, ``prm800k``)
+1. read rows: the ``arith`` generator or the built-in ``redteam`` prompts; a named source (``gsm8k``, ``hh``, ``math-shepherd``, ``prm800k``)
    from ``path`` or its Hub id; a local file (.jsonl/.json/.parquet/.csv, optionally .gz); else a Hub id
    (with ``split``).
 2. rename ``columns`` (ours -> theirs) to our names; pick the adapter (``adapter``, ``auto`` detects it
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.config import DataSpec
-from alignkit.data import arith
+from alignkit.data import arith, redteam
 from alignkit.data.adapters import ADAPTERS, Adapter, SkipRow, adapter_params, detect
 from alignkit.data.formats import FORMATS, check_format, features, missing_columns, to_format
 from alignkit.errors import DataError
@@ -34,7 +34,7 @@ from alignkit.errors import DataError
 logger = logging.getLogger(__name__)
 
 _CHUNK = 1024  # rows fetched from a datasets.Dataset at a time
-_ARITH_FORMATS = ("sft", "problems", "text", "stepwise", "preference")
+_ARITH_FORMATS = ("sft", "problems", "text", "stepwise", "preference", "prompts")
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -224,6 +224,15 @@ def _arith_rows(spec: DataSpec, fmt: str) -> list[dict[str, Any]]:
     return [arith.view(records[i], fmt, params, index=i) for i in order]
 
 
+def _redteam_rows(spec: DataSpec, fmt: str) -> list[dict[str, Any]]:
+    if fmt != "prompts":
+        raise DataError(f"source 'redteam' is a list of prompts (format 'prompts'), not {fmt!r}")
+    if spec.adapter != "auto" or spec.columns or spec.params or spec.path:
+        raise DataError("source 'redteam' is the built-in prompt list: it takes no adapter, columns, params or path")
+    records = redteam.rows()
+    return [records[i] for i in _order(len(records), spec)[: spec.limit]]
+
+
 def load_dataset(spec: DataSpec, fmt: str):
     """Load ``spec`` as a ``datasets.Dataset`` in format ``fmt`` (see :mod:`alignkit.data.formats`).
 
@@ -233,6 +242,8 @@ def load_dataset(spec: DataSpec, fmt: str):
     check_format(fmt)
     if spec.source == "arith":
         rows, where = _arith_rows(spec, fmt), "arith"
+    elif spec.source == "redteam":
+        rows, where = _redteam_rows(spec, fmt), "redteam"
     else:
         table, where, forced = _read_source(spec)
         rows = _convert(table, spec, fmt, where, forced)

@@ -137,24 +137,32 @@ class OpenAIEngine:
         return [parse_choice(c, tokenizer=self.tokenizer, return_logprobs=params.return_logprobs) for c in choices]
 
     def _post(self, body: dict) -> dict:
-        """POST with retries on 5xx/429/connection errors; raises GenerationError when out of attempts."""
-        data = json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    return json.load(response)
-            except urllib.error.HTTPError as err:
-                detail = err.read()[:500].decode(errors="replace")
-                last = f"HTTP {err.code}: {detail}"
-                if err.code < 500 and err.code != 429:  # our request is wrong: retrying will not help
-                    raise GenerationError(f"{self.url} answered {last}") from None
-            except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
-                last = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
-        raise GenerationError(f"{self.url} failed {self.max_retries + 1} times; last error: {last}")
+        return post_json(self.url, body, api_key=self._api_key, timeout_s=self.timeout_s,
+                         max_retries=self.max_retries, backoff_s=self.backoff_s)
+
+
+def post_json(url: str, body: dict, *, api_key: str | None = None, timeout_s: float = 600.0, max_retries: int = 4,
+              backoff_s: float = 1.0) -> dict:
+    """POST ``body`` as JSON and return the parsed answer, retrying 5xx/429/connection errors with exponential
+    backoff; raises GenerationError when out of attempts or at once on another HTTP error. Shared with
+    :mod:`alignkit.judges`. The API key is sent as a bearer token and never put into a message."""
+    data = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    last = ""
+    for attempt in range(max_retries + 1):
+        if attempt:
+            time.sleep(backoff_s * 2 ** (attempt - 1))
+        request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                return json.load(response)
+        except urllib.error.HTTPError as err:
+            detail = err.read()[:500].decode(errors="replace")
+            last = f"HTTP {err.code}: {detail}"
+            if err.code < 500 and err.code != 429:  # our request is wrong: retrying will not help
+                raise GenerationError(f"{url} answered {last}") from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
+            last = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
+    raise GenerationError(f"{url} failed {max_retries + 1} times; last error: {last}")

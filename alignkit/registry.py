@@ -28,6 +28,8 @@ STAGES: dict[str, str] = {
     "prm": "alignkit.stages.prm",
     "eval": "alignkit.stages.eval",
     "ppo": "alignkit.stages.ppo",
+    "rntp": "alignkit.stages.rntp",
+    "cai-revise": "alignkit.stages.cai_revise",
 }
 
 

@@ -100,16 +100,23 @@ def run(config: Config, ctx) -> Any:
 
 
 def _as_training_rows(dataset, *, chat: bool):
-    """prompt/completion strings -> TRL conversational rows (or left as text when chat is off)."""
+    """prompt/completion strings -> TRL conversational rows (or left as text when chat is off).
+
+    A prompt that is already a conversation (HH red-team prompts revised by cai-revise) is kept as it is.
+    """
     if not chat:
         return dataset
     return dataset.map(
         lambda row: {
-            "prompt": [{"role": "user", "content": row["prompt"]}],
-            "completion": [{"role": "assistant", "content": row["completion"]}],
+            "prompt": _as_messages(row["prompt"], "user"),
+            "completion": _as_messages(row["completion"], "assistant"),
         },
         remove_columns=[c for c in dataset.column_names if c not in ("prompt", "completion")],
     )
+
+
+def _as_messages(value, role: str) -> list[dict[str, str]]:
+    return value if isinstance(value, list) else [{"role": role, "content": value}]
 
 
 def _train_metrics(trainer, result, seconds: float) -> dict[str, Any]:

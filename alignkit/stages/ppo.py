@@ -85,6 +85,8 @@ class Config(TrainStageConfig):
     # --- data and rewards
     data: DataSpec = Field(..., description="Training problems ('problems' format); every column but prompt "
                            "reaches the reward programs as a keyword list.")
+    data_format: Literal["problems", "prompts"] = Field(
+        "problems", description="prompts: rows with only a prompt (red-team prompts scored by a reward model).")
     rewards: list[RewardSpec] = Field(
         default_factory=list, description="Sequence rewards (verifiers, `model:<folder>` reward models), "
         "weighted and summed; placed on the last token.")
@@ -189,7 +191,7 @@ def run(config: Config, ctx) -> Any:
     # 1. Data, tokenizer and reward sources.
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(config.model, padding_side="left")
-    data = load_dataset(config.data, "problems").to_list()
+    data = load_dataset(config.data, config.data_format).to_list()
     longest = _check_prompt_lengths(data, tokenizer, config)
     sources = _reward_sources(config, ctx)
     # 2. Policy (LoRA; reference = adapters disabled) and value model (own LoRA, score head at every token).

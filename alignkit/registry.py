@@ -30,6 +30,8 @@ STAGES: dict[str, str] = {
     "ppo": "alignkit.stages.ppo",
     "rntp": "alignkit.stages.rntp",
     "cai-revise": "alignkit.stages.cai_revise",
+    "cai-label": "alignkit.stages.cai_label",
+    "cai-compare": "alignkit.stages.cai_compare",
 }
 
 

@@ -307,6 +307,7 @@ def load_model(
     dtype: str = "auto",
     device_map: str | dict[str, Any] | None = None,
     trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
 ) -> PreTrainedModel:
     """Load ``name`` for ``task`` (causal-lm, seq-cls, token-cls), optionally 4/8-bit quantized.
 
@@ -319,15 +320,19 @@ def load_model(
       (``merge_and_unload``) and a plain model returned. **Quantized, a ``PeftModel`` with the adapter
       trainable is returned**: merging into 4/8-bit weights would round the update away.
     - Quantized on CUDA without a ``device_map``, the model goes to the current device (one per rank).
+    - ``attn_implementation``: passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``, a
+      ``kernels-community/...`` hub kernel); None keeps transformers' default (SDPA where supported).
     """
     if task not in TASKS:
         raise ModelError(f"model {name!r}: unknown task {task!r}; use one of {', '.join(TASKS)}")
     path = resolve_model(name)
-    options = dict(quantization=quantization, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code)
+    options = dict(quantization=quantization, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code,
+                   attn_implementation=attn_implementation)
     if is_adapter_dir(path):
         return _load_with_adapter(name, path, task, num_labels, options)
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
     kwargs |= {"num_labels": num_labels} if task != "causal-lm" else {}
+    kwargs |= {"attn_implementation": attn_implementation} if attn_implementation else {}
     quant = bnb_config(quantization)
     if quant is not None:
         kwargs |= {"quantization_config": quant, "device_map": device_map or _default_quant_device_map()}

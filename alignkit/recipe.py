@@ -191,7 +191,9 @@ def _plan_stage(index, stage_raw, defaults, earlier, root, file, base_dir) -> Pl
             raise RecipeError(exc.reason, file=file, field=f"{field}.{exc.field}" if exc.field else field) from None
     run_dir = root / name
     upstream_hashes = [stage.hash for stage in earlier if stage.name in upstream]
-    digest = config_hash(kind, config.model_dump(mode="json"), upstream_hashes)
+    # Fields at their default are left out, so adding an optional field to a stage later does not
+    # invalidate finished runs (a value set explicitly to the default is, rightly, the same config).
+    digest = config_hash(kind, config.model_dump(mode="json", exclude_defaults=True), upstream_hashes)
     outputs = {key: str(value) for key, value in module.outputs(run_dir).items()}
     return PlannedStage(index, name, kind, config, run_dir, outputs, digest, tuple(sorted(upstream)))
 

@@ -128,6 +128,15 @@ def test_load_model_errors(tiny_model_dir: Path, tmp_path: Path) -> None:
         load_model(str(broken))
 
 
+def test_attn_implementation_is_passed_and_gives_the_same_logits(tiny_model_dir: Path) -> None:
+    eager = load_model(str(tiny_model_dir), attn_implementation="eager")
+    sdpa = load_model(str(tiny_model_dir), attn_implementation="sdpa")
+    assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(_logits(eager), _logits(sdpa), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ModelError, match="cannot load"):
+        load_model(str(tiny_model_dir), attn_implementation="no_such_kernel")
+
+
 def test_tokenizer_without_pad_gets_unk(tiny_model_dir: Path, tmp_path: Path) -> None:
     tokenizer = make_tokenizer()
     tokenizer.pad_token = None

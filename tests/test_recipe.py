@@ -56,6 +56,17 @@ def test_hash_changes_with_config_and_upstream(tmp_path):
     assert changed_echo.stages[0].hash == base.stages[0].hash
 
 
+def test_hash_ignores_fields_left_at_their_default(tmp_path):
+    path = write(tmp_path, GOOD)
+    base = load_recipe(path)
+    sft_defaults = type(base.stages[0].config).model_fields
+    # Writing a default out (as a recipe written before that field existed would not) keeps the hash.
+    explicit = load_recipe(path, [f"stages.sft.seed={sft_defaults['seed'].default}",
+                                  f"stages.sft.gradient_checkpointing={sft_defaults['gradient_checkpointing'].default}"])
+    assert [s.hash for s in explicit.stages] == [s.hash for s in base.stages]
+    assert load_recipe(path, ["stages.sft.seed=7"]).stages[0].hash != base.stages[0].hash
+
+
 def test_overrides_parse_yaml_values(tmp_path):
     recipe = load_recipe(write(tmp_path, GOOD), ["stages.sft.lr=0.001", "stages.sft.lora.r=4",
                                                  "stages.after.repeat=3"])

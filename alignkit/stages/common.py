@@ -20,6 +20,9 @@ class TrainStageConfig(StageConfig):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype; auto = bfloat16 on CUDA, float32 on CPU.")
     quantization: QuantSpec | None = Field(None, description="bitsandbytes quantization (QLoRA with lora).")
+    attn_implementation: str | None = Field(
+        None, description="Attention kernel passed to transformers (sdpa, eager, flash_attention_2, or a "
+        "kernels-community/... hub kernel); default: transformers' choice. Padding-free packing needs flash.")
     lora: LoraSpec | None = Field(None, description="Train a LoRA adapter instead of all weights.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored if max_steps > 0).")

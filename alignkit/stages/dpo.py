@@ -125,7 +125,8 @@ def run(config: Config, ctx) -> Any:
     from ..pipeline import StageResult
 
     tokenizer = load_tokenizer(config.model)
-    model = load_model(config.model, quantization=config.quantization, dtype=config.dtype)
+    model = load_model(config.model, quantization=config.quantization, dtype=config.dtype,
+                       attn_implementation=config.attn_implementation)
     problems = load_dataset(config.accuracy_data, "problems") if config.accuracy_data else None
     metrics: dict[str, Any] = {}
     if problems is not None:

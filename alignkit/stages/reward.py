@@ -83,7 +83,7 @@ def run(config: Config, ctx) -> Any:
     train_pairs, eval_pairs = _load_pairs(config)
     tokenizer = load_tokenizer(config.model, padding_side="right")
     model = load_model(config.model, task="seq-cls", num_labels=1, quantization=config.quantization,
-                       dtype=config.dtype)
+                       dtype=config.dtype, attn_implementation=config.attn_implementation)
     metrics: dict[str, Any] = {"train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs or [])}
     if eval_pairs is not None:
         metrics.update(_held_out(model, tokenizer, eval_pairs, config, ctx, "before"))

@@ -151,7 +151,8 @@ def train_with_rewards(config: RLStageConfig, ctx, trainer_class: type, args: An
     reward_funcs, _ = load_rewards(list(config.rewards), base_dir)
 
     # 2. Model, and accuracy before training.
-    model = load_model(config.model, quantization=config.quantization, dtype=config.dtype)
+    model = load_model(config.model, quantization=config.quantization, dtype=config.dtype,
+                       attn_implementation=config.attn_implementation)
     metrics: dict[str, Any] = {"train_prompts": len(train_rows), "longest_prompt_tokens": longest_prompt}
     if problems is not None:
         metrics["accuracy_before"] = measure_accuracy(model, tokenizer, problems, config, ctx, "before")

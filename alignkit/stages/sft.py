@@ -68,7 +68,8 @@ def run(config: Config, ctx) -> Any:
     train_data = _as_training_rows(load_dataset(config.data, "sft"), chat=config.chat)
     problems = load_dataset(config.accuracy_data, "problems") if config.accuracy_data else None
     tokenizer = load_tokenizer(config.model, padding_side="right")
-    model = load_model(config.model, quantization=config.quantization, dtype=config.dtype)
+    model = load_model(config.model, quantization=config.quantization, dtype=config.dtype,
+                       attn_implementation=config.attn_implementation)
     metrics: dict[str, Any] = {"train_examples": len(train_data)}
 
     if problems is not None:

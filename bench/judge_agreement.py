@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     items = load_items(args)
-    judge = HFJudge.load(args.judge, batch_size=args.batch_size)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    judge = HFJudge.load(args.judge, batch_size=args.batch_size, device=device)
     started = time.perf_counter()
     verdicts = compare(judge, items, progress=True)
     seconds = time.perf_counter() - started

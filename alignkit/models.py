@@ -308,6 +308,7 @@ def load_model(
     device_map: str | dict[str, Any] | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    trainable: bool = False,
 ) -> PreTrainedModel:
     """Load ``name`` for ``task`` (causal-lm, seq-cls, token-cls), optionally 4/8-bit quantized.
 
@@ -322,12 +323,14 @@ def load_model(
     - Quantized on CUDA without a ``device_map``, the model goes to the current device (one per rank).
     - ``attn_implementation``: passed to transformers (``sdpa``, ``eager``, ``flash_attention_2``, a
       ``kernels-community/...`` hub kernel); None keeps transformers' default (SDPA where supported).
+    - ``trainable``: the model will be trained (QLoRA); 4-bit weights are kept in their trainable layout on
+      CPU (:func:`keep_4bit_trainable`). Stages that only run inference leave it off.
     """
     if task not in TASKS:
         raise ModelError(f"model {name!r}: unknown task {task!r}; use one of {', '.join(TASKS)}")
     path = resolve_model(name)
     options = dict(quantization=quantization, dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code,
-                   attn_implementation=attn_implementation)
+                   attn_implementation=attn_implementation, trainable=trainable)
     if is_adapter_dir(path):
         return _load_with_adapter(name, path, task, num_labels, options)
     kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
@@ -344,7 +347,24 @@ def load_model(
         raise ModelError(f"model {name!r}: cannot load it for task {task!r} from {path}: {err}") from err
     if model.config.pad_token_id is None:
         model.config.pad_token_id = load_tokenizer(name).pad_token_id
+    if trainable and quant is not None:
+        keep_4bit_trainable(model)
     return model
+
+
+def keep_4bit_trainable(model: Any) -> None:
+    """Stop bitsandbytes from repacking this model's 4-bit weights into its CPU inference-only layout.
+
+    bitsandbytes 0.50, on CPUs with AVX512-BF16, rewrites a ``Linear4bit`` weight into a packed layout the first
+    time the layer runs in eval mode without gradients (an accuracy check before training, sampling on-policy
+    pairs), for good. Its forward then goes through ``gemv_4bit``, which has no autograd formula: training still
+    runs, PyTorch only warns ("an autograd kernel was not registered ... silently incorrect behavior"), and the
+    gradient through every 4-bit layer to its input is dropped. The LoRA gradients of all but the top layers are
+    then wrong (tiny test model: 25-67% relative error in layer 0). A no-op on GPUs and for unquantized models.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _auto_class(task: str) -> Any:

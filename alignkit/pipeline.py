@@ -17,6 +17,7 @@ collectives), but only the main process writes manifests, logs and exports.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import uuid
@@ -92,10 +93,26 @@ def plan_actions(recipe: Recipe, from_stage: str | None = None) -> list[tuple[Pl
     return actions
 
 
-def run_recipe(recipe: Recipe, *, from_stage: str | None = None, echo=print) -> list[StageOutcome]:
-    from accelerate import PartialState
+def process_state():
+    """accelerate's ``PartialState``, joining a gloo process group on machines without an accelerator.
 
-    state = PartialState()
+    ``PartialState()`` takes accelerate's multi-CPU (gloo) path only when built with ``cpu=True``. Without it,
+    each process of a CPU-only ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) believes it is alone:
+    every rank is "main", writes the manifest and merges the model, and barriers are no-ops. So: ``cpu=True``
+    when several processes were launched and torch sees no accelerator (or accelerate asked for CPU).
+    A single process is unaffected. The state is a singleton: later ``PartialState()`` calls share it.
+    """
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (several and not torch.accelerator.is_available())
+    return PartialState(cpu=cpu)
+
+
+def run_recipe(recipe: Recipe, *, from_stage: str | None = None, echo=print) -> list[StageOutcome]:
+    state = process_state()
     is_main = state.is_main_process
     run_info = _run_info(recipe, is_main)
     state.wait_for_everyone()

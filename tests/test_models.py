@@ -394,3 +394,30 @@ def test_smollm2_converted_logits_match_gguf(smollm2_dir: Path) -> None:
     assert ids[0].tolist() == load_tokenizer(str(smollm2_dir))(models._PROBE).input_ids
     converted = load_model("smollm2-135m-instruct")
     torch.testing.assert_close(_logits(converted, ids)[0], gguf_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_trainable_4bit_model_keeps_gradients_after_an_eval_forward(tiny_model_dir: Path) -> None:
+    """bitsandbytes 0.50 on AVX512-BF16 CPUs repacks 4-bit weights for inference on the first eval-mode forward
+    without grad; its packed kernel has no autograd formula, so training afterwards silently loses the gradient
+    through every 4-bit layer. ``trainable=True`` keeps the trainable layout: LoRA gradients after an accuracy
+    check equal those of a fresh model."""
+    ids = torch.tensor([[5, 9, 17, 33, 2, 64, 11, 7], [3, 8, 40, 12, 90, 6, 1, 4]])
+
+    def lora_grads(check_first: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = load_model(str(tiny_model_dir), quantization=QuantSpec(bits=4), trainable=True)
+        model = apply_lora(model, LoraSpec(r=4, dropout=0.0), "causal-lm")
+        _randomize_lora(model)
+        if check_first:  # what an accuracy check before training does
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+            model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert not [m for m in model.modules() if type(m).__name__ == "Linear4bit"
+                    and getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    fresh, checked = lora_grads(False), lora_grads(True)
+    for name, grad in fresh.items():
+        torch.testing.assert_close(checked[name], grad, rtol=1e-5, atol=1e-7)

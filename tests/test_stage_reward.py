@@ -16,6 +16,7 @@ from alignkit.errors import DataError, RecipeError
 from alignkit.pipeline import run_recipe
 from alignkit.recipe import load_recipe
 from alignkit.reward_model import RewardModelScorer, encode_pair, pairwise_stats, score_ids
+from helpers import QLORA, TrainedModelSpy, run_two_processes, write_recipe
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-dev.jsonl.gz"
 
@@ -206,3 +207,71 @@ def test_minilm_reward_model_beats_chance_on_held_out_hh_pairs(tmp_path):
     assert metrics["accuracy_after"] > 0.55
     assert metrics["accuracy_after"] > metrics["accuracy_before"] + 0.05
     assert metrics["margin_after"] > 0
+
+
+# ------------------------------------------------------------------------------ QLoRA and 2 processes
+
+
+def _marker_recipe(tmp_path: Path, model: Path) -> Path:
+    rows = "".join(json.dumps(row) + "\n" for row in marker_pairs(200))
+    return write_recipe(tmp_path, RECIPE.format(model=model, data=tmp_path / "pairs.jsonl"),
+                        files={"pairs.jsonl": rows}, name="rm.yaml")
+
+
+def test_reward_stage_qlora_trains_on_4bit_weights(tmp_path, tiny_model_dir, monkeypatch):
+    """`quantization: {bits: 4}` + LoRA on CPU: the trainer's model holds nf4 Linear4bit layers under every
+    adapter, the adapter and the fully trained score head learn the marker, and the merged folder is a plain
+    full-precision classifier that scores like the trained one."""
+    import torch
+
+    from alignkit.models import is_quantized, load_model, model_summary
+
+    spy = TrainedModelSpy(monkeypatch, "alignkit.stages.reward")
+    recipe = load_recipe(_marker_recipe(tmp_path, tiny_model_dir), [f"stages.rm.quantization={QLORA}"],
+                         output_dir=str(tmp_path / "runs"))
+    metrics = run_recipe(recipe, echo=quiet)[0].metrics
+
+    assert spy.quantized_layers() == {"Linear4bit": 14}  # 2 blocks x (q, k, v, o, gate, up, down), none left full
+    assert spy.packed_for_inference() == 0  # the held-out check before training must not repack them (bnb on CPU)
+    summary = model_summary(spy.model)
+    assert summary["quantization"] == "4bit-nf4" and summary["peft"]
+    assert spy.lora_b_norm() > 0  # the adapter moved (PEFT starts lora_B at zero)
+    score = spy.model.base_model.model.score
+    assert type(score.modules_to_save["default"]).__name__ == "Linear"  # the new head is trained in full
+    # ... in float32, like the hidden states it reads (TRL 1.16 makes trainable QLoRA params bf16: a crash here)
+    assert {p.dtype for p in spy.model.parameters() if p.requires_grad} == {torch.float32}
+    assert metrics["train_steps"] == 8 and metrics["eval_pairs"] == 48
+    assert metrics["accuracy_after"] >= metrics["accuracy_before"] + 0.2, metrics
+    assert metrics["margin_after"] > metrics["margin_before"] + 0.2
+
+    run_dir = recipe.stage("rm").run_dir
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    merged = load_model(recipe.stage("rm").outputs["model"], task="seq-cls")
+    assert not is_quantized(merged) and merged.dtype == torch.float32 and not hasattr(merged, "peft_config")
+    scorer = RewardModelScorer(recipe.stage("rm").outputs["model"])
+    fresh = marker_pairs(24, seed=99)
+    prompts = [row["prompt"] for row in fresh]
+    chosen = scorer([r["chosen"] for r in fresh], prompts=prompts)
+    rejected = scorer([r["rejected"] for r in fresh], prompts=prompts)
+    assert pairwise_stats(chosen, rejected)["accuracy"] >= 0.8
+
+
+def test_reward_stage_two_processes(tmp_path, tiny_model_dir):
+    """2 CPU processes (gloo): one manifest; held-out accuracy over all 48 pairs, not one rank's half."""
+    recipe_path = _marker_recipe(tmp_path, tiny_model_dir)
+    proc = run_two_processes(recipe_path, tmp_path / "runs", "stages.rm.max_steps=4")
+    from alignkit.artifacts import Manifest
+
+    run_dir = tmp_path / "runs" / "rm-test" / "rm"
+    manifest = Manifest.read(run_dir)
+    assert manifest.status == "done", manifest.error
+    metrics = manifest.metrics
+    assert metrics["train_steps"] == 4 and metrics["train_pairs"] == 152 and metrics["eval_pairs"] == 48
+    assert "on 48 pairs" in proc.stdout and proc.stdout.count("held-out pairwise accuracy after") == 1
+    after = [json.loads(line) for line in (run_dir / "eval_scores_after.jsonl").read_text().splitlines()]
+    assert len(after) == 48
+    assert sum(r["chosen"] > r["rejected"] for r in after) / 48 == metrics["accuracy_after"]
+    # 4 steps x 8 pairs per process x 2 processes
+    assert metrics["pairs_per_second"] == pytest.approx(64 / metrics["train_seconds"], rel=0.02)
+    scorer = RewardModelScorer(manifest.artifacts["model"])
+    assert len(scorer(["a reply"], prompts=["a prompt"])) == 1

@@ -89,6 +89,31 @@ def trl_args(config_class: type, config: TrainStageConfig, ctx, **stage_args: An
     return config_class(**args)
 
 
+def restore_trainable_dtype(trainer, config: TrainStageConfig) -> None:
+    """Undo TRL's bf16 cast of the trainable parameters of a quantized model when the model computes in another dtype.
+
+    TRL 1.16's trainers (reward, dpo, grpo, rloo, sft) cast every trainable parameter of a bitsandbytes model to
+    bfloat16 after wrapping it in LoRA (the QLoRA paper's recommendation for CUDA bf16 runs), whatever the
+    model's dtype. On CPU (float32; also ``dtype: float32`` on CUDA) that (1) crashes the reward model: its new
+    ``score`` head is trained in full (``modules_to_save``), now bf16, and gets float32 hidden states ("expected m1
+    and m2 to have the same dtype"); and (2) rounds LoRA updates to bf16 (PEFT casts the adapters' input, so they
+    run, but a float32-sized lr * update below bf16's spacing of a lora_A entry is lost). So: cast them back to the
+    dtype the stage loaded the model in. A no-op for bf16 runs (the CUDA default) and for unquantized models.
+    Call after the trainer is built and before ``train()`` (the optimizer is created in ``train()``).
+    """
+    from ..config import torch_dtype
+    from ..models import is_quantized
+
+    model = trainer.model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not is_quantized(base):
+        return
+    dtype = torch_dtype(config.dtype)
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
 def last_checkpoint(run_dir: Path) -> str | None:
     """The newest complete Trainer checkpoint under ``run_dir/checkpoints`` (None to start fresh)."""
     from transformers.trainer_utils import get_last_checkpoint

@@ -54,7 +54,8 @@ from ..errors import DataError, RecipeError
 from ..generation import GenerationSpec
 from ..rewards import RewardSpec
 from .common import (
-    TrainStageConfig, check_trl_passthrough, last_checkpoint, measure_accuracy, save_trained_model, trl_args,
+    TrainStageConfig, check_trl_passthrough, last_checkpoint, measure_accuracy, restore_trainable_dtype,
+    save_trained_model, trl_args,
 )
 
 
@@ -126,7 +127,7 @@ def run(config: Config, ctx) -> Any:
 
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, quantization=config.quantization, dtype=config.dtype,
-                       attn_implementation=config.attn_implementation)
+                       attn_implementation=config.attn_implementation, trainable=True)
     problems = load_dataset(config.accuracy_data, "problems") if config.accuracy_data else None
     metrics: dict[str, Any] = {}
     if problems is not None:
@@ -171,6 +172,7 @@ def _train(model, tokenizer, pairs: list[dict[str, Any]], config: Config, ctx) -
         processing_class=tokenizer,
         peft_config=lora_config(config.lora, "causal-lm") if config.lora else None,
     )
+    restore_trainable_dtype(trainer, config)  # QLoRA: keep the adapters in the model's dtype (TRL makes them bf16)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last_checkpoint(ctx.run_dir))
     metrics = {"train_pairs": len(train_data), **_train_metrics(trainer, result, time.perf_counter() - started)}

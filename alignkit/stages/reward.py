@@ -41,7 +41,9 @@ from pydantic import Field
 
 from ..config import DataSpec
 from ..errors import RecipeError
-from .common import TrainStageConfig, check_trl_passthrough, last_checkpoint, save_trained_model, trl_args
+from .common import (
+    TrainStageConfig, check_trl_passthrough, last_checkpoint, restore_trainable_dtype, save_trained_model, trl_args,
+)
 
 
 class Config(TrainStageConfig):
@@ -83,7 +85,7 @@ def run(config: Config, ctx) -> Any:
     train_pairs, eval_pairs = _load_pairs(config)
     tokenizer = load_tokenizer(config.model, padding_side="right")
     model = load_model(config.model, task="seq-cls", num_labels=1, quantization=config.quantization,
-                       dtype=config.dtype, attn_implementation=config.attn_implementation)
+                       dtype=config.dtype, attn_implementation=config.attn_implementation, trainable=True)
     metrics: dict[str, Any] = {"train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs or [])}
     if eval_pairs is not None:
         metrics.update(_held_out(model, tokenizer, eval_pairs, config, ctx, "before"))
@@ -101,6 +103,7 @@ def run(config: Config, ctx) -> Any:
         processing_class=tokenizer,
         peft_config=lora_config(config.lora, "seq-cls") if config.lora else None,
     )
+    restore_trainable_dtype(trainer, config)  # QLoRA on CPU: TRL's bf16 score head would meet float32 inputs
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last_checkpoint(ctx.run_dir))
     metrics.update(_train_metrics(trainer, result, time.perf_counter() - started))

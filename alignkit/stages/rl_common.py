@@ -24,7 +24,8 @@ from ..config import DataSpec
 from ..errors import DataError, RecipeError
 from ..rewards import RewardSpec, bind_reward, is_model_reward, load_reward
 from .common import (
-    TrainStageConfig, check_trl_passthrough, last_checkpoint, measure_accuracy, save_trained_model,
+    TrainStageConfig, check_trl_passthrough, last_checkpoint, measure_accuracy, restore_trainable_dtype,
+    save_trained_model,
 )
 
 
@@ -152,7 +153,7 @@ def train_with_rewards(config: RLStageConfig, ctx, trainer_class: type, args: An
 
     # 2. Model, and accuracy before training.
     model = load_model(config.model, quantization=config.quantization, dtype=config.dtype,
-                       attn_implementation=config.attn_implementation)
+                       attn_implementation=config.attn_implementation, trainable=True)
     metrics: dict[str, Any] = {"train_prompts": len(train_rows), "longest_prompt_tokens": longest_prompt}
     if problems is not None:
         metrics["accuracy_before"] = measure_accuracy(model, tokenizer, problems, config, ctx, "before")
@@ -162,6 +163,7 @@ def train_with_rewards(config: RLStageConfig, ctx, trainer_class: type, args: An
         model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_rows, processing_class=tokenizer,
         peft_config=lora_config(config.lora, "causal-lm") if config.lora else None,
     )
+    restore_trainable_dtype(trainer, config)  # QLoRA: keep the adapters in the model's dtype (TRL makes them bf16)
     checkpoint = last_checkpoint(ctx.run_dir)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)

@@ -12,6 +12,7 @@ from alignkit.artifacts import Manifest
 from alignkit.errors import RecipeError
 from alignkit.pipeline import run_recipe
 from alignkit.recipe import load_recipe
+from helpers import QLORA, TrainedModelSpy, run_two_processes, write_recipe
 
 
 def quiet(*_):
@@ -188,3 +189,96 @@ def test_recipe_errors_name_the_field(tmp_path, tiny_model_dir, body, field, mes
     with pytest.raises(RecipeError, match=message) as err:
         load_recipe(recipe_file)
     assert err.value.field == field
+
+
+# ------------------------------------------------------------------------------ QLoRA and 2 processes
+
+
+def _pairs_file() -> dict[str, str]:
+    return {"pairs.jsonl": "".join(json.dumps(row) + "\n" for row in PAIRS)}
+
+
+def test_dpo_qlora_trains_on_4bit_weights(tmp_path, tiny_model_dir, monkeypatch):
+    """`quantization: {bits: 4}` + LoRA on CPU: the policy TRL trained is nf4 under every adapter (not repacked for
+    inference by the accuracy check before training), its adapters stay float32, the implicit-reward margin
+    rises from 0, and the merged model is a plain float32 model."""
+    import torch
+
+    from alignkit.models import is_quantized, load_model, model_summary
+
+    spy = TrainedModelSpy(monkeypatch, "alignkit.stages.dpo")
+    recipe_file = write_recipe(tmp_path, PREFERENCE_RECIPE.format(model=tiny_model_dir, data=tmp_path / "pairs.jsonl"),
+                               files=_pairs_file(), name="dpo.yaml")
+    recipe = load_recipe(recipe_file, [f"stages.dpo.quantization={QLORA}",
+                                       "stages.dpo.accuracy_data={source: arith, params: {n: 2, steps: 1}}",
+                                       "stages.dpo.accuracy_max_new_tokens=4"], output_dir=str(tmp_path / "runs"))
+    metrics = run_recipe(recipe, echo=quiet)[0].metrics
+
+    assert spy.quantized_layers() == {"Linear4bit": 14} and spy.packed_for_inference() == 0
+    assert model_summary(spy.model)["quantization"] == "4bit-nf4"
+    assert {p.dtype for p in spy.model.parameters() if p.requires_grad} == {torch.float32}
+    assert spy.lora_b_norm() > 0
+    assert metrics["train_steps"] == 6 and "accuracy_before" in metrics and "accuracy_after" in metrics
+    assert metrics["first_logged_reward_margins"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["last_logged_reward_margins"] > 0.05, metrics
+    assert metrics["last_logged_loss"] < metrics["first_logged_loss"]
+    run_dir = recipe.stage("dpo").run_dir
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    merged = load_model(recipe.stage("dpo").outputs["model"])
+    assert not is_quantized(merged) and merged.dtype == torch.float32 and not hasattr(merged, "peft_config")
+
+
+TWO_PROCESS_RECIPE = """
+name: dpo-2proc
+tracking: {{report_to: none}}
+stages:
+  - kind: dpo
+    model: {model}
+    data: {{source: {data}}}
+    lora: {{r: 8, alpha: 16, dropout: 0.0}}
+    lr: 5.0e-3
+    max_steps: 2
+    batch_size: 4
+    max_length: 64
+    logging_steps: 1
+  - kind: dpo
+    name: onpolicy
+    model: ${{dpo.model}}
+    lora: {{r: 8, alpha: 16, dropout: 0.0}}
+    max_steps: 1
+    batch_size: 2
+    max_length: 96
+    pairs:
+      prompts: {{source: arith, params: {{n: 8, steps: 1}}}}
+      samples_per_prompt: 4
+      rewards: [{{program: "parity.py:even_length"}}]
+      max_new_tokens: 12
+      shard_size: 4
+      generation: {{backend: fast, batch_size: 16}}
+"""
+
+
+def test_dpo_two_processes_offline_then_on_policy(tmp_path, tiny_model_dir):
+    """2 CPU processes (gloo), one launch, two stages. Offline: 16 pairs read once, 2 steps of 4 pairs per process
+    (= one pass, no pair twice). On-policy, from the first stage's merged model: pairs are made by the main
+    process only (every prompt sampled once, one pairs.jsonl), the other waits at the barrier, both train."""
+    recipe_file = write_recipe(tmp_path, TWO_PROCESS_RECIPE.format(model=tiny_model_dir, data=tmp_path / "pairs.jsonl"),
+                               files={**_pairs_file(), "parity.py": REWARD_PROGRAM}, name="dpo.yaml")
+    proc = run_two_processes(recipe_file, tmp_path / "runs", stages=2)
+    root = tmp_path / "runs" / "dpo-2proc"
+
+    offline = Manifest.read(root / "dpo")
+    assert offline.status == "done" and offline.metrics["train_pairs"] == 16 and offline.metrics["train_steps"] == 2
+    state = json.loads((root / "dpo" / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["epoch"] == pytest.approx(1.0)  # 2 steps x 2 processes x 4 pairs = the 16 pairs once
+
+    onpolicy = Manifest.read(root / "onpolicy")
+    assert onpolicy.status == "done", onpolicy.error
+    shards = [json.loads(line) for s in range(2) for line in (root / "onpolicy" / "pairs" / f"shard-{s:05d}.jsonl").open()]
+    assert [row["index"] for row in shards] == list(range(8))  # sampled once, by one process
+    assert int((tmp_path / "calls.txt").read_text()) == 2  # the reward ran once per shard, not once per rank
+    pairs = [json.loads(line) for line in (root / "onpolicy" / "pairs.jsonl").open()]
+    m = onpolicy.metrics
+    assert m["pair_prompts"] == 8 and m["pairs_made"] == len(pairs) == m["train_pairs"] >= 2
+    assert m["train_steps"] == 1 and proc.stdout.count("prompts gave a pair") == 1
+    assert (root / "onpolicy" / "model" / "config.json").is_file()

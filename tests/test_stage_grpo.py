@@ -15,6 +15,7 @@ from alignkit.errors import DataError, RecipeError
 from alignkit.pipeline import run_recipe
 from alignkit.recipe import load_recipe
 from alignkit.stages.rl_common import check_prompt_lengths, prompt_rows, reward_metrics, throughput
+from helpers import QLORA, TrainedModelSpy, run_two_processes
 
 # A reward the tiny random model can learn in a few steps: the share of digits in the completion (~5% at
 # random init). A single target character ("7", ~1%) left most groups all-zero and was seed-dependent.
@@ -232,3 +233,70 @@ def test_prompt_rows_keep_answer_and_check_lengths(tiny_model_dir):
     tight = config.model_copy(update={"max_length": longest + 7})
     with pytest.raises(DataError, match="data row 1"):
         check_prompt_lengths(rows, tokenizer, tight)
+
+
+# ------------------------------------------------------------------------------------ QLoRA and 2 processes
+
+
+def test_grpo_qlora_trains_on_4bit_weights(tmp_path, tiny_model_dir, monkeypatch):
+    """`quantization: {bits: 4}` + LoRA on CPU: TRL samples and trains an nf4 policy (not repacked for inference by
+    the accuracy check before training), the adapters stay float32 and move, and the merged model is a plain
+    float32 model that differs from the base. (Whether the reward rises is not asserted: through a rank-4
+    adapter the random tiny model needs far more than 4 steps; test_grpo_raises_reward covers learning.)"""
+    import torch
+    from safetensors.torch import load_file
+
+    from alignkit.models import is_quantized, load_model, model_summary
+
+    spy = TrainedModelSpy(monkeypatch, "alignkit.stages.rl_common")
+    manifest, logged = run_stage(tmp_path, tiny_model_dir, f"""
+        - kind: grpo
+          quantization: {QLORA}
+          lora: {{r: 4, alpha: 8, dropout: 0.0}}
+          accuracy_data: {{source: arith, seed: 9, params: {{n: 2, steps: 1, max_operand: 9}}}}
+          accuracy_max_new_tokens: 4
+          lr: 3.0e-2
+          max_steps: 4
+          save_steps: 4
+    """)
+    assert manifest.status == "done"
+    assert spy.quantized_layers() == {"Linear4bit": 14} and spy.packed_for_inference() == 0
+    assert model_summary(spy.model)["quantization"] == "4bit-nf4"
+    assert {p.dtype for p in spy.model.parameters() if p.requires_grad} == {torch.float32}
+    assert spy.lora_b_norm() > 0
+    metrics = manifest.metrics
+    assert metrics["train_steps"] == 4 and metrics["completions_sampled"] == 4 * 8 and len(logged) == 2
+    assert metrics["frac_reward_zero_std_mean"] < 1  # some groups had an advantage to learn from
+    assert (Path(manifest.artifacts["adapter"]) / "adapter_config.json").is_file()
+    merged = load_model(manifest.artifacts["model"])
+    assert not is_quantized(merged) and merged.dtype == torch.float32 and not hasattr(merged, "peft_config")
+    before = load_file(str(tiny_model_dir / "model.safetensors"))
+    after = load_file(str(Path(manifest.artifacts["model"]) / "model.safetensors"))
+    assert any(not torch.equal(before[name], after[name]) for name in before)  # the adapter was merged in
+
+
+def test_grpo_two_processes(tmp_path, tiny_model_dir):
+    """2 CPU processes (gloo): each samples 4 completions (one group) per step, so a step is 2 prompts x 4 over
+    both; 2 optimizer steps are counted once (not per rank) and the throughput counts both ranks' samples."""
+    recipe = write_recipe(tmp_path, tiny_model_dir, """
+        - kind: grpo
+          lora: {r: 4, alpha: 8, dropout: 0.0}
+          batch_size: 4
+          lr: 3.0e-2
+          max_steps: 2
+          save_steps: 2
+          logging_steps: 1
+    """)
+    proc = run_two_processes(recipe, tmp_path / "runs")
+    run_dir = tmp_path / "runs" / "rl" / "grpo"
+    manifest = Manifest.read(run_dir)
+    assert manifest.status == "done", manifest.error
+    metrics = manifest.metrics
+    assert metrics["train_steps"] == 2 and metrics["reward_logs"] == 2
+    assert metrics["completions_sampled"] == 2 * 8  # generation_batch_size spans both processes
+    state = json.loads((run_dir / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and [e["step"] for e in state["log_history"] if "reward" in e] == [1, 2]
+    assert sorted(p.name for p in (run_dir / "checkpoints" / "checkpoint-2").glob("rng_state*.pth")) == [
+        "rng_state_0.pth", "rng_state_1.pth"]  # both ranks trained and checkpointed
+    assert (run_dir / "model" / "config.json").is_file() and (run_dir / "adapter" / "adapter_config.json").is_file()
+    assert proc.stdout.count("finished; outputs in") == 1

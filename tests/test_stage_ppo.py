@@ -5,10 +5,6 @@ vocabulary-sized tensors for backward, resume continues exactly, and a 2-process
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -22,8 +18,8 @@ from alignkit.ppo.rewards import kl_penalty, last_token_rewards, locate_steps, p
 from alignkit.ppo.rollout import pack, step_prompt_indices
 from alignkit.ppo.update import advantages_and_returns, mini_batches
 from alignkit.recipe import load_recipe
+from helpers import run_two_processes
 
-REPO = Path(__file__).resolve().parents[1]
 
 # Rewards the tiny model can learn: the number of digit characters in the response.
 REWARDS_PY = '''
@@ -231,18 +227,6 @@ def test_orm_prm_and_value_model_from_a_reward_model(tmp_path, tiny_model_dir, t
     assert orm_row["samples"] == 4 and orm_row["reward/score"] != 0.0 and orm_row["reward/step_score"] == 0.0
 
 
-# accelerate 1.15's `accelerate launch` starts a single process for MULTI_CPU without MPI (its simple launcher),
-# and PartialState() only takes the MULTI_CPU (gloo) path when constructed with cpu=True. So: torchrun starts the
-# two ranks, and this shim creates the CPU state first (the pipeline's PartialState() then shares it).
-LAUNCH_CPU = """
-import sys
-from accelerate import PartialState
-PartialState(cpu=True)
-from alignkit.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def test_two_process_run(tmp_path, tiny_model_dir):
     """2 CPU processes (gloo): each samples its own prompts, gradients are summed, one process writes."""
     recipe_path = write_recipe(tmp_path, tiny_model_dir, """
@@ -252,17 +236,7 @@ def test_two_process_run(tmp_path, tiny_model_dir):
           max_steps: 2
           save_steps: 1
     """)
-    (tmp_path / "launch_cpu.py").write_text(LAUNCH_CPU)
-    with socket.socket() as probe:  # a free port for the rendezvous (torchrun's --master_port 0 hangs)
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-         str(tmp_path / "launch_cpu.py"), "run", str(recipe_path), "--output-dir", str(tmp_path / "runs")],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=False,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_two_processes(recipe_path, tmp_path / "runs")
     run_dir = tmp_path / "runs" / "rl" / "ppo"
     manifest = Manifest.read(run_dir)
     assert manifest.status == "done" and manifest.metrics["train_steps"] == 2

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -15,8 +12,7 @@ from alignkit.artifacts import Manifest
 from alignkit.pipeline import run_recipe
 from alignkit.recipe import load_recipe
 from alignkit.tracking import read_offline_run
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import run_two_processes
 
 
 def sft_recipe(tmp_path: Path, model: Path, extra: str = "") -> Path:
@@ -113,16 +109,8 @@ def test_sft_resumes_from_last_checkpoint(tmp_path, tiny_model_dir, monkeypatch)
 
 def test_two_process_accelerate_run(tmp_path, tiny_model_dir):
     """`accelerate launch` with 2 CPU processes (gloo): one manifest, written once, stage done."""
-    recipe_path = sft_recipe(tmp_path, tiny_model_dir)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-         str(REPO / "recipes" / "accelerate" / "cpu_2proc.yaml"), "-m", "alignkit", "run", str(recipe_path),
-         "--output-dir", str(tmp_path / "runs"), "--set", "stages.sft.max_steps=6",
-         "--set", "stages.sft.accuracy_data=null"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_two_processes(sft_recipe(tmp_path, tiny_model_dir), tmp_path / "runs", "stages.sft.max_steps=6",
+                             "stages.sft.accuracy_data=null")
     manifest = Manifest.read(tmp_path / "runs" / "tiny-sft" / "sft")
     assert manifest.status == "done" and manifest.metrics["train_steps"] == 6
     assert proc.stdout.count("finished; outputs in") == 1  # only the main process reports

@@ -277,7 +277,7 @@ def _load_for_training(name: str, task: str, config: Config, device: Any) -> Any
     from ..models import apply_lora, is_quantized, load_model
 
     model = load_model(name, task=task, num_labels=1, quantization=config.quantization, dtype=config.dtype,
-                       attn_implementation=config.attn_implementation)
+                       attn_implementation=config.attn_implementation, trainable=True)
     if hasattr(model, "peft_config"):
         raise ModelError(f"model {name!r} is a LoRA adapter on a quantized base; give the merged model folder "
                          "(e.g. ${sft.model}, not ${sft.adapter})")

@@ -104,7 +104,7 @@ def run(config: Config, ctx: Any) -> Any:
                                "train_labelled_steps": sum(_labelled(r) for r in train_set)}
 
     model = load_model(config.model, task="token-cls", num_labels=2, quantization=config.quantization,
-                       dtype=config.dtype, attn_implementation=config.attn_implementation)
+                       dtype=config.dtype, attn_implementation=config.attn_implementation, trainable=True)
     if config.lora is not None:
         model = apply_lora(model, config.lora, "token-cls", gradient_checkpointing=config.gradient_checkpointing)
     if eval_set:

@@ -32,7 +32,8 @@ from pydantic import Field
 
 from ..config import DataSpec
 from .common import (
-    TrainStageConfig, check_trl_passthrough, last_checkpoint, measure_accuracy, save_trained_model, trl_args,
+    TrainStageConfig, check_trl_passthrough, last_checkpoint, measure_accuracy, restore_trainable_dtype,
+    save_trained_model, trl_args,
 )
 
 
@@ -69,7 +70,7 @@ def run(config: Config, ctx) -> Any:
     problems = load_dataset(config.accuracy_data, "problems") if config.accuracy_data else None
     tokenizer = load_tokenizer(config.model, padding_side="right")
     model = load_model(config.model, quantization=config.quantization, dtype=config.dtype,
-                       attn_implementation=config.attn_implementation)
+                       attn_implementation=config.attn_implementation, trainable=True)
     metrics: dict[str, Any] = {"train_examples": len(train_data)}
 
     if problems is not None:
@@ -88,6 +89,7 @@ def run(config: Config, ctx) -> Any:
         processing_class=tokenizer,
         peft_config=lora_config(config.lora, "causal-lm") if config.lora else None,
     )
+    restore_trainable_dtype(trainer, config)  # QLoRA: keep the adapters in the model's dtype (TRL makes them bf16)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last_checkpoint(ctx.run_dir))
     train_seconds = time.perf_counter() - started

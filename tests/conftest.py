@@ -36,6 +36,24 @@ def tiny_tokencls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def steerable_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny causal LM with its (tied) embeddings scaled 6x, for RL tests that train LoRA adapters.
+
+    The random tiny model's logits span ~1 nat (entropy 5.93 of a possible 5.95), and LoRA leaves the
+    embeddings and final norm frozen, so an adapter cannot make any token much likelier. Scaled, the model
+    starts at entropy ~1.8 and an adapter can steer it within a few dozen steps (PPO, GRPO with QLoRA).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("steerable")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.model.embed_tokens.weight.data *= 6
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct as a safetensors folder (converted once into the alignkit cache).
 

@@ -238,41 +238,38 @@ def test_prompt_rows_keep_answer_and_check_lengths(tiny_model_dir):
 # ------------------------------------------------------------------------------------ QLoRA and 2 processes
 
 
-def test_grpo_qlora_trains_on_4bit_weights(tmp_path, tiny_model_dir, monkeypatch):
+def test_grpo_qlora_trains_on_4bit_weights(tmp_path, steerable_model_dir, monkeypatch):
     """`quantization: {bits: 4}` + LoRA on CPU: TRL samples and trains an nf4 policy (not repacked for inference by
-    the accuracy check before training), the adapters stay float32 and move, and the merged model is a plain
-    float32 model that differs from the base. (Whether the reward rises is not asserted: through a rank-4
-    adapter the random tiny model needs far more than 4 steps; test_grpo_raises_reward covers learning.)"""
+    the accuracy check before training), the adapters stay float32, the reward rises, and the merged model is a
+    plain float32 model. The steerable tiny model (conftest): through an adapter the plain random one does not
+    move in 12 steps. Seeds 0-3 of this run (without the accuracy check), mean reward of the first 2 logs ->
+    last 2: 0.12 -> 0.73, 0.15 -> 0.55, 0.08 -> 0.15, 0.06 -> 0.15; the bar is +0.05."""
     import torch
-    from safetensors.torch import load_file
 
     from alignkit.models import is_quantized, load_model, model_summary
 
     spy = TrainedModelSpy(monkeypatch, "alignkit.stages.rl_common")
-    manifest, logged = run_stage(tmp_path, tiny_model_dir, f"""
+    manifest, logged = run_stage(tmp_path, steerable_model_dir, f"""
         - kind: grpo
           quantization: {QLORA}
-          lora: {{r: 4, alpha: 8, dropout: 0.0}}
+          lora: {{r: 8, alpha: 32, dropout: 0.0}}
           accuracy_data: {{source: arith, seed: 9, params: {{n: 2, steps: 1, max_operand: 9}}}}
           accuracy_max_new_tokens: 4
-          lr: 3.0e-2
-          max_steps: 4
-          save_steps: 4
+          lr: 1.0e-1
+          max_steps: 12
+          save_steps: 12
     """)
     assert manifest.status == "done"
     assert spy.quantized_layers() == {"Linear4bit": 14} and spy.packed_for_inference() == 0
     assert model_summary(spy.model)["quantization"] == "4bit-nf4"
     assert {p.dtype for p in spy.model.parameters() if p.requires_grad} == {torch.float32}
-    assert spy.lora_b_norm() > 0
+    rewards = [entry["reward"] for entry in logged]
+    assert len(rewards) == 6 and mean(rewards[-2:]) > mean(rewards[:2]) + 0.05, rewards
     metrics = manifest.metrics
-    assert metrics["train_steps"] == 4 and metrics["completions_sampled"] == 4 * 8 and len(logged) == 2
-    assert metrics["frac_reward_zero_std_mean"] < 1  # some groups had an advantage to learn from
+    assert metrics["train_steps"] == 12 and metrics["completions_sampled"] == 12 * 8
     assert (Path(manifest.artifacts["adapter"]) / "adapter_config.json").is_file()
     merged = load_model(manifest.artifacts["model"])
     assert not is_quantized(merged) and merged.dtype == torch.float32 and not hasattr(merged, "peft_config")
-    before = load_file(str(tiny_model_dir / "model.safetensors"))
-    after = load_file(str(Path(manifest.artifacts["model"]) / "model.safetensors"))
-    assert any(not torch.equal(before[name], after[name]) for name in before)  # the adapter was merged in
 
 
 def test_grpo_two_processes(tmp_path, tiny_model_dir):

@@ -43,24 +43,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def steerable_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model with its (tied) embeddings scaled 6x.
-
-    The random tiny model's logits span ~1 nat (entropy 5.93 of a possible 5.95), and LoRA leaves the
-    embeddings and final norm frozen, so an adapter cannot make any token much likelier. Scaled, the model
-    starts at entropy ~1.8 and an adapter can steer it within a few dozen steps.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("steerable")
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    model.model.embed_tokens.weight.data *= 6
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
-
-
 def write_recipe(tmp_path: Path, model: Path, stage: str) -> Path:
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "rewards.py").write_text(REWARDS_PY)

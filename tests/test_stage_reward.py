@@ -272,6 +272,6 @@ def test_reward_stage_two_processes(tmp_path, tiny_model_dir):
     assert len(after) == 48
     assert sum(r["chosen"] > r["rejected"] for r in after) / 48 == metrics["accuracy_after"]
     # 4 steps x 8 pairs per process x 2 processes
-    assert metrics["pairs_per_second"] == pytest.approx(64 / metrics["train_seconds"], rel=0.02)
+    assert metrics["pairs_per_second"] == pytest.approx(64 / metrics["train_seconds"], abs=0.011)  # both rounded
     scorer = RewardModelScorer(manifest.artifacts["model"])
     assert len(scorer(["a reply"], prompts=["a prompt"])) == 1

@@ -267,3 +267,31 @@ def test_clean_revision_examples():
     assert doctest.testmod(cai_revise).failed == 0
     assert cai_revise.clean_revision("Revision:\n\n  Ask the owner first.  ") == "Ask the owner first."
     assert cai_revise.clean_revision('"Quoted"') == "Quoted" and cai_revise.clean_revision("Revision:") == ""
+
+
+@pytest.mark.e2e
+def test_smollm2_critiques_and_revises_in_english(tmp_path, smollm2_dir):
+    """The real chat template end to end: greedy SmolLM2 answers, critiques and revises 4 red-team prompts."""
+    text = f"""
+    name: cai-smollm2
+    tracking: {{report_to: none}}
+    stages:
+      - kind: cai-revise
+        model: {smollm2_dir}
+        data: {{source: redteam, limit: 4}}
+        temperature: 0
+        response_max_new_tokens: 24
+        critique_max_new_tokens: 16
+        revision_max_new_tokens: 24
+        generation: {{backend: fast, batch_size: 4}}
+    """
+    recipe = recipe_at(tmp_path, text)
+    (outcome,) = run_recipe(recipe, echo=lambda *_: None)
+    rows = read_rows(recipe.stage("cai-revise").run_dir / "data.jsonl")
+
+    def english(s: str) -> float:
+        return sum(c.isascii() and (c.isalpha() or c.isspace()) for c in s) / max(len(s), 1)
+
+    texts = [t for r in rows for t in (r["initial"], r["chain"][0]["critique"], r["completion"])]
+    assert all(len(t) >= 20 and english(t) > 0.8 for t in texts)  # random tiny model: 0.59 mean, 0.77 max
+    assert outcome.metrics["revised_fraction"] >= 0.75 and outcome.metrics["tokens"] <= 4 * (24 + 16 + 24)

@@ -285,7 +285,7 @@ def served(tiny_model_dir):
                              "--port", str(port), "--device", "cpu"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 300  # seconds; ~10 s on an idle machine, minutes on a loaded one
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:

@@ -182,6 +182,14 @@ def test_hf_judge_cot_writes_a_rationale_then_clamps(tiny):
     assert judge.tokens > plain.tokens + 4
 
 
+def test_build_judge_shares_the_policy_weights(tiny):
+    judge = judges.build_judge(JudgeSpec(batch_size=3, cot=True), default_model="policy", loaded=tiny)
+    assert judge.model is tiny[0] and judge.batch_size == 3 and judge.clamp == (0.4, 0.6)
+    spec = JudgeSpec(backend="http", api="chat", base_url="http://127.0.0.1:9/v1", model_name="m")
+    remote = judges.build_judge(spec, default_model="no-such-model-folder")  # chat needs no local tokenizer
+    assert isinstance(remote, HTTPJudge) and remote.tokenizer is None and remote.clamp is None
+
+
 # --------------------------------------------------------------------------------- HTTP: protocol stub
 
 

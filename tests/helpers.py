@@ -47,23 +47,32 @@ def run_two_processes(recipe: Path, output_dir: Path, *overrides: str, stages: i
 
 
 class TrainedModelSpy:
-    """Wraps a stage module's ``save_trained_model`` to keep the model the TRL trainer actually trained.
+    """Watches the model a stage hands to its TRL trainer (QLoRA tests).
 
-    ``spy = TrainedModelSpy(monkeypatch, "alignkit.stages.reward")``; after the run, ``spy.model`` is
-    ``trainer.model`` (a PeftModel with LoRA) as it was when saved.
+    ``spy = TrainedModelSpy(monkeypatch, "alignkit.stages.reward")`` wraps that module's
+    ``restore_trainable_dtype`` (called once the trainer is built, right before ``trainer.train()``) and
+    ``save_trained_model``. After the run, ``spy.model`` is ``trainer.model`` (a PeftModel with LoRA) and
+    ``spy.packed_at_train_start`` the number of 4-bit layers bitsandbytes had repacked into its CPU inference
+    layout when training began (it must be 0; a state-dict save unpacks them again, so it is counted then).
     """
 
     def __init__(self, monkeypatch, module: str):
         import importlib
 
         target = importlib.import_module(module)
-        original = target.save_trained_model
+        restore, save = target.restore_trainable_dtype, target.save_trained_model
         self.model: Any = None
+        self.packed_at_train_start: int | None = None
+
+        def restore_and_count(trainer, *args, **kwargs):
+            self.packed_at_train_start = packed_for_inference(trainer.model)
+            return restore(trainer, *args, **kwargs)
 
         def save_and_keep(trainer, *args, **kwargs):
             self.model = trainer.model
-            return original(trainer, *args, **kwargs)
+            return save(trainer, *args, **kwargs)
 
+        monkeypatch.setattr(target, "restore_trainable_dtype", restore_and_count)
         monkeypatch.setattr(target, "save_trained_model", save_and_keep)
 
     def quantized_layers(self) -> dict[str, int]:
@@ -75,14 +84,17 @@ class TrainedModelSpy:
                 counts[kind] = counts.get(kind, 0) + 1
         return counts
 
-    def packed_for_inference(self) -> int:
-        """4-bit layers bitsandbytes repacked into its CPU inference layout (no gradient to the input): must be 0."""
-        return sum(bool(getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False))
-                   for m in self.model.modules() if type(m).__name__ == "Linear4bit")
-
     def lora_b_norm(self) -> float:
         """Sum of |lora_B|: zero at PEFT's init, so > 0 means the optimizer moved the adapter."""
         return float(sum(p.detach().abs().sum() for n, p in self.model.named_parameters() if "lora_B" in n))
 
 
-QLORA = "{bits: 4}"  # the brief of every QLoRA test: nf4, double quant, compute dtype auto (float32 on CPU)
+def packed_for_inference(model: Any) -> int:
+    """4-bit layers bitsandbytes repacked into its CPU inference layout (whose kernel has no autograd formula)."""
+    import bitsandbytes as bnb
+
+    return sum(bool(getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False))
+               for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))  # not PEFT's wrapper of the same name
+
+
+QLORA = "{bits: 4}"  # what every QLoRA test sets; defaults: nf4, double quant, compute dtype auto (float32 on CPU)

@@ -214,7 +214,7 @@ def test_dpo_qlora_trains_on_4bit_weights(tmp_path, tiny_model_dir, monkeypatch)
                                        "stages.dpo.accuracy_max_new_tokens=4"], output_dir=str(tmp_path / "runs"))
     metrics = run_recipe(recipe, echo=quiet)[0].metrics
 
-    assert spy.quantized_layers() == {"Linear4bit": 14} and spy.packed_for_inference() == 0
+    assert spy.quantized_layers() == {"Linear4bit": 14} and spy.packed_at_train_start == 0
     assert model_summary(spy.model)["quantization"] == "4bit-nf4"
     assert {p.dtype for p in spy.model.parameters() if p.requires_grad} == {torch.float32}
     assert spy.lora_b_norm() > 0
@@ -226,6 +226,22 @@ def test_dpo_qlora_trains_on_4bit_weights(tmp_path, tiny_model_dir, monkeypatch)
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
     merged = load_model(recipe.stage("dpo").outputs["model"])
     assert not is_quantized(merged) and merged.dtype == torch.float32 and not hasattr(merged, "peft_config")
+
+
+def test_dpo_qlora_on_policy_pairs(tmp_path, tiny_model_dir, monkeypatch):
+    """QLoRA with on-policy pairs: sampling them from the 4-bit policy (eval mode, no grad: what makes bitsandbytes
+    repack weights for CPU inference) leaves the weights trainable, and DPO then trains on those pairs."""
+    spy = TrainedModelSpy(monkeypatch, "alignkit.stages.dpo")
+    recipe_file = write_recipe(tmp_path, ON_POLICY_RECIPE.format(model=tiny_model_dir),
+                               files={"parity.py": REWARD_PROGRAM}, name="onpolicy.yaml")
+    recipe = load_recipe(recipe_file, [f"stages.dpo.quantization={QLORA}", "stages.dpo.accuracy_data=null"],
+                         output_dir=str(tmp_path / "runs"))
+    metrics = run_recipe(recipe, echo=quiet)[0].metrics
+    assert spy.quantized_layers() == {"Linear4bit": 14} and spy.packed_at_train_start == 0
+    assert spy.lora_b_norm() > 0
+    assert metrics["pair_prompts"] == 12 and metrics["train_pairs"] == metrics["pairs_made"] >= 6
+    assert metrics["last_logged_reward_margins"] > metrics["first_logged_reward_margins"]
+    assert (recipe.stage("dpo").run_dir / "model" / "config.json").is_file()
 
 
 TWO_PROCESS_RECIPE = """

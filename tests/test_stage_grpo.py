@@ -260,7 +260,7 @@ def test_grpo_qlora_trains_on_4bit_weights(tmp_path, steerable_model_dir, monkey
           save_steps: 12
     """)
     assert manifest.status == "done"
-    assert spy.quantized_layers() == {"Linear4bit": 14} and spy.packed_for_inference() == 0
+    assert spy.quantized_layers() == {"Linear4bit": 14} and spy.packed_at_train_start == 0
     assert model_summary(spy.model)["quantization"] == "4bit-nf4"
     assert {p.dtype for p in spy.model.parameters() if p.requires_grad} == {torch.float32}
     rewards = [entry["reward"] for entry in logged]

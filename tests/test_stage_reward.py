@@ -232,7 +232,7 @@ def test_reward_stage_qlora_trains_on_4bit_weights(tmp_path, tiny_model_dir, mon
     metrics = run_recipe(recipe, echo=quiet)[0].metrics
 
     assert spy.quantized_layers() == {"Linear4bit": 14}  # 2 blocks x (q, k, v, o, gate, up, down), none left full
-    assert spy.packed_for_inference() == 0  # the held-out check before training must not repack them (bnb on CPU)
+    assert spy.packed_at_train_start == 0  # the held-out check before training must not repack them (bnb on CPU)
     summary = model_summary(spy.model)
     assert summary["quantization"] == "4bit-nf4" and summary["peft"]
     assert spy.lora_b_norm() > 0  # the adapter moved (PEFT starts lora_B at zero)

@@ -216,6 +216,28 @@ def target_logps(model: Any, prefix_ids: Sequence[Sequence[int]], target_ids: Se
     return out
 
 
+def greedy_next_tokens(model: Any, tokenizer: Any, contexts: Sequence[Sequence[int]], batch_size: int = 16) -> list[str]:
+    """The decoded argmax next token after each context (right-padded batches; logits at each last token)."""
+    import torch
+
+    device = next(model.parameters()).device
+    out = []
+    model.eval()
+    for start in range(0, len(contexts), batch_size):
+        part = contexts[start:start + batch_size]
+        width = max(len(c) for c in part)
+        ids = torch.full((len(part), width), tokenizer.pad_token_id, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for b, context in enumerate(part):
+            ids[b, :len(context)], mask[b, :len(context)] = torch.tensor(context, device=device), 1
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits  # (B, L, V)
+        last = mask.sum(1) - 1  # (B,) index of each row's last real token
+        best = logits[torch.arange(len(part), device=device), last].argmax(-1)  # (B,)
+        out += [tokenizer.decode([int(t)], clean_up_tokenization_spaces=False) for t in best]
+    return out
+
+
 def proxy_entropies(model: Any, ids: Sequence[int], k: int = 16) -> list[float]:
     """``out[t]`` = top-k entropy of the proxy's distribution for token t given tokens < t (``out[0]`` = nan).
 

@@ -146,49 +146,58 @@ def check(config: Config, base_dir: Path) -> None:
 def run(config: Config, ctx: Any) -> Any:
     import torch
 
-    from ..data import load_dataset
     from ..models import is_quantized, load_model, load_tokenizer
     from ..pipeline import StageResult
 
+    # 1. Positions (resumable shards), bucket edges from the held-out positions.
     tokenizer = load_tokenizer(config.model, padding_side="left")
     train = sample_split(config, ctx, tokenizer, "train", config.data)
     held = sample_split(config, ctx, tokenizer, "eval", config.eval_data) if config.eval_data else []
     thresholds = config.entropy_buckets or _terciles(held)
-    model = load_model(config.model, quantization=config.quantization, dtype=config.dtype)
-    if torch.cuda.is_available() and not is_quantized(model):
-        model.to("cuda")  # evaluation before training; TRL places the model itself afterwards
     metrics: dict[str, Any] = {"positions_train": len(train), "positions_eval": len(held),
                                "entropy_edges": [round(x, 4) for x in thresholds]}
-    problems = load_dataset(config.accuracy_data, "problems") if config.accuracy_data else None
-    if problems is not None:
-        from .common import measure_accuracy
-
-        metrics["accuracy_before"] = measure_accuracy(model, tokenizer, problems, config, ctx, "before")
+    # 2. Evaluation before training: (a) plain and (b) think.
+    model = load_model(config.model, quantization=config.quantization, dtype=config.dtype)
+    if torch.cuda.is_available() and not is_quantized(model):
+        model.to("cuda")  # TRL places the model itself for training
     before = evaluate_cached(model, tokenizer, held, thresholds, config, ctx, "before") if held else {}
+    metrics.update(_problem_accuracy(model, tokenizer, config, ctx, "before"))
+    # 3. Optional pre-filter, then GRPO.
     if config.prefilter_samples:
         train, metrics["prefilter_dropped"] = prefilter(model, tokenizer, train, config, ctx)
     artifacts, train_metrics = train_grpo(model, tokenizer, train, config, ctx)
     metrics.update(train_metrics)
-    del model
-    trained = load_model(artifacts["model"], dtype=config.dtype) if ctx.is_main else None
-    if trained is not None and torch.cuda.is_available():
-        trained.to("cuda")
-    after = evaluate_cached(trained, tokenizer, held, thresholds, config, ctx, "after") if held and ctx.is_main else {}
-    if problems is not None and ctx.is_main:
-        from .common import measure_accuracy
-
-        metrics["accuracy_after"] = measure_accuracy(trained, tokenizer, problems, config, ctx, "after")
+    # 4. Evaluation after, (c), on the merged model later stages will load.
+    after: dict[str, Any] = {}
+    if ctx.is_main:
+        trained = load_model(artifacts["model"], dtype=config.dtype).to("cuda" if torch.cuda.is_available() else "cpu")
+        after = evaluate_cached(trained, tokenizer, held, thresholds, config, ctx, "after") if held else {}
+        metrics.update(_problem_accuracy(trained, tokenizer, config, ctx, "after"))
     metrics.update(_flatten(before, "before") | _flatten(after, "after"))
-    if ctx.is_main and held:
-        _write_jsonl(ctx.run_dir / "evaluation.jsonl", [{"when": w, "mode": m, **report[m]}
-                                                        for w, report in (("before", before), ("after", after))
-                                                        for m in ("plain", "think")])
+    artifacts["positions"] = str(ctx.run_dir / "train_positions.jsonl")
+    if held and ctx.is_main:
+        artifacts["evaluation"] = write_evaluation(ctx.run_dir / "evaluation.jsonl", before, after)
         print(summary_table(before, after))
-    artifacts.update(positions=str(ctx.run_dir / "train_positions.jsonl"))
-    if held:
-        artifacts["evaluation"] = str(ctx.run_dir / "evaluation.jsonl")
     ctx.log({f"{ctx.name}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     return StageResult(metrics=metrics, artifacts=artifacts)
+
+
+def _problem_accuracy(model, tokenizer, config: Config, ctx, when: str) -> dict[str, float]:
+    """Greedy exact match on ``accuracy_data`` (as in grpo), when the recipe gives some."""
+    from ..data import load_dataset
+    from .common import measure_accuracy
+
+    if config.accuracy_data is None:
+        return {}
+    problems = load_dataset(config.accuracy_data, "problems")
+    return {f"accuracy_{when}": measure_accuracy(model, tokenizer, problems, config, ctx, when)}
+
+
+def write_evaluation(path: Path, before: dict[str, Any], after: dict[str, Any]) -> str:
+    """One line per (when, mode): the bucketed accuracies and counts."""
+    _write_jsonl(path, [{"when": when, "mode": mode, **report[mode]}
+                        for when, report in (("before", before), ("after", after)) for mode in ("plain", "think")])
+    return str(path)
 
 
 # ------------------------------------------------------------------------------------------------ positions
@@ -303,7 +312,7 @@ def evaluate(model, tokenizer, rows: list[dict[str, Any]], config: Config, *, pr
     """Per held-out position: (a) greedy next token on the raw context, (b) greedy thinking + boxed answer."""
     from ..generation import SamplingParams, engine_from_spec
     from ..prompts import render_prompt
-    from ..rntp import boxed_prediction, continuation_match
+    from ..rntp import boxed_prediction, continuation_match, greedy_next_tokens
 
     plain = greedy_next_tokens(model, tokenizer, [row["context_ids"] for row in rows])
     engine = engine_from_spec(config.generation, model=model, tokenizer=tokenizer)
@@ -325,28 +334,6 @@ def evaluate(model, tokenizer, rows: list[dict[str, Any]], config: Config, *, pr
                                                 leading_space=config.leading_space),
         })
     return records
-
-
-def greedy_next_tokens(model, tokenizer, contexts: list[list[int]], batch_size: int = 16) -> list[str]:
-    """The decoded argmax next token after each context (right-padded batches; logits at each last token)."""
-    import torch
-
-    device = next(model.parameters()).device
-    out = []
-    model.eval()
-    for start in range(0, len(contexts), batch_size):
-        part = contexts[start:start + batch_size]
-        width = max(len(c) for c in part)
-        ids = torch.full((len(part), width), tokenizer.pad_token_id, dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        for b, context in enumerate(part):
-            ids[b, :len(context)], mask[b, :len(context)] = torch.tensor(context, device=device), 1
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits  # (B, L, V)
-        last = mask.sum(1) - 1  # (B,) index of each row's last real token
-        best = logits[torch.arange(len(part), device=device), last].argmax(-1)  # (B,)
-        out += [tokenizer.decode([int(t)], clean_up_tokenization_spaces=False) for t in best]
-    return out
 
 
 def _flatten(report: dict[str, Any], when: str) -> dict[str, Any]:

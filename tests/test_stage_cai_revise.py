@@ -227,9 +227,11 @@ def test_mistakes_are_named(tmp_path, monkeypatch):
         recipe_at(tmp_path, RECIPE + "    constitution: harmles\n")
     scripted(monkeypatch)
     path = tmp_path / "convs.jsonl"
-    path.write_text(json.dumps({"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}))
-    recipe = recipe_at(tmp_path, RECIPE.replace("{source: redteam, limit: 10}", f"{{source: {path}}}"))
-    with pytest.raises(DataError, match="prompt row 0 .* must end with the user's turn"):
+    good = [{"role": "user", "content": "hi"}]
+    bad = good + [{"role": "assistant", "content": "yo"}]
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in (good, good, bad, good)))
+    recipe = recipe_at(tmp_path, RECIPE.replace("{source: redteam, limit: 10}", f"{{source: {path}, eval_size: 1}}"))
+    with pytest.raises(DataError, match="prompt row 2 .* must end with the user's turn"):  # the file's row
         run_recipe(recipe, echo=lambda *_: None)
 
 

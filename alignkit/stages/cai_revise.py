@@ -138,9 +138,10 @@ def load_prompts(config: Config) -> tuple[list[str | Messages], list[str | Messa
     from ..data import load_dataset, split_eval
 
     dataset = load_dataset(config.data, "prompts")
+    dataset = dataset.add_column("row", list(range(len(dataset))))  # errors name the row as loaded
     train, held = split_eval(dataset, config.data.eval_size, config.data.seed)
-    checked = [_checked_prompt(row["prompt"], i, config) for i, row in enumerate(train)]
-    return checked, [_checked_prompt(row["prompt"], i, config) for i, row in enumerate(held or [])]
+    return ([_checked_prompt(row["prompt"], row["row"], config) for row in train],
+            [_checked_prompt(row["prompt"], row["row"], config) for row in held or []])
 
 
 def _checked_prompt(prompt: str | Messages, index: int, config: Config) -> str | Messages:

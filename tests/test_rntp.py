@@ -261,7 +261,9 @@ def test_stage_runs_evaluates_and_resumes(tmp_path, tiny_model_dir):
     from alignkit.pipeline import run_recipe
     from alignkit.recipe import load_recipe
 
-    recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir, ARITH_STAGE), output_dir=str(tmp_path / "runs"))
+    stage = ARITH_STAGE + ("      accuracy_data: {source: arith, seed: 5, params: {n: 2, steps: 1}}\n"
+                           "      accuracy_max_new_tokens: 4\n")
+    recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir, stage), output_dir=str(tmp_path / "runs"))
     run_recipe(recipe, echo=lambda *_: None)
     run_dir = recipe.stages[0].run_dir
     manifest = Manifest.read(run_dir)
@@ -279,6 +281,7 @@ def test_stage_runs_evaluates_and_resumes(tmp_path, tiny_model_dir):
     positions = [json.loads(x) for x in Path(manifest.artifacts["positions"]).read_text().splitlines()]
     assert len(positions) == 12 and {"continuation", "token_ends", "entropy", "prompt"} <= set(positions[0])
     assert (run_dir / "model" / "config.json").is_file()
+    assert 0.0 <= metrics["accuracy_before"] <= 1.0 and (run_dir / "accuracy_after.jsonl").is_file()
 
     # Resume: a lost shard is redone (and only it), giving the same rows.
     ctx = SimpleNamespace(run_dir=run_dir, is_main=True, wait=lambda: None)

@@ -160,7 +160,7 @@ def run(config: Config, ctx: Any) -> Any:
     model = load_model(config.model, quantization=config.quantization, dtype=config.dtype)
     if torch.cuda.is_available() and not is_quantized(model):
         model.to("cuda")  # TRL places the model itself for training
-    before = evaluate_cached(model, tokenizer, held, thresholds, config, ctx, "before") if held else {}
+    before = evaluate_cached(model, tokenizer, held, thresholds, config, ctx, "before") if held and ctx.is_main else {}
     metrics.update(_problem_accuracy(model, tokenizer, config, ctx, "before"))
     # 3. Optional pre-filter, then GRPO.
     if config.prefilter_samples:

@@ -157,7 +157,10 @@ def run(config: Config, ctx: Any) -> Any:
     metrics: dict[str, Any] = {"positions_train": len(train), "positions_eval": len(held),
                                "entropy_edges": [round(x, 4) for x in thresholds]}
     # 2. Evaluation before training: (a) plain and (b) think.
-    model = load_model(config.model, quantization=config.quantization, dtype=config.dtype)
+    # trainable=True: the evaluation below runs the 4-bit model without gradients, which would otherwise let
+    # bitsandbytes repack its weights into an inference-only CPU layout that drops LoRA gradients.
+    model = load_model(config.model, quantization=config.quantization, dtype=config.dtype,
+                       attn_implementation=config.attn_implementation, trainable=True)
     if torch.cuda.is_available() and not is_quantized(model):
         model.to("cuda")  # TRL places the model itself for training
     before = evaluate_cached(model, tokenizer, held, thresholds, config, ctx, "before") if held and ctx.is_main else {}
@@ -418,7 +421,7 @@ def train_grpo(model, tokenizer, rows: list[dict[str, Any]], config: Config, ctx
 
     from ..models import lora_config
     from ..rewards import load_rewards
-    from .common import last_checkpoint, save_trained_model, trl_args
+    from .common import last_checkpoint, restore_trainable_dtype, save_trained_model, trl_args
     from .rl_common import (
         check_prompt_lengths,
         prompt_rows,
@@ -438,6 +441,7 @@ def train_grpo(model, tokenizer, rows: list[dict[str, Any]], config: Config, ctx
     trainer = GRPOTrainer(model=model, reward_funcs=[_reward_fn(config)] + extra, args=args, train_dataset=dataset,
                           processing_class=tokenizer,
                           peft_config=lora_config(config.lora, "causal-lm") if config.lora else None)
+    restore_trainable_dtype(trainer, config)  # QLoRA: keep the adapters in the model's dtype (TRL makes them bf16)
     checkpoint = last_checkpoint(ctx.run_dir)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)

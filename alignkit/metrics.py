@@ -96,6 +96,26 @@ def best_of_n(answers: Sequence[str | None], scores: Sequence[float]) -> int | N
     return max(candidates, key=lambda i: scores[i]) if candidates else None
 
 
+def pairwise_ranking(scores: Sequence[Sequence[float]], correct: Sequence[Sequence[bool]]) -> tuple[float, int]:
+    """How often a scorer ranks a right solution above a wrong one *of the same problem*: over every
+    (right, wrong) pair within each problem, the fraction with score(right) > score(wrong), ties counting
+    half. Chance is 0.5 whatever the accuracy; problems with only right or only wrong samples add no pair.
+    Returns (fraction, number of pairs); the fraction is NaN with no pair.
+
+    >>> pairwise_ranking([[0.9, 0.2, 0.5], [0.1, 0.3]], [[True, False, False], [True, False]])
+    (0.6666666666666666, 3)
+    """
+    wins, pairs = 0.0, 0
+    for problem_scores, problem_correct in zip(scores, correct, strict=True):
+        right = [s for s, c in zip(problem_scores, problem_correct, strict=True) if c]
+        wrong = [s for s, c in zip(problem_scores, problem_correct, strict=True) if not c]
+        for r in right:
+            for w in wrong:
+                wins += 1.0 if r > w else 0.5 if r == w else 0.0
+                pairs += 1
+    return (wins / pairs if pairs else float("nan")), pairs
+
+
 def aggregate_steps(step_scores: Sequence[float], how: str) -> float:
     """One solution score from a PRM's per-step scores.
 

@@ -28,7 +28,7 @@ from typing import Any
 from alignkit.config import DataSpec
 from alignkit.data import check_steps, load_dataset
 from alignkit.labels import true_step_labels
-from alignkit.metrics import Pool, aggregate_steps, selection_curve
+from alignkit.metrics import Pool, aggregate_steps, pairwise_ranking, selection_curve
 from alignkit.prm import PRMScorer, split_steps, step_metrics
 from alignkit.rewards import load_reward
 
@@ -92,6 +92,19 @@ def bootstrap_diff(a: list[float], b: list[float], draws: int = 2000, seed: int 
         diffs.append(sum(a[i] - b[i] for i in idx) / m)
     diffs.sort()
     return diffs[int(0.025 * draws)], diffs[int(0.975 * draws) - 1]
+
+
+def bootstrap_ranking(scores: list[list[float]], correct: list[list[bool]], draws: int = 2000,
+                      seed: int = 0) -> tuple[float, float]:
+    """95% interval of the pairwise-ranking fraction, problems resampled with replacement."""
+    rng, m, values = random.Random(seed), len(scores), []
+    for _ in range(draws):
+        idx = [rng.randrange(m) for _ in range(m)]
+        fraction, pairs = pairwise_ranking([scores[i] for i in idx], [correct[i] for i in idx])
+        if pairs:
+            values.append(fraction)
+    values.sort()
+    return values[int(0.025 * len(values))], values[int(0.975 * len(values)) - 1]
 
 
 def _json_safe(value: Any) -> Any:
@@ -159,11 +172,18 @@ def main() -> None:
     orm_pools = [Pool.of(a, c, s) for a, c, s in zip(answers, correct, scorers["orm"])]
     diff = bootstrap_diff(per_problem(prm_pools, "best_of_n", top), per_problem(orm_pools, "best_of_n", top))
 
+    # Ranking within a problem (chance = 0.5 whatever the accuracy): does the scorer put a right solution
+    # above a wrong one of the same problem? Best-of-N also depends on ties and on which wrong answers win.
+    ranking = {name: pairwise_ranking(scores, correct) for name, scores in scorers.items()}
+    ranking_ci = {name: bootstrap_ranking(scorers[name], correct) for name in ("prm_min", "orm")}
+
     flat_truth = [t for sols in truth for t in sols if t]
     results = {
         "args": vars(args), "problems": len(problems), "samples": sum(map(len, texts)), "ns": ns,
         "curves": curves, f"prm_min_minus_orm_at_{top}_ci95": diff,
         "sample_accuracy": curves["random_pick"][ns[0]],
+        "pairwise_ranking": {name: {"fraction": f, "pairs": n} for name, (f, n) in ranking.items()},
+        "pairwise_ranking_ci95": ranking_ci,
         "right_answer_wrong_steps": sum(c and not all(t) for cs, ts in zip(correct, truth) for c, t in zip(cs, ts)),
         "prm_vs_true_steps": step_metrics([s for sols in prm_steps for s in sols if s], flat_truth),
         "orm_vs_true_steps": step_metrics([s for sols in orm_steps for s in sols if s], flat_truth),
@@ -176,6 +196,9 @@ def main() -> None:
     for name, curve in curves.items():
         print(f"| {name} | " + " | ".join(f"{curve[n]:.3f}" for n in ns) + " |")
     print(f"PRM(min) - ORM at N={top}: 95% bootstrap interval [{diff[0]:+.3f}, {diff[1]:+.3f}]")
+    print("pairwise ranking within problems (right above wrong; chance 0.5): " + ", ".join(
+        f"{name} {f:.3f}" + (f" [{ranking_ci[name][0]:.3f}, {ranking_ci[name][1]:.3f}]" if name in ranking_ci else "")
+        for name, (f, _) in ranking.items()) + f" over {ranking['orm'][1]} pairs")
     print(json.dumps({k: v for k, v in results.items() if k not in ("curves", "args")}, indent=1))
 
 

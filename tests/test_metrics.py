@@ -12,6 +12,7 @@ from alignkit.metrics import (
     aggregate_steps,
     best_of_n,
     majority_vote,
+    pairwise_ranking,
     pass_at_k,
     selection_curve,
     weighted_vote,
@@ -181,3 +182,20 @@ def test_docstring_examples():
 
     result = doctest.testmod(alignkit.metrics)
     assert result.attempted >= 5 and result.failed == 0
+
+
+# ---- pairwise ranking ---------------------------------------------------------------------------------
+
+
+def test_pairwise_ranking_hand_worked():
+    # problem 1: right 0.9 beats wrong 0.2 and 0.5 (2 wins); right 0.4 loses to 0.5, beats 0.2 (1 win)
+    # problem 2: right 0.3 ties wrong 0.3 (half); problem 3 (all right) adds no pair
+    scores = [[0.9, 0.2, 0.5, 0.4], [0.3, 0.3], [0.8, 0.1]]
+    correct = [[True, False, False, True], [True, False], [True, True]]
+    fraction, pairs = pairwise_ranking(scores, correct)
+    assert pairs == 5 and fraction == pytest.approx(3.5 / 5)
+    assert pairwise_ranking([[0.1, 0.9]], [[True, False]]) == (0.0, 1)
+    fraction, pairs = pairwise_ranking([[0.5]], [[True]])
+    assert pairs == 0 and fraction != fraction  # NaN: nothing to rank
+    with pytest.raises(ValueError):
+        pairwise_ranking([[0.1, 0.2]], [[True]])

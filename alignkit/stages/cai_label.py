@@ -44,7 +44,6 @@ Departures from the papers:
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -53,6 +52,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from .. import shards
 from ..config import DataSpec, QuantSpec
 from ..errors import DataError, RecipeError
 from ..generation import GenerationSpec
@@ -108,9 +108,9 @@ def run(config: Config, ctx: Any) -> Any:
     constitution = load_constitution(config.constitution, base_dir=_base_dir(ctx))
     shard_dir = ctx.run_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
-    n_shards = (len(prompts) + config.shard_size - 1) // config.shard_size
-    rank, world = ctx.state.process_index, ctx.state.num_processes
-    todo = [j for j in range(n_shards) if j % world == rank and not _shard_path(shard_dir, j).is_file()]
+    n_shards = shards.count(len(prompts), config.shard_size)
+    todo = shards.pending(shard_dir, len(prompts), config.shard_size, ctx.state.process_index,
+                          ctx.state.num_processes)
     if todo:
         policy, judge = build_policy_and_judge(config, ctx)
         _label_shards(todo, prompts, policy, judge, constitution, config, shard_dir, progress=ctx.is_main)
@@ -221,16 +221,8 @@ def label_shard(prompts: list[Any], first_index: int, policy: Policy, judge: Any
     return rows, meta
 
 
-def _shard_path(shard_dir: Path, j: int) -> Path:
-    return shard_dir / f"shard-{j:05d}.jsonl"
-
-
-def _write_shard(shard_dir: Path, j: int, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
-    """Counts first, rows last: a shard is complete exactly when its .jsonl exists."""
-    from ..pairs import write_jsonl_atomic
-
-    write_jsonl_atomic(_shard_path(shard_dir, j).with_suffix(".meta.json"), [meta])
-    write_jsonl_atomic(_shard_path(shard_dir, j), rows)
+# Tests patch this name to crash after a shard.
+_write_shard = shards.write
 
 
 def merge_shards(shard_dir: Path, n_shards: int, n_prompts: int, size: int,
@@ -239,18 +231,14 @@ def merge_shards(shard_dir: Path, n_shards: int, n_prompts: int, size: int,
     writes the kept pairs to ``out`` in the ``preference`` shape."""
     from ..pairs import write_jsonl_atomic
 
-    missing = [j for j in range(n_shards) if not _shard_path(shard_dir, j).is_file()]
-    if missing:
-        raise RuntimeError(f"cai-label shards {missing[:5]} are missing after every process finished; rerun")
     rows, metas = [], []
-    for j in range(n_shards):
-        shard = [json.loads(line) for line in _shard_path(shard_dir, j).read_text().splitlines() if line.strip()]
+    for j, (shard, meta) in enumerate(shards.read_all(shard_dir, n_shards, "cai-label")):
         expected = list(range(j * size, min((j + 1) * size, n_prompts)))
         if [r["index"] for r in shard] != expected:
-            raise RuntimeError(f"{_shard_path(shard_dir, j)} holds other prompts than this run's (another "
+            raise RuntimeError(f"{shards.path(shard_dir, j)} holds other prompts than this run's (another "
                                "dataset or shard_size?): delete the shards folder and rerun")
         rows += shard
-        metas.append(json.loads(_shard_path(shard_dir, j).with_suffix(".meta.json").read_text()))
+        metas.append(meta)
     pairs = [preference_row(r) for r in rows if r["kept"]]
     if not pairs:
         raise DataError(f"no pair was kept out of {len(rows)} prompts (drops: "

@@ -50,6 +50,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from .. import shards
 from ..config import DataSpec, QuantSpec
 from ..errors import DataError, RecipeError
 from ..generation import GenerationSpec
@@ -107,9 +108,9 @@ def run(config: Config, ctx: Any) -> Any:
     prompts, heldout = load_prompts(config)
     shard_dir = ctx.run_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
-    n_shards = (len(prompts) + config.shard_size - 1) // config.shard_size
-    rank, world = ctx.state.process_index, ctx.state.num_processes
-    todo = [j for j in range(n_shards) if j % world == rank and not _shard_path(shard_dir, j).is_file()]
+    n_shards = shards.count(len(prompts), config.shard_size)
+    todo = shards.pending(shard_dir, len(prompts), config.shard_size, ctx.state.process_index,
+                          ctx.state.num_processes)
     if todo:
         reviser = build_reviser(config, ctx)
         _revise_shards(todo, prompts, reviser, constitution, config, shard_dir, progress=ctx.is_main)
@@ -271,8 +272,6 @@ def clean_revision(text: str) -> str:
 # ----------------------------------------------------------------------------------------- shards, merging
 
 
-def _shard_path(shard_dir: Path, j: int) -> Path:
-    return shard_dir / f"shard-{j:05d}.jsonl"
 
 
 def _revise_shards(todo: list[int], prompts: list, reviser: Reviser, constitution: Any, config: Config,
@@ -295,26 +294,14 @@ def _revise_shards(todo: list[int], prompts: list, reviser: Reviser, constitutio
     bar.close()
 
 
-def _write_shard(shard_dir: Path, j: int, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
-    """Counts first, rows last: a shard is complete exactly when its .jsonl exists."""
-    from ..artifacts import write_json_atomic
-    from ..pairs import write_jsonl_atomic
-
-    write_json_atomic(_shard_path(shard_dir, j).with_suffix(".meta.json"), meta)
-    write_jsonl_atomic(_shard_path(shard_dir, j), rows)
+# Tests patch this name to crash after a shard.
+_write_shard = shards.write
 
 
 def _merge(shard_dir: Path, n_shards: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    import json
-
-    missing = [j for j in range(n_shards) if not _shard_path(shard_dir, j).is_file()]
-    if missing:
-        raise RuntimeError(f"cai-revise shards {missing[:5]} are missing after every process finished; rerun")
-    rows, metas = [], []
-    for j in range(n_shards):
-        path = _shard_path(shard_dir, j)
-        rows += [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        metas.append(json.loads(path.with_suffix(".meta.json").read_text()))
+    done = shards.read_all(shard_dir, n_shards, "cai-revise")
+    rows = [row for shard_rows, _ in done for row in shard_rows]
+    metas = [meta for _, meta in done]
     empty = [row["index"] for row in rows if not row["completion"]]
     if empty:
         raise DataError(f"cai-revise: prompts {empty[:5]} ended with an empty answer and revision; raise "

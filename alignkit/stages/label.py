@@ -40,8 +40,6 @@ Departures from the paper:
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,9 +47,11 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from .. import shards
 from ..config import DataSpec, QuantSpec
 from ..errors import DataError, RecipeError
 from ..generation import GenerationSpec
+from ..pairs import write_jsonl_atomic
 from ..registry import StageConfig
 
 
@@ -115,9 +115,8 @@ def run(config: Config, ctx: Any) -> Any:
     problems = list(load_dataset(config.data, "problems"))
     shard_dir = ctx.run_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
-    rank, world = ctx.state.process_index, ctx.state.num_processes
-    shards = [j for j in range(_n_shards(len(problems), config.shard_size)) if j % world == rank]
-    todo = [j for j in shards if not _shard_path(shard_dir, j).is_file()]
+    todo = shards.pending(shard_dir, len(problems), config.shard_size, ctx.state.process_index,
+                          ctx.state.num_processes)
     if todo:
         reward = load_reward(config.reward, base_dir=Path(ctx.recipe.file).parent if ctx.recipe.file else None)
         policy, completer = build_samplers(config, ctx)
@@ -125,7 +124,7 @@ def run(config: Config, ctx: Any) -> Any:
     ctx.wait()
     if not ctx.is_main:
         return StageResult()
-    rows, metas = merge_shards(shard_dir, _n_shards(len(problems), config.shard_size), ctx.run_dir / "data.jsonl")
+    rows, metas = merge_shards(shard_dir, shards.count(len(problems), config.shard_size), ctx.run_dir / "data.jsonl")
     metrics = summarize(rows, metas, config, pool=_pool_size(config))
     print(f"[alignkit] {ctx.name}: {metrics['rows']} labelled solutions, solution accuracy "
           f"{metrics['solution_accuracy']:.3f}, {metrics['completions_per_second']:.1f} completions/s")
@@ -289,44 +288,19 @@ def _row(solution: dict[str, Any], outcomes: list[list[bool]], correct: bool, co
 # ----------------------------------------------------------------------------------------- shards, merging
 
 
-def _n_shards(n_problems: int, size: int) -> int:
-    return (n_problems + size - 1) // size
-
-
-def _shard_path(shard_dir: Path, j: int) -> Path:
-    return shard_dir / f"shard-{j:05d}.jsonl"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Readers see the complete file or none: write a temp file beside it, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _write_shard(shard_dir: Path, j: int, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
-    """Counts first, rows last: a shard is complete exactly when its .jsonl exists."""
-    _write_atomic(_shard_path(shard_dir, j).with_suffix(".meta.json"), json.dumps(meta) + "\n")
-    _write_atomic(_shard_path(shard_dir, j), "".join(json.dumps(row) + "\n" for row in rows))
+# Tests patch this name to crash after a shard.
+_write_shard = shards.write
 
 
 def merge_shards(shard_dir: Path, n_shards: int, out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Concatenate the shards in order into ``out`` (atomically); returns (rows, shard counts)."""
-    missing = [j for j in range(n_shards) if not _shard_path(shard_dir, j).is_file()]
-    if missing:
-        raise RuntimeError(f"label shards {missing[:5]} are missing after every process finished; rerun the stage")
-    rows, metas = [], []
-    for j in range(n_shards):
-        text = _shard_path(shard_dir, j).read_text(encoding="utf-8")
-        rows += [json.loads(line) for line in text.splitlines() if line.strip()]
-        metas.append(json.loads(_shard_path(shard_dir, j).with_suffix(".meta.json").read_text()))
+    done = shards.read_all(shard_dir, n_shards, "label")
+    rows = [row for shard_rows, _ in done for row in shard_rows]
+    metas = [meta for _, meta in done]
     if not rows:
         raise DataError(f"no solution could be labelled ({sum(m['solutions'] for m in metas)} sampled, all "
                         "empty or longer than max_steps): check the policy's output format and `separator`")
-    _write_atomic(out, "".join(json.dumps(row) + "\n" for row in rows))
+    write_jsonl_atomic(out, rows)
     return rows, metas
 
 

@@ -21,11 +21,13 @@ Departures from the papers:
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .artifacts import write_jsonl_atomic
+from .shards import path as shard_path
 
 #: (shard number, its prompt rows) -> samples[prompt][k] (texts); seed sampling by shard for reproducibility
 SampleFn = Callable[[int, list[dict[str, Any]]], list[list[str]]]
@@ -77,17 +79,6 @@ def pair_rows(indices: Sequence[int], prompts: Sequence[dict[str, Any]], samples
             "rejected_score": values[pick[1]] if pick else None,
         })
     return rows
-
-
-def shard_path(directory: Path, shard: int) -> Path:
-    return directory / f"shard-{shard:05d}.jsonl"
-
-
-def write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write rows to ``path`` via a temp file + ``os.replace``: readers see the whole file or none."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(tmp, path)
 
 
 @dataclass

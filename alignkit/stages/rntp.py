@@ -55,12 +55,13 @@ Departures from the papers:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from .. import shards
+from ..artifacts import write_jsonl_atomic
 from ..config import DataSpec
 from ..generation import GenerationSpec
 from ..rewards import RewardSpec
@@ -198,7 +199,7 @@ def _problem_accuracy(model, tokenizer, config: Config, ctx, when: str) -> dict[
 
 def write_evaluation(path: Path, before: dict[str, Any], after: dict[str, Any]) -> str:
     """One line per (when, mode): the bucketed accuracies and counts."""
-    _write_jsonl(path, [{"when": when, "mode": mode, **report[mode]}
+    write_jsonl_atomic(path, [{"when": when, "mode": mode, **report[mode]}
                         for when, report in (("before", before), ("after", after)) for mode in ("plain", "think")])
     return str(path)
 
@@ -216,8 +217,8 @@ def sample_split(config: Config, ctx: Any, tokenizer: Any, split: str, spec: Dat
     docs = [row["text"] for row in load_dataset(spec, "text")]
     shard_dir = ctx.run_dir / "positions" / split
     shard_dir.mkdir(parents=True, exist_ok=True)
-    n_shards = -(-len(docs) // config.shard_size)
-    todo = [j for j in range(n_shards) if not _shard_path(shard_dir, j).is_file()]
+    n_shards = shards.count(len(docs), config.shard_size)
+    todo = [j for j in range(n_shards) if not shards.path(shard_dir, j).is_file()]
     if todo and ctx.is_main:
         entropies_fn = _proxy(config, tokenizer)
         bar = tqdm(total=len(todo), unit="shard", desc=f"rntp positions ({split})", dynamic_ncols=True)
@@ -226,11 +227,11 @@ def sample_split(config: Config, ctx: Any, tokenizer: Any, split: str, spec: Dat
             for i in range(j * config.shard_size, min(len(docs), (j + 1) * config.shard_size)):
                 rows += [{"doc_index": i, **row} for row in _positions(docs[i], tokenizer, entropies_fn, config,
                                                                         split, seed=config.seed * 1_000_003 + i)]
-            _write_jsonl(_shard_path(shard_dir, j), rows)
+            write_jsonl_atomic(shards.path(shard_dir, j), rows)
             bar.update(1)
         bar.close()
     ctx.wait()
-    rows = [json.loads(line) for j in range(n_shards) for line in _shard_path(shard_dir, j).read_text().splitlines()]
+    rows = [json.loads(line) for j in range(n_shards) for line in shards.path(shard_dir, j).read_text().splitlines()]
     for row in rows:
         row["prompt"] = config.instruction.format(context=row["context"])
     if not rows:
@@ -238,7 +239,7 @@ def sample_split(config: Config, ctx: Any, tokenizer: Any, split: str, spec: Dat
         raise DataError(f"{split}: no position of {len(docs)} documents qualified (entropy >= {floor}, at least "
                         f"{config.min_context_tokens} tokens of context); lower the entropy floor or add text")
     if ctx.is_main:
-        _write_jsonl(ctx.run_dir / f"{split}_positions.jsonl", rows)
+        write_jsonl_atomic(ctx.run_dir / f"{split}_positions.jsonl", rows)
     return rows
 
 
@@ -273,20 +274,6 @@ def _proxy(config: Config, tokenizer: Any) -> Any:
     return functools.partial(proxy_entropies, model, k=config.entropy_top_k)
 
 
-def _shard_path(shard_dir: Path, j: int) -> Path:
-    return shard_dir / f"shard-{j:05d}.jsonl"
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Readers see the whole file or none: temp file beside it, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def _terciles(rows: list[dict[str, Any]]) -> list[float]:
     from ..rntp import entropy_thresholds
 
@@ -305,7 +292,7 @@ def evaluate_cached(model, tokenizer, rows, thresholds, config: Config, ctx, whe
         records = [json.loads(line) for line in path.read_text().splitlines()]
     else:
         records = evaluate(model, tokenizer, rows, config, progress=ctx.is_main)
-        _write_jsonl(path, records)
+        write_jsonl_atomic(path, records)
     entropies = [r["entropy"] for r in records]
     return {mode: bucketed_accuracy([r[f"{mode}_correct"] for r in records], entropies, thresholds)
             for mode in ("plain", "think")}
@@ -403,7 +390,7 @@ def prefilter(model, tokenizer, rows: list[dict[str, Any]], config: Config, ctx)
                                     token_ends=[r["token_ends"]] * k)))
                      for r, samples in zip(rows, outs)]
         if ctx.is_main:
-            _write_jsonl(path, [{"doc_index": r["doc_index"], "position": r["position"], "successes": s}
+            write_jsonl_atomic(path, [{"doc_index": r["doc_index"], "position": r["position"], "successes": s}
                                 for r, s in zip(rows, successes)])
     kept = [r for r, s in zip(rows, successes) if 0 < s < config.prefilter_samples]
     if not kept:

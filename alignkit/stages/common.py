@@ -150,15 +150,13 @@ def measure_accuracy(model, tokenizer, problems, config, ctx, when: str) -> floa
 
     Writes ``accuracy_<when>.jsonl`` (one row per problem) in the stage folder and prints the figure.
     """
-    import json
-
+    from ..artifacts import write_jsonl_atomic
     from ..evaluation import greedy_accuracy
 
     report = greedy_accuracy(model, tokenizer, problems, max_new_tokens=config.accuracy_max_new_tokens,
                              chat=config.chat, progress=ctx.is_main)
     if ctx.is_main:
-        path = ctx.run_dir / f"accuracy_{when}.jsonl"
-        path.write_text("".join(json.dumps(sample) + "\n" for sample in report["samples"]))
+        write_jsonl_atomic(ctx.run_dir / f"accuracy_{when}.jsonl", report["samples"])
         print(f"[alignkit] {ctx.name}: greedy accuracy {when} training = {report['accuracy']:.3f} "
               f"on {report['n']} held-out problems")
     return report["accuracy"]

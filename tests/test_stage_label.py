@@ -143,6 +143,26 @@ def test_oracle_completer_gives_exact_labels(tmp_path, monkeypatch):
     assert len(data) == 14 and data.column_names == ["prompt", "completions", "labels", "soft_labels"]
 
 
+def test_a_prefix_shared_by_solutions_is_rolled_out_once(tmp_path, monkeypatch):
+    _, completer = fake_samplers(monkeypatch, p=0.5)
+    recipe = recipe_at(tmp_path, RECIPE.replace("samples_per_problem: 2", "samples_per_problem: 4"))
+    (outcome,) = run_recipe(recipe, echo=lambda *_: None)
+    rows = read_rows(recipe.stage("label").run_dir / "data.jsonl")
+    # samples 0 and 2 are the same gold solution; every prefix before a planted error is shared too
+    queries = {(r["prompt"], "\n".join(r["completions"][: i + 1])) for r in rows for i in range(len(r["completions"]) - 1)}
+    all_queries = sum(len(r["completions"]) - 1 for r in rows)
+    assert completer.prompts == len(queries) < all_queries
+    m = outcome.metrics
+    assert m["shared_prefixes"] == all_queries - len(queries)
+    assert m["completions"] == 7 * 4 + len(queries) * 8  # solutions + one pool of 8 per distinct prefix
+    by_prefix: dict = {}
+    for r in rows:  # one estimate per distinct prefix, whichever solution it came from
+        for i in range(len(r["completions"]) - 1):
+            key = (r["prompt"], "\n".join(r["completions"][: i + 1]))
+            assert by_prefix.setdefault(key, r["outcomes"][i]) == r["outcomes"][i]
+    assert any(0 < sum(o) < 8 for o in by_prefix.values())  # a noisy completer: shared pools are not trivial
+
+
 def test_agreement_grows_with_n_for_a_noisy_completer(tmp_path, monkeypatch):
     fake_samplers(monkeypatch, p=0.4)
     recipe = recipe_at(tmp_path, RECIPE.replace("n: 7,", "n: 40,").replace("[1, 2, 4, 8]", "[1, 4, 16]"))

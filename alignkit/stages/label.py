@@ -14,7 +14,8 @@ What it does, per shard of ``shard_size`` problems:
 1. Solutions: the policy samples ``samples_per_problem`` per problem (``solutions: generate``), or the
    problems' own ``steps`` are used (``solutions: given``). Steps are the solution split on ``separator``.
 2. Rollouts: from every step prefix ``s_1..s_i`` of every solution the completer samples N continuations to
-   a final answer, all prefixes of the shard in one ``generate`` call with ``n = N``.
+   a final answer, all prefixes of the shard in one ``generate`` call with ``n = N``. A prefix that several
+   solutions of a problem share is rolled out once and its outcomes serve them all.
 3. Labels: ``reward`` (default ``answer_match``) checks each continuation against the gold answer;
    :func:`alignkit.labels.step_labels` turns the (steps x N) table into hard (HE) and soft (SE) labels.
 4. The shard's rows are written to ``shards/shard-<j>.jsonl`` (temp file, then rename), so a crash loses
@@ -215,19 +216,28 @@ def label_shard(problems: list[dict[str, Any]], first_index: int, policy: Sample
                if not (sol["finished"] and i == len(sol["steps"]) - 1)]
     prefixes = [config.separator.join(solutions[s]["steps"][: i + 1]) + config.separator for s, i in queries]
     prompts = [completer.render(solutions[s]["prompt"]) + prefix for (s, _), prefix in zip(queries, prefixes)]
+    # Solutions of one problem often share their first steps: an identical prompt + prefix is rolled out once
+    # and its N outcomes serve every solution that has it (the same Monte Carlo estimate of the same prefix).
+    first: dict[str, int] = {}  # prompt -> its first query, the one rolled out
+    for q, prompt in enumerate(prompts):
+        first.setdefault(prompt, q)
+    rolled = list(first.values())
     params = SamplingParams(n=pool, temperature=config.temperature, top_p=config.top_p, seed=seed + 1,
                             max_new_tokens=config.continuation_max_new_tokens)
-    outs = completer.engine.generate(prompts, params, progress=False) if prompts else []
-    texts = [prefix + c.text for prefix, samples in zip(prefixes, outs) for c in samples]
-    golds = [solutions[s]["answer"] for s, _ in queries for _ in range(pool)]
-    verdicts = _verdicts(reward, texts, golds)
+    outs = completer.engine.generate([prompts[q] for q in rolled], params, progress=False) if rolled else []
+    texts = [prefixes[q] + c.text for q, samples in zip(rolled, outs) for c in samples]
+    golds = [solutions[queries[q][0]]["answer"] for q in rolled for _ in range(pool)]
+    rolled_verdicts = _verdicts(reward, texts, golds)
+    slot = {prompt: u for u, prompt in enumerate(first)}
+    verdicts = [v for prompt in prompts for v in rolled_verdicts[slot[prompt] * pool:(slot[prompt] + 1) * pool]]
     texts_full = [config.separator.join(sol["steps"]) for sol in solutions]
     correct = _verdicts(reward, texts_full, [sol["answer"] for sol in solutions])
     outcomes = [[[correct[s]] * pool for _ in sol["steps"]] for s, sol in enumerate(solutions)]
     for q, (s, i) in enumerate(queries):
         outcomes[s][i] = verdicts[q * pool:(q + 1) * pool]
     rows = [_row(sol, outcomes[s], correct[s], config) for s, sol in enumerate(solutions)]
-    meta.update(completions=meta["completions"] + len(texts), rollout_prefixes=len(queries),
+    meta.update(completions=meta["completions"] + len(texts), rollout_prefixes=len(rolled),
+                shared_prefixes=len(queries) - len(rolled),
                 tokens=meta["tokens"] + sum(len(c.token_ids) for samples in outs for c in samples))
     return rows, meta
 
@@ -317,6 +327,7 @@ def summarize(rows: list[dict[str, Any]], metas: list[dict[str, Any]], config: C
         "rows": len(rows), "skipped_empty": sum(m["skipped_empty"] for m in metas),
         "skipped_long": sum(m["skipped_long"] for m in metas), "steps": len(steps),
         "completions": completions, "rollouts_per_prefix": pool,
+        "shared_prefixes": sum(m.get("shared_prefixes", 0) for m in metas),
         "completions_per_second": completions / seconds if seconds else 0.0,
         "tokens_per_second": sum(m["tokens"] for m in metas) / seconds if seconds else 0.0,
         "solution_accuracy": sum(r["solution_correct"] for r in rows) / len(rows),

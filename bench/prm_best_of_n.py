@@ -12,7 +12,10 @@ largest N.
     python bench/prm_best_of_n.py --policy P --prm M1 --orm M2 --out results.json
 
 Samples are cached in ``<out dir>/bench_samples.jsonl`` (keyed by problems, N, seed and policy), so a rerun
-after a crash, or with other scorers, does not sample again. Reports, never asserts.
+after a crash, or with other scorers, does not sample again. Every sample with its checks and step scores
+goes to ``<out>_samples.jsonl``; ``best_of_n_misses`` in the results counts, per scorer, the problems whose
+top pick is wrong although a right sample exists, by where the pick's first wrong step is. Reports, never
+asserts.
 """
 
 from __future__ import annotations
@@ -107,6 +110,44 @@ def bootstrap_ranking(scores: list[list[float]], correct: list[list[bool]], draw
     return values[int(0.025 * len(values))], values[int(0.975 * len(values)) - 1]
 
 
+def misses(problems, texts, correct, truth, scorers, n: int) -> dict[str, dict[str, int]]:
+    """Where each scorer's top pick over all ``n`` samples is wrong although a right sample exists: how many
+    such problems, and whether the picked wrong sample's first wrong step (exact checker) is an operation
+    step or only its answer line, or none of its steps is wrong (a right chain, a wrong answer read-out)."""
+    out = {}
+    for name, scores in scorers.items():
+        counts = {"problems": 0, "first_error_in_operation": 0, "first_error_at_answer_line": 0,
+                  "no_wrong_step": 0}
+        for p in range(len(problems)):
+            pool = list(range(min(n, len(texts[p]))))
+            if not any(correct[p][i] for i in pool):
+                continue
+            pick = max(pool, key=lambda i: scores[p][i])  # first maximum, as best_of_n breaks ties
+            if correct[p][pick]:
+                continue
+            counts["problems"] += 1
+            labels = truth[p][pick]
+            if all(labels):
+                counts["no_wrong_step"] += 1
+            elif labels.index(False) == len(labels) - 1:
+                counts["first_error_at_answer_line"] += 1
+            else:
+                counts["first_error_in_operation"] += 1
+        out[name] = counts
+    return out
+
+
+def write_samples(path: Path, problems, texts, correct, truth, prm_steps, orm_steps) -> None:
+    """Every sample with its correctness, true step labels and both scorers' step scores, for analysis."""
+    with path.open("w") as f:
+        for p, problem in enumerate(problems):
+            for i, text in enumerate(texts[p]):
+                f.write(json.dumps({"problem": p, "sample": i, "prompt": problem["prompt"],
+                                    "answer": problem["answer"], "text": text, "correct": correct[p][i],
+                                    "true_labels": truth[p][i], "prm_steps": prm_steps[p][i],
+                                    "orm_steps": orm_steps[p][i]}) + "\n")
+
+
 def _json_safe(value: Any) -> Any:
     """NaN (a metric with no cases, e.g. no all-good solution) -> null, so the file is strict JSON."""
     if isinstance(value, float) and math.isnan(value):
@@ -189,8 +230,11 @@ def main() -> None:
         "orm_vs_true_steps": step_metrics([s for sols in orm_steps for s in sols if s], flat_truth),
         "seconds": {"generate": round(gen_s, 1), "score_prm": round(prm_s, 1), "score_orm": round(orm_s, 1)},
     }
+    results["best_of_n_misses"] = misses(problems, texts, correct, truth, scorers, top)
     results = _json_safe(results)
     out.write_text(json.dumps(results, indent=2) + "\n")
+    write_samples(out.with_name(out.stem + "_samples.jsonl"), problems, texts, correct, truth, prm_steps,
+                  orm_steps)
     print("| method | " + " | ".join(f"N={n}" for n in ns) + " |")
     print("|---|" + "---|" * len(ns))
     for name, curve in curves.items():

@@ -14,8 +14,9 @@ largest N.
 Samples are cached in ``<out dir>/bench_samples.jsonl`` (keyed by problems, N, seed and policy), so a rerun
 after a crash, or with other scorers, does not sample again. Every sample with its checks and step scores
 goes to ``<out>_samples.jsonl``; ``best_of_n_misses`` in the results counts, per scorer, the problems whose
-top pick is wrong although a right sample exists, by where the pick's first wrong step is. Reports, never
-asserts.
+top pick is wrong although a right sample exists, by where the pick's first wrong step is, and
+``distinct_pick_at_N`` the accuracy of a uniform pick among a problem's distinct solutions (where best-of-N of
+a scorer that cannot tell a problem's solutions apart lands). Reports, never asserts.
 """
 
 from __future__ import annotations
@@ -218,11 +219,17 @@ def main() -> None:
     ranking = {name: pairwise_ranking(scores, correct) for name, scores in scorers.items()}
     ranking_ci = {name: bootstrap_ranking(scorers[name], correct) for name in ("prm_min", "orm")}
 
+    # A scorer that gives identical texts identical scores and is otherwise uninformative picks each distinct
+    # solution about equally often; a random pick weights them by how often the policy wrote them. With a
+    # near-deterministic policy whose common solution is usually right, the first is the fairer "chance".
+    distinct = [{t: c for t, c in zip(sols[:top], cs[:top])} for sols, cs in zip(texts, correct)]
+    distinct_pick = sum(sum(d.values()) / len(d) for d in distinct) / len(distinct)
+
     flat_truth = [t for sols in truth for t in sols if t]
     results = {
         "args": vars(args), "problems": len(problems), "samples": sum(map(len, texts)), "ns": ns,
         "curves": curves, f"prm_min_minus_orm_at_{top}_ci95": diff,
-        "sample_accuracy": curves["random_pick"][ns[0]],
+        "sample_accuracy": curves["random_pick"][ns[0]], f"distinct_pick_at_{top}": distinct_pick,
         "pairwise_ranking": {name: {"fraction": f, "pairs": n} for name, (f, n) in ranking.items()},
         "pairwise_ranking_ci95": ranking_ci,
         "right_answer_wrong_steps": sum(c and not all(t) for cs, ts in zip(correct, truth) for c, t in zip(cs, ts)),
@@ -240,6 +247,8 @@ def main() -> None:
     for name, curve in curves.items():
         print(f"| {name} | " + " | ".join(f"{curve[n]:.3f}" for n in ns) + " |")
     print(f"PRM(min) - ORM at N={top}: 95% bootstrap interval [{diff[0]:+.3f}, {diff[1]:+.3f}]")
+    print(f"a uniform pick among the distinct solutions of a problem at N={top}: {distinct_pick:.3f} "
+          "(best-of-N of a scorer blind within a problem lands here, below a random pick)")
     print("pairwise ranking within problems (right above wrong; chance 0.5): " + ", ".join(
         f"{name} {f:.3f}" + (f" [{ranking_ci[name][0]:.3f}, {ranking_ci[name][1]:.3f}]" if name in ranking_ci else "")
         for name, (f, _) in ranking.items()) + f" over {ranking['orm'][1]} pairs")

@@ -32,7 +32,7 @@ from typing import Any
 from alignkit.config import DataSpec
 from alignkit.data import check_steps, load_dataset
 from alignkit.labels import true_step_labels
-from alignkit.metrics import Pool, aggregate_steps, pairwise_ranking, selection_curve
+from alignkit.metrics import Pool, aggregate_steps, best_of_n, pairwise_ranking, selection_curve
 from alignkit.prm import PRMScorer, split_steps, step_metrics
 from alignkit.rewards import load_reward
 
@@ -111,7 +111,7 @@ def bootstrap_ranking(scores: list[list[float]], correct: list[list[bool]], draw
     return values[int(0.025 * len(values))], values[int(0.975 * len(values)) - 1]
 
 
-def misses(problems, texts, correct, truth, scorers, n: int) -> dict[str, dict[str, int]]:
+def misses(answers, correct, truth, scorers, n: int) -> dict[str, dict[str, int]]:
     """Where each scorer's top pick over all ``n`` samples is wrong although a right sample exists: how many
     such problems, and whether the picked wrong sample's first wrong step (exact checker) is an operation
     step or only its answer line, or none of its steps is wrong (a right chain, a wrong answer read-out)."""
@@ -119,12 +119,11 @@ def misses(problems, texts, correct, truth, scorers, n: int) -> dict[str, dict[s
     for name, scores in scorers.items():
         counts = {"problems": 0, "first_error_in_operation": 0, "first_error_at_answer_line": 0,
                   "no_wrong_step": 0}
-        for p in range(len(problems)):
-            pool = list(range(min(n, len(texts[p]))))
-            if not any(correct[p][i] for i in pool):
+        for p in range(len(answers)):
+            if not any(correct[p][:n]):
                 continue
-            pick = max(pool, key=lambda i: scores[p][i])  # first maximum, as best_of_n breaks ties
-            if correct[p][pick]:
+            pick = best_of_n(answers[p][:n], scores[p][:n])  # the selection_curve's own pick
+            if pick is None or correct[p][pick]:
                 continue
             counts["problems"] += 1
             labels = truth[p][pick]
@@ -237,7 +236,7 @@ def main() -> None:
         "orm_vs_true_steps": step_metrics([s for sols in orm_steps for s in sols if s], flat_truth),
         "seconds": {"generate": round(gen_s, 1), "score_prm": round(prm_s, 1), "score_orm": round(orm_s, 1)},
     }
-    results["best_of_n_misses"] = misses(problems, texts, correct, truth, scorers, top)
+    results["best_of_n_misses"] = misses(answers, correct, truth, scorers, top)
     results = _json_safe(results)
     out.write_text(json.dumps(results, indent=2) + "\n")
     write_samples(out.with_name(out.stem + "_samples.jsonl"), problems, texts, correct, truth, prm_steps,

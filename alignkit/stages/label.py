@@ -221,23 +221,21 @@ def label_shard(problems: list[dict[str, Any]], first_index: int, policy: Sample
     first: dict[str, int] = {}  # prompt -> its first query, the one rolled out
     for q, prompt in enumerate(prompts):
         first.setdefault(prompt, q)
-    rolled = list(first.values())
     params = SamplingParams(n=pool, temperature=config.temperature, top_p=config.top_p, seed=seed + 1,
                             max_new_tokens=config.continuation_max_new_tokens)
-    outs = completer.engine.generate([prompts[q] for q in rolled], params, progress=False) if rolled else []
-    texts = [prefixes[q] + c.text for q, samples in zip(rolled, outs) for c in samples]
-    golds = [solutions[queries[q][0]]["answer"] for q in rolled for _ in range(pool)]
-    rolled_verdicts = _verdicts(reward, texts, golds)
-    slot = {prompt: u for u, prompt in enumerate(first)}
-    verdicts = [v for prompt in prompts for v in rolled_verdicts[slot[prompt] * pool:(slot[prompt] + 1) * pool]]
+    outs = completer.engine.generate(list(first), params, progress=False) if first else []
+    texts = [prefixes[q] + c.text for q, samples in zip(first.values(), outs) for c in samples]
+    golds = [solutions[queries[q][0]]["answer"] for q in first.values() for _ in range(pool)]
+    verdicts = _verdicts(reward, texts, golds)
+    pools = {prompt: verdicts[u * pool:(u + 1) * pool] for u, prompt in enumerate(first)}
     texts_full = [config.separator.join(sol["steps"]) for sol in solutions]
     correct = _verdicts(reward, texts_full, [sol["answer"] for sol in solutions])
     outcomes = [[[correct[s]] * pool for _ in sol["steps"]] for s, sol in enumerate(solutions)]
     for q, (s, i) in enumerate(queries):
-        outcomes[s][i] = verdicts[q * pool:(q + 1) * pool]
+        outcomes[s][i] = pools[prompts[q]]
     rows = [_row(sol, outcomes[s], correct[s], config) for s, sol in enumerate(solutions)]
-    meta.update(completions=meta["completions"] + len(texts), rollout_prefixes=len(rolled),
-                shared_prefixes=len(queries) - len(rolled),
+    meta.update(completions=meta["completions"] + len(texts), rollout_prefixes=len(first),
+                shared_prefixes=len(queries) - len(first),
                 tokens=meta["tokens"] + sum(len(c.token_ids) for samples in outs for c in samples))
     return rows, meta
 

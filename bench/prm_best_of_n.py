@@ -12,7 +12,9 @@ largest N.
     python bench/prm_best_of_n.py --policy P --prm M1 --orm M2 --out results.json
 
 Samples are cached in ``<out dir>/bench_samples.jsonl`` (keyed by problems, N, seed and policy), so a rerun
-after a crash, or with other scorers, does not sample again. Every sample with its checks and step scores
+after a crash, or with other scorers, does not sample again; each scorer's step scores in
+``<out dir>/bench_scores_<key>.json`` (keyed by the model folder's files and the samples), so a scorer that
+did not change is not run again. Every sample with its checks and step scores
 goes to ``<out>_samples.jsonl``; ``best_of_n_misses`` in the results counts, per scorer, the problems whose
 top pick is wrong although a right sample exists, by where the pick's first wrong step is, and
 ``distinct_pick_at_N`` the accuracy of a uniform pick among a problem's distinct solutions (where best-of-N of
@@ -22,6 +24,7 @@ a scorer that cannot tell a problem's solutions apart lands). Reports, never ass
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import random
@@ -63,9 +66,25 @@ def sample_solutions(policy: str, problems: list[dict[str, Any]], n: int, seed: 
     return texts, seconds
 
 
+def model_fingerprint(model_dir: str) -> str:
+    """Path, size and modification time of a model folder's files: changes when the folder is retrained."""
+    files = sorted(f for f in Path(model_dir).iterdir() if f.is_file())
+    return json.dumps([str(Path(model_dir).resolve())] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns]
+                                                           for f in files])
+
+
 def step_scores(model_dir: str, problems: list[dict[str, Any]], steps: list[list[list[str]]],
-                batch_size: int) -> tuple[list[list[list[float]]], float]:
-    """p_good per step of every sample, ``[problem][sample][step]``, and the seconds spent scoring."""
+                batch_size: int, cache_dir: Path) -> tuple[list[list[list[float]]], float]:
+    """p_good per step of every sample, ``[problem][sample][step]``, and the seconds spent scoring.
+
+    Cached in ``cache_dir/bench_scores_<key>.json`` (keyed by the model folder's files and the samples), so a
+    rerun with another second scorer does not score the unchanged one again."""
+    key = hashlib.sha1((model_fingerprint(model_dir) + json.dumps([[p["prompt"] for p in problems], steps]))
+                       .encode()).hexdigest()[:16]
+    cache = cache_dir / f"bench_scores_{key}.json"
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        return cached["scores"], cached["seconds"]
     scorer = PRMScorer(model_dir, batch_size=batch_size)
     prompts = [p["prompt"] for p, sols in zip(problems, steps) for _ in sols]
     flat = [s for sols in steps for s in sols]
@@ -76,6 +95,7 @@ def step_scores(model_dir: str, problems: list[dict[str, Any]], steps: list[list
     for sols in steps:
         out.append(scores[i: i + len(sols)])
         i += len(sols)
+    cache.write_text(json.dumps({"model": model_dir, "scores": out, "seconds": seconds}))
     return out, seconds
 
 
@@ -191,8 +211,8 @@ def main() -> None:
     answers = [[normalise(extract(t)) for t in sols] for sols in texts]
     truth = [[true_step_labels(check_steps(p["prompt"], s), len(s)) for s in sols] for p, sols in zip(problems, steps)]
 
-    prm_steps, prm_s = step_scores(prm, problems, steps, args.batch_size)
-    orm_steps, orm_s = step_scores(orm, problems, steps, args.batch_size)
+    prm_steps, prm_s = step_scores(prm, problems, steps, args.batch_size, out.parent)
+    orm_steps, orm_s = step_scores(orm, problems, steps, args.batch_size, out.parent)
     scorers = {f"prm_{how}": [[solution_score(s, how) for s in sols] for sols in prm_steps] for how in AGGREGATIONS}
     scorers["orm"] = [[solution_score(s, "last") for s in sols] for sols in orm_steps]
 
@@ -211,7 +231,19 @@ def main() -> None:
     top = ns[-1]
     prm_pools = [Pool.of(a, c, s) for a, c, s in zip(answers, correct, scorers["prm_min"])]
     orm_pools = [Pool.of(a, c, s) for a, c, s in zip(answers, correct, scorers["orm"])]
-    diff = bootstrap_diff(per_problem(prm_pools, "best_of_n", top), per_problem(orm_pools, "best_of_n", top))
+    prm_per_problem = per_problem(prm_pools, "best_of_n", top)
+    diff = bootstrap_diff(prm_per_problem, per_problem(orm_pools, "best_of_n", top))
+    # The bar "better than chance" at selection: a random pick's expected accuracy is the problem's share of
+    # right samples, so PRM best-of-N minus that, per problem.
+    diff_random = bootstrap_diff(prm_per_problem, [sum(cs[:top]) / len(cs[:top]) for cs in correct])
+    # The same two intervals at every N (the selection curve averages over subsets of the pool).
+    random_per_problem = [sum(cs) / len(cs) for cs in correct]
+    by_n = {n: {"mean_minus_orm": curves["best_of_n/prm_min"][n] - curves["best_of_n/orm"][n],
+                "minus_orm_ci95": bootstrap_diff(per_problem(prm_pools, "best_of_n", n),
+                                                 per_problem(orm_pools, "best_of_n", n)),
+                "mean_minus_random_pick": curves["best_of_n/prm_min"][n] - curves["random_pick"][n],
+                "minus_random_pick_ci95": bootstrap_diff(per_problem(prm_pools, "best_of_n", n),
+                                                         random_per_problem)} for n in ns[1:]}
 
     # Ranking within a problem (chance = 0.5 whatever the accuracy): does the scorer put a right solution
     # above a wrong one of the same problem? Best-of-N also depends on ties and on which wrong answers win.
@@ -228,6 +260,7 @@ def main() -> None:
     results = {
         "args": vars(args), "problems": len(problems), "samples": sum(map(len, texts)), "ns": ns,
         "curves": curves, f"prm_min_minus_orm_at_{top}_ci95": diff,
+        f"prm_min_minus_random_pick_at_{top}_ci95": diff_random, "prm_min_differences_by_n": by_n,
         "sample_accuracy": curves["random_pick"][ns[0]], f"distinct_pick_at_{top}": distinct_pick,
         "pairwise_ranking": {name: {"fraction": f, "pairs": n} for name, (f, n) in ranking.items()},
         "pairwise_ranking_ci95": ranking_ci,
@@ -246,6 +279,10 @@ def main() -> None:
     for name, curve in curves.items():
         print(f"| {name} | " + " | ".join(f"{curve[n]:.3f}" for n in ns) + " |")
     print(f"PRM(min) - ORM at N={top}: 95% bootstrap interval [{diff[0]:+.3f}, {diff[1]:+.3f}]")
+    for n, d in by_n.items():
+        print(f"N={n}: PRM(min) - ORM {d['mean_minus_orm']:+.3f} [{d['minus_orm_ci95'][0]:+.3f}, "
+              f"{d['minus_orm_ci95'][1]:+.3f}], PRM(min) - random pick {d['mean_minus_random_pick']:+.3f} "
+              f"[{d['minus_random_pick_ci95'][0]:+.3f}, {d['minus_random_pick_ci95'][1]:+.3f}] (95% bootstrap)")
     print(f"a uniform pick among the distinct solutions of a problem at N={top}: {distinct_pick:.3f} "
           "(best-of-N of a scorer blind within a problem lands here, below a random pick)")
     print("pairwise ranking within problems (right above wrong; chance 0.5): " + ", ".join(

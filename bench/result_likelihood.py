@@ -1,0 +1,102 @@
+"""Does the policy itself know which arith steps are wrong? A zero-training baseline for bench/prm_best_of_n.py.
+
+Scores every sample of the best-of-N bench's ``<out>_samples.jsonl`` by the SFT policy's own probability of
+what each step wrote as its result: ``log P(result tokens | everything before them)`` for the number after
+the last ``= `` of an operation step or after ``answer is`` of the answer line, and a solution by the minimum
+over its steps. Then reports, on the same pool and with the same functions as the bench, the within-problem
+pairwise ranking, best-of-N and the step-level gap. Arith-specific (it reads the results as numbers); it
+tells whether a PRM's failure to rank a problem's solutions is for want of the knowledge in the backbone or
+of the training signal.
+
+    python bench/result_likelihood.py --samples runs/math-shepherd/bench_best_of_n_samples.jsonl \
+        --policy runs/math-shepherd/sft/model
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import time
+
+import torch
+
+from alignkit.metrics import Pool, pairwise_ranking, selection_curve
+from alignkit.models import load_model, load_tokenizer
+from alignkit.prompts import render_prompt
+
+RESULT = re.compile(r"(?:= |answer is )(-?\d+)")
+
+
+def result_spans(text: str, offset: int) -> list[tuple[int, int]]:
+    """Character spans (in prompt + text) of each non-blank line's last written result."""
+    spans, start = [], 0
+    for line in text.split("\n"):
+        found = list(RESULT.finditer(line))
+        if line.strip() and found:
+            spans.append((offset + start + found[-1].start(1), offset + start + found[-1].end(1)))
+        start += len(line) + 1
+    return spans
+
+
+@torch.no_grad()
+def result_logps(policy: str, pairs: list[tuple[str, str]], batch_size: int) -> dict[tuple[str, str], list[float]]:
+    """``{(prompt, text): [log P(result of step i)]}`` under ``policy``, in batches of right-padded texts."""
+    tokenizer, model = load_tokenizer(policy, padding_side="right"), load_model(policy)
+    out = {}
+    for i in range(0, len(pairs), batch_size):
+        batch = pairs[i: i + batch_size]
+        rendered = [render_prompt(tokenizer, p) for p, _ in batch]
+        enc = tokenizer([r + t for r, (_, t) in zip(rendered, batch)], return_tensors="pt", padding=True,
+                        return_offsets_mapping=True)
+        offsets = enc.pop("offset_mapping").tolist()
+        logps = torch.log_softmax(model(**enc).logits.float(), -1)  # (B, T, V): fine for a 135M model
+        for b, ((prompt, text), prefix) in enumerate(zip(batch, rendered)):
+            steps = []
+            for s, e in result_spans(text, len(prefix)):
+                steps.append(sum(logps[b, j - 1, enc["input_ids"][b, j]].item()
+                                 for j, (a, z) in enumerate(offsets[b])
+                                 if j > 0 and enc["attention_mask"][b, j] and z > s and a < e))
+            out[(prompt, text)] = steps
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", required=True, help="<out>_samples.jsonl of bench/prm_best_of_n.py")
+    parser.add_argument("--policy", required=True, help="the policy that wrote the samples")
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+    rows = [json.loads(line) for line in open(args.samples)]
+    started = time.perf_counter()
+    scores = result_logps(args.policy, sorted({(r["prompt"], r["text"]) for r in rows}), args.batch_size)
+    seconds = time.perf_counter() - started
+
+    by_problem = collections.defaultdict(list)
+    for row in rows:
+        by_problem[row["problem"]].append(row)
+    solution_scores, correct, answers = [], [], []
+    for key in sorted(by_problem):
+        samples = by_problem[key]
+        solution_scores.append([min(scores[(r["prompt"], r["text"])], default=float("-inf")) for r in samples])
+        correct.append([r["correct"] for r in samples])
+        answers.append([(RESULT.findall(r["text"]) or [""])[-1] for r in samples])
+    ranking, pairs = pairwise_ranking(solution_scores, correct)
+    pools = [Pool.of(a, c, s) for a, c, s in zip(answers, correct, solution_scores)]
+    ns = [n for n in (1, 2, 4, 8, 16, 32) if n <= min(len(c) for c in correct)]
+    step_gap = collections.defaultdict(list)  # the exact checker's label of each step -> its log-probs
+    for row in rows:
+        for value, label in zip(scores[(row["prompt"], row["text"])], row["true_labels"]):
+            step_gap["good" if label else "bad"].append(value)
+    print(json.dumps({
+        "pairwise_ranking": ranking, "pairs": pairs,
+        "best_of_n": selection_curve(pools, "best_of_n", ns),
+        "random_pick": sum(map(sum, correct)) / sum(map(len, correct)),
+        "mean_result_logp": {k: sum(v) / len(v) for k, v in step_gap.items()},
+        "distinct_samples": len(scores), "seconds": round(seconds, 1),
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()

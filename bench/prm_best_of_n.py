@@ -231,19 +231,17 @@ def main() -> None:
     top = ns[-1]
     prm_pools = [Pool.of(a, c, s) for a, c, s in zip(answers, correct, scorers["prm_min"])]
     orm_pools = [Pool.of(a, c, s) for a, c, s in zip(answers, correct, scorers["orm"])]
-    prm_per_problem = per_problem(prm_pools, "best_of_n", top)
-    diff = bootstrap_diff(prm_per_problem, per_problem(orm_pools, "best_of_n", top))
-    # The bar "better than chance" at selection: a random pick's expected accuracy is the problem's share of
-    # right samples, so PRM best-of-N minus that, per problem.
-    diff_random = bootstrap_diff(prm_per_problem, [sum(cs[:top]) / len(cs[:top]) for cs in correct])
-    # The same two intervals at every N (the selection curve averages over subsets of the pool).
+    # PRM best-of-N minus the ORM's and minus a random pick's (a problem's share of right samples), per
+    # problem, with bootstrap intervals at every N ("better than chance" at selection is the second).
     random_per_problem = [sum(cs) / len(cs) for cs in correct]
-    by_n = {n: {"mean_minus_orm": curves["best_of_n/prm_min"][n] - curves["best_of_n/orm"][n],
-                "minus_orm_ci95": bootstrap_diff(per_problem(prm_pools, "best_of_n", n),
-                                                 per_problem(orm_pools, "best_of_n", n)),
-                "mean_minus_random_pick": curves["best_of_n/prm_min"][n] - curves["random_pick"][n],
-                "minus_random_pick_ci95": bootstrap_diff(per_problem(prm_pools, "best_of_n", n),
-                                                         random_per_problem)} for n in ns[1:]}
+    by_n = {}
+    for n in ns:
+        prm_n = per_problem(prm_pools, "best_of_n", n)
+        by_n[n] = {"mean_minus_orm": curves["best_of_n/prm_min"][n] - curves["best_of_n/orm"][n],
+                   "minus_orm_ci95": bootstrap_diff(prm_n, per_problem(orm_pools, "best_of_n", n)),
+                   "mean_minus_random_pick": curves["best_of_n/prm_min"][n] - curves["random_pick"][n],
+                   "minus_random_pick_ci95": bootstrap_diff(prm_n, random_per_problem)}
+    diff, diff_random = by_n[top]["minus_orm_ci95"], by_n[top]["minus_random_pick_ci95"]
 
     # Ranking within a problem (chance = 0.5 whatever the accuracy): does the scorer put a right solution
     # above a wrong one of the same problem? Best-of-N also depends on ties and on which wrong answers win.
@@ -279,7 +277,7 @@ def main() -> None:
     for name, curve in curves.items():
         print(f"| {name} | " + " | ".join(f"{curve[n]:.3f}" for n in ns) + " |")
     print(f"PRM(min) - ORM at N={top}: 95% bootstrap interval [{diff[0]:+.3f}, {diff[1]:+.3f}]")
-    for n, d in by_n.items():
+    for n, d in list(by_n.items())[1:]:
         print(f"N={n}: PRM(min) - ORM {d['mean_minus_orm']:+.3f} [{d['minus_orm_ci95'][0]:+.3f}, "
               f"{d['minus_orm_ci95'][1]:+.3f}], PRM(min) - random pick {d['mean_minus_random_pick']:+.3f} "
               f"[{d['minus_random_pick_ci95'][0]:+.3f}, {d['minus_random_pick_ci95'][1]:+.3f}] (95% bootstrap)")

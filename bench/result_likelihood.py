@@ -25,6 +25,7 @@ import torch
 from alignkit.metrics import Pool, pairwise_ranking, selection_curve
 from alignkit.models import load_model, load_tokenizer
 from alignkit.prompts import render_prompt
+from alignkit.rewards import load_reward
 
 RESULT = re.compile(r"(?:= |answer is )(-?\d+)")
 
@@ -76,12 +77,13 @@ def main() -> None:
     by_problem = collections.defaultdict(list)
     for row in rows:
         by_problem[row["problem"]].append(row)
+    extract, normalise = load_reward("reward/math.py:extract_answer"), load_reward("reward/math.py:normalise_answer")
     solution_scores, correct, answers = [], [], []
     for key in sorted(by_problem):
         samples = by_problem[key]
         solution_scores.append([min(scores[(r["prompt"], r["text"])], default=float("-inf")) for r in samples])
         correct.append([r["correct"] for r in samples])
-        answers.append([(RESULT.findall(r["text"]) or [""])[-1] for r in samples])
+        answers.append([normalise(extract(r["text"])) for r in samples])  # as bench/prm_best_of_n.py reads them
     ranking, pairs = pairwise_ranking(solution_scores, correct)
     pools = [Pool.of(a, c, s) for a, c, s in zip(answers, correct, solution_scores)]
     ns = [n for n in (1, 2, 4, 8, 16, 32) if n <= min(len(c) for c in correct)]

@@ -152,6 +152,68 @@ def step_loss(logits: Any, targets: Any, num_items: Any = None) -> Any:
     return total / denominator
 
 
+def solution_logits(logits: Any, targets: Any, aggregation: str) -> Any:
+    """One score per sequence from its labelled steps, on the logit scale: [B, T, 2] logits -> [B].
+
+    With ``z`` the step margin ``z_good - z_bad`` (the logit of ``p_good``) at each labelled position:
+    ``min`` -> min z, ``last`` -> the last labelled z, ``mean`` -> mean z, ``prod`` -> sum of log p_good.
+    Each orders a problem's solutions as :func:`alignkit.metrics.aggregate_steps` does on ``p_good``
+    (``mean`` only approximately), and each but ``prod`` is unbounded, so a ranking loss on it does not
+    saturate when both solutions look good. Rows with no labelled position score 0.
+    """
+    import torch
+
+    if aggregation not in STEP_AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {', '.join(STEP_AGGREGATIONS)}; got {aggregation!r}")
+    mask = targets != IGNORE  # [B, T]
+    z = logits[..., 1].float() - logits[..., 0].float()  # [B, T]
+    count = mask.sum(dim=1)  # [B]
+    if aggregation == "min":
+        scores = torch.where(mask, z, torch.full_like(z, float("inf"))).min(dim=1).values
+    elif aggregation == "last":
+        positions = torch.arange(z.shape[1], device=z.device).expand_as(z)
+        last = torch.where(mask, positions, torch.full_like(positions, -1)).max(dim=1).values  # [B]
+        scores = z.gather(1, last.clamp(min=0).unsqueeze(1)).squeeze(1)
+    elif aggregation == "mean":
+        scores = (z * mask).sum(dim=1) / count.clamp(min=1)
+    else:
+        scores = (torch.nn.functional.logsigmoid(z) * mask).sum(dim=1)
+    return torch.where(count > 0, scores, torch.zeros_like(scores))
+
+
+def solution_ranking_loss(logits: Any, targets: Any, pairs: Any, aggregation: str) -> Any:
+    """Bradley-Terry loss that a problem's right solution outscores its wrong one.
+
+    ``pairs`` [P, 2] holds batch row indices (right, wrong) of solutions *to the same problem*;
+    per pair ``loss = -log sigmoid(s_right - s_wrong)`` with ``s`` from :func:`solution_logits`, averaged
+    over the pairs (0.0 with a gradient path when there are none). Pointwise step labels alone let a
+    model score problems (easy ones high, hard ones low) without telling a problem's solutions apart,
+    which is all best-of-N selection needs; this term rewards exactly that and is blind to difficulty.
+    """
+    import torch
+
+    scores = solution_logits(logits, targets, aggregation)  # [B]
+    if pairs.numel() == 0:
+        return scores.sum() * 0.0
+    margins = scores[pairs[:, 0]] - scores[pairs[:, 1]]  # [P]
+    return -torch.nn.functional.logsigmoid(margins).mean()
+
+
+def ranking_pairs(correct_by_group: Sequence[Sequence[bool]]) -> list[tuple[int, int]]:
+    """Every (right, wrong) pair of row indices within each group, groups laid out one after another.
+
+    >>> ranking_pairs([[True, False, False], [False], [False, True]])
+    [(0, 1), (0, 2), (5, 4)]
+    """
+    pairs, offset = [], 0
+    for group in correct_by_group:
+        right = [offset + i for i, c in enumerate(group) if c]
+        wrong = [offset + i for i, c in enumerate(group) if not c]
+        pairs.extend((r, w) for r in right for w in wrong)
+        offset += len(group)
+    return pairs
+
+
 def step_metrics(probs: Sequence[Sequence[float]], labels: Sequence[Sequence[bool]],
                  threshold: float = 0.5) -> dict[str, float]:
     """How well predicted step scores match step labels, per step and per solution.

@@ -13,8 +13,11 @@ from alignkit.prm import (
     IGNORE,
     PRMScorer,
     encode_steps,
+    ranking_pairs,
     read_prm_config,
     separator_ids,
+    solution_logits,
+    solution_ranking_loss,
     split_steps,
     step_loss,
     step_metrics,
@@ -165,6 +168,57 @@ def test_step_loss_with_nothing_labelled_is_zero():
     assert loss.item() == 0.0 and loss.requires_grad
 
 
+def margins_to_logits(margins):
+    """[B, T] step margins z -> [B, T, 2] logits (0, z), so z_good - z_bad = z."""
+    z = torch.tensor(margins, dtype=torch.float32)
+    return torch.stack([torch.zeros_like(z), z], dim=-1)
+
+
+def test_solution_logits_by_hand():
+    logits = margins_to_logits([[9.0, 1.0, 9.0, -2.0, 3.0], [5.0, 4.0, 9.0, 9.0, 9.0]])
+    targets = torch.tensor([[IGNORE, 1, IGNORE, 0, 1], [0, IGNORE, IGNORE, IGNORE, IGNORE]]).float()
+    # row 0 labels z = (1, -2, 3) at positions 1, 3, 4; row 1 labels z = 5 at position 0
+    assert solution_logits(logits, targets, "min").tolist() == [-2.0, 5.0]
+    assert solution_logits(logits, targets, "last").tolist() == [3.0, 5.0]
+    assert torch.allclose(solution_logits(logits, targets, "mean"), torch.tensor([2 / 3, 5.0]))
+    logsig = torch.nn.functional.logsigmoid
+    expected_prod = torch.tensor([logsig(torch.tensor(1.0)) + logsig(torch.tensor(-2.0)) + logsig(torch.tensor(3.0)),
+                                  logsig(torch.tensor(5.0))])
+    assert torch.allclose(solution_logits(logits, targets, "prod"), expected_prod)
+    # the ordering matches aggregate_steps on p_good = sigmoid(z), which is what PRMScorer ranks by
+    from alignkit.metrics import aggregate_steps
+    for how in ("min", "last", "prod"):
+        by_prob = [aggregate_steps(torch.sigmoid(torch.tensor(z)).tolist(), how) for z in ([1.0, -2.0, 3.0], [5.0])]
+        assert (by_prob[0] < by_prob[1]) == bool(solution_logits(logits, targets, how)[0] < solution_logits(
+            logits, targets, how)[1])
+    nothing = torch.full((1, 5), float(IGNORE))
+    assert solution_logits(logits[:1], nothing, "min").tolist() == [0.0]
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        solution_logits(logits, targets, "max")
+
+
+def test_ranking_pairs_within_groups_only():
+    assert ranking_pairs([[True, False, False], [False], [False, True]]) == [(0, 1), (0, 2), (5, 4)]
+    assert ranking_pairs([[True, True], [False, False]]) == []  # no mixed group, no pair
+
+
+def test_solution_ranking_loss_by_hand_and_its_gradient():
+    # min-aggregated scores: row 0 (right) -> 1.0, row 1 (wrong) -> 3.0, row 2 (wrong) -> -1.0
+    logits = margins_to_logits([[1.0, 4.0], [3.0, 5.0], [-1.0, 2.0]]).requires_grad_()
+    targets = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    pairs = torch.tensor([[0, 1], [0, 2]])
+    loss = solution_ranking_loss(logits, targets, pairs, "min")
+    # mean of -log sigmoid(1 - 3) and -log sigmoid(1 - (-1))
+    expected = (math.log(1 + math.exp(2.0)) + math.log(1 + math.exp(-2.0))) / 2
+    assert math.isclose(loss.item(), expected, rel_tol=1e-6)
+    loss.backward()
+    grad_z = logits.grad[..., 1]  # d loss / d z (the good logit moves z one for one)
+    assert grad_z[0, 0] < 0 and grad_z[1, 0] > 0 and grad_z[2, 0] > 0  # descent lifts right, lowers wrong
+    assert grad_z[0, 1] == 0 and grad_z[1, 1] == 0  # only each row's minimum step carries the gradient
+    empty = solution_ranking_loss(logits, targets, torch.zeros((0, 2), dtype=torch.long), "min")
+    assert empty.item() == 0.0 and empty.requires_grad
+
+
 def test_step_metrics_by_hand():
     probs = [[0.9, 0.2, 0.1], [0.8, 0.7], [0.6, 0.4], [0.9, 0.9]]
     labels = [[True, False, False], [True, True], [False, False], [True, True]]
@@ -306,3 +360,94 @@ def test_stage_reads_math_shepherd_prm800k_and_trl_rows(tmp_path):
         (example,), dropped = stage.encode_dataset(rows, tokenizer, config)
         labelled = [v for v in example["labels"] if v != IGNORE]
         assert dropped == 0 and labelled == [1.0, 1.0, 0.0] and example["step_labels"] == [True, True, False]
+
+
+def two_solutions_per_prompt(path, n: int = 12):
+    """Stepwise rows, two per prompt: the right solution and one whose result is one too high or too low."""
+    rows = []
+    for i in range(n):
+        a, b = 2 + i % 7, 3 + (5 * i) % 6
+        for right in (True, False):
+            c = a + b if right else a + b + (1 if i % 2 else -1)
+            rows.append({"prompt": f"What is {a} + {b}?", "completions": [f"{a} + {b} = {c}.", f"The answer is {c}."],
+                         "labels": [right, right], "solution_correct": right})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def test_collator_flattens_prompt_groups_and_pairs_their_solutions():
+    from alignkit.stages import prm as stage
+
+    rows = [{"prompt": "Q1", "completions": ["a"], "labels": [True]},
+            {"prompt": "Q2", "completions": ["b"], "labels": [True], "solution_correct": False},
+            {"prompt": "Q1", "completions": ["c"], "labels": [False]},
+            {"prompt": "Q1", "completions": ["d"], "labels": [True]}]
+    config = stage.Config(model="m", data={"source": "arith"}, ranking_loss_weight=1.0)
+    examples, _ = stage.encode_dataset(rows, tiny_bpe(), config)
+    assert [e["correct"] for e in examples] == [True, False, False, True]  # solution_correct wins over labels
+    groups = stage.group_by_prompt(examples)
+    assert [[e["input_ids"] for e in g["solutions"]] for g in groups] == [
+        [examples[0]["input_ids"], examples[2]["input_ids"], examples[3]["input_ids"]], [examples[1]["input_ids"]]]
+    batch = stage.Collator(pad_id=0)(list(reversed(groups)))  # Q2 first: its one row is row 0
+    assert batch["input_ids"].shape[0] == 4 and batch["ranking_pairs"].tolist() == [[1, 2], [3, 2]]
+    assert "ranking_pairs" not in stage.Collator(pad_id=0)(examples)
+
+
+def test_ranking_trainer_adds_the_weighted_ranking_term(tmp_path, tiny_tokencls_dir):
+    from transformers import AutoModelForTokenClassification, TrainingArguments
+
+    from alignkit.stages import prm as stage
+
+    rows = two_solutions_per_prompt(tmp_path / "rows.jsonl", n=2)
+    tokenizer = tiny_bpe()
+    config = stage.Config(model="m", data={"source": "arith"}, ranking_loss_weight=0.5)
+    examples, _ = stage.encode_dataset(rows, tokenizer, config)
+    batch = stage.Collator(tokenizer.pad_token_id)(stage.group_by_prompt(examples))
+    model = AutoModelForTokenClassification.from_pretrained(tiny_tokencls_dir)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), gradient_accumulation_steps=2, report_to=[])
+    trainer = stage.ranking_trainer(ranking_loss_weight=0.5, aggregation="min", model=model, args=args,
+                                    compute_loss_func=stage.loss_func)
+    trainer.current_gradient_accumulation_steps = 2
+    pairs, labels = batch["ranking_pairs"], batch["labels"]
+    assert pairs.tolist() == [[0, 1], [2, 3]]
+    loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(16))
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = step_loss(logits, labels, 16) + 0.5 * solution_ranking_loss(logits, labels, pairs, "min") / 2
+    assert torch.allclose(loss, expected, atol=1e-5)
+
+
+RANKING_RECIPE = """
+name: prm-ranking
+tracking: {report_to: none}
+stages:
+  - kind: prm
+    model: MODEL
+    data: {source: ROWS}
+    eval_data: {source: ROWS}
+    lora: {r: 8, alpha: 16, dropout: 0.0}
+    ranking_loss_weight: 1.0
+    lr: 5.0e-3
+    max_steps: 40
+    batch_size: 4
+    logging_steps: 1
+    save_steps: 12
+    max_length: 64
+"""
+
+
+def test_prm_stage_with_ranking_loss_learns_to_order_a_prompts_solutions(tmp_path, tiny_model_dir):
+    from alignkit.pipeline import run_recipe
+    from alignkit.recipe import load_recipe
+
+    two_solutions_per_prompt(tmp_path / "rows.jsonl")
+    path = tmp_path / "prm.yaml"
+    path.write_text(RANKING_RECIPE.replace("MODEL", str(tiny_model_dir)).replace("ROWS", str(tmp_path / "rows.jsonl")))
+    recipe = load_recipe(path, output_dir=str(tmp_path / "runs"))
+    (result,) = run_recipe(recipe, echo=lambda *_: None)
+    metrics = result.metrics
+    # 12 prompts x 2 solutions; batch_size counts prompts: 4 prompts = 8 rows, one right/wrong pair each
+    assert metrics["train_rows"] == 24 and metrics["train_prompts"] == 12 and metrics["train_ranking_pairs"] == 12
+    assert metrics["ranking_pairs"] == 12 and metrics["train_steps"] == 40
+    # the seeded random head ranks half the pairs right; training ranks 11 of 12 right
+    assert metrics["ranking_accuracy_before"] <= 0.6 and metrics["ranking_accuracy"] >= 0.9
+    assert metrics["last_logged_loss"] < 0.5 * metrics["first_logged_loss"]

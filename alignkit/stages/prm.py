@@ -34,11 +34,17 @@ Departures from the paper and from TRL <= 1.13's PRMTrainer (see also :mod:`alig
    same rows, which makes the PRM-vs-ORM comparison fair (same data, model and budget).
 3. Rows too long for ``max_length`` lose whole trailing steps (never part of one); rows left with no
    labelled step are dropped and counted (``rows_dropped``).
+4. ``ranking_loss_weight`` (ours, off by default) adds a Bradley-Terry loss between a prompt's right and
+   wrong solutions (:func:`alignkit.prm.solution_ranking_loss`, on the solution score the model will be
+   ranked by: min over steps for a PRM, the last step for an ORM). Pointwise labels let a model learn
+   which *problems* are hard; best-of-N needs it to tell one problem's solutions apart. A solution is right
+   by its row's ``solution_correct`` (the label stage writes it), else by its last step's hard label.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -72,6 +78,11 @@ class Config(TrainStageConfig):
     aggregation: Literal["min", "prod", "last", "mean"] = Field(
         "min", description="How PRMScorer turns step scores into a solution score by default (the paper: min; "
         "an ORM is scored by its last step whatever this says).")
+    ranking_loss_weight: float = Field(
+        0.0, ge=0, description="Weight of a within-problem ranking loss beside the step loss: for every pair of "
+        "solutions to the same prompt, one right and one wrong, -log sigmoid(s_right - s_wrong) on the "
+        "aggregated solution score. When > 0 a prompt's rows are batched together and batch_size counts "
+        "prompts, not rows.")
     eval_batch_size: int = Field(16, gt=0, description="Sequences per forward when scoring the eval split.")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (LoRA; use ~1e-5 for full fine-tuning).")
 
@@ -102,7 +113,17 @@ def run(config: Config, ctx: Any) -> Any:
     eval_set, _ = encode_dataset(eval_rows, tokenizer, config) if eval_rows is not None else ([], 0)
     metrics: dict[str, Any] = {"train_rows": len(train_set), "rows_dropped": dropped,
                                "train_labelled_steps": sum(_labelled(r) for r in train_set)}
+    train_items: list[dict[str, Any]] = train_set
+    if config.ranking_loss_weight > 0:
+        from ..prm import ranking_pairs
 
+        train_items = group_by_prompt(train_set)  # a batch holds whole prompts, so pairs stay within it
+        metrics.update(train_prompts=len(train_items), train_ranking_pairs=len(ranking_pairs(
+            [[e["correct"] for e in item["solutions"]] for item in train_items])))
+
+    from transformers import set_seed
+
+    set_seed(config.seed)  # the score head is initialised here, before the Trainer seeds anything
     model = load_model(config.model, task="token-cls", num_labels=2, quantization=config.quantization,
                        dtype=config.dtype, attn_implementation=config.attn_implementation, trainable=True)
     if config.lora is not None:
@@ -110,15 +131,18 @@ def run(config: Config, ctx: Any) -> Any:
     if eval_set:
         metrics.update({f"{k}_before": v for k, v in evaluate(model, tokenizer, eval_set, config).items()})
 
-    from datasets import Dataset
-
-    trainer = Trainer(
+    trainer_args = dict(
         model=model,
         args=training_args(config, ctx),
-        train_dataset=Dataset.from_list(train_set),
+        train_dataset=train_items,  # a list of examples (or of prompt groups); the collator pads
         data_collator=Collator(tokenizer.pad_token_id),
         compute_loss_func=loss_func,
     )
+    if config.ranking_loss_weight > 0:
+        trainer = ranking_trainer(ranking_loss_weight=config.ranking_loss_weight, aggregation=_ranked_by(config),
+                                  **trainer_args)
+    else:
+        trainer = Trainer(**trainer_args)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last_checkpoint(ctx.run_dir))
     seconds = time.perf_counter() - started
@@ -132,16 +156,22 @@ def run(config: Config, ctx: Any) -> Any:
     if ctx.is_main:
         for folder in artifacts.values():
             write_prm_config(folder, separator=config.separator, chat=config.chat,
-                             aggregation="last" if config.train_on_last_step_only else config.aggregation,
+                             aggregation=_ranked_by(config),
                              last_step_only=config.train_on_last_step_only)
     if eval_set:
         report = evaluate(trainer.model, tokenizer, eval_set, config)
         metrics.update(report, eval_rows=len(eval_set))
         if ctx.is_main:
             print(f"[alignkit] {ctx.name}: held-out step accuracy {report['step_accuracy']:.3f}, "
-                  f"bad-step F1 {report['step_f1']:.3f}, first error found {report['first_error_found']:.3f}")
+                  f"bad-step F1 {report['step_f1']:.3f}, first error found {report['first_error_found']:.3f}, "
+                  f"within-prompt ranking {report['ranking_accuracy']:.3f} ({report['ranking_pairs']} pairs)")
     ctx.log({f"prm/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     return StageResult(metrics=metrics, artifacts=artifacts)
+
+
+def _ranked_by(config: Config) -> str:
+    """The aggregation solutions are ranked by: the last step for an ORM, else the configured one."""
+    return "last" if config.train_on_last_step_only else config.aggregation
 
 
 def _load_rows(config: Config, load_dataset, split_eval):
@@ -175,9 +205,20 @@ def encode_dataset(rows: list[dict[str, Any]], tokenizer: Any, config: Config) -
         if all(value == IGNORE for value in labels):
             dropped += 1  # nothing labelled fits in max_length
             continue
+        correct = row.get("solution_correct")
         examples.append({"input_ids": encoded.input_ids, "labels": labels, "step_ends": encoded.step_ends,
-                         "step_labels": [bool(v) for v in row["labels"][: len(encoded.step_ends)]]})
+                         "step_labels": [bool(v) for v in row["labels"][: len(encoded.step_ends)]],
+                         "prompt_key": json.dumps(row["prompt"], sort_keys=True),
+                         "correct": bool(row["labels"][-1]) if correct is None else bool(correct)})
     return examples, dropped
+
+
+def group_by_prompt(examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``[{"solutions": [examples with one prompt]}]``, prompts in order of first appearance."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for example in examples:
+        groups.setdefault(example["prompt_key"], []).append(example)
+    return [{"solutions": solutions} for solutions in groups.values()]
 
 
 def _labelled(example: dict[str, Any]) -> int:
@@ -186,14 +227,49 @@ def _labelled(example: dict[str, Any]) -> int:
 
 @dataclasses.dataclass
 class Collator:
-    """Right-pads ``input_ids`` (with ``pad_id``) and float ``labels`` (with -100); adds the attention mask."""
+    """Right-pads ``input_ids`` (with ``pad_id``) and float ``labels`` (with -100); adds the attention mask.
+
+    Items that are prompt groups (``{"solutions": [...]}``, from :func:`group_by_prompt`) are flattened,
+    and the batch gains ``ranking_pairs`` [P, 2]: row indices (right, wrong) within each group.
+    """
 
     pad_id: int
 
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        from ..prm import pad_batch
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
 
-        return pad_batch([e["input_ids"] for e in examples], self.pad_id, [e["labels"] for e in examples])
+        from ..prm import pad_batch, ranking_pairs
+
+        grouped = "solutions" in items[0]
+        examples = [e for item in items for e in item["solutions"]] if grouped else items
+        batch = pad_batch([e["input_ids"] for e in examples], self.pad_id, [e["labels"] for e in examples])
+        if grouped:
+            pairs = ranking_pairs([[e["correct"] for e in item["solutions"]] for item in items])
+            batch["ranking_pairs"] = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
+        return batch
+
+
+def ranking_trainer(*, ranking_loss_weight: float, aggregation: str, **trainer_args: Any) -> Any:
+    """A ``transformers.Trainer`` whose loss adds :func:`alignkit.prm.solution_ranking_loss` to the step loss.
+
+    The batch's ``ranking_pairs`` are taken out before the forward (the model does not accept them).
+    The step loss is already normalised over the accumulated batch (``num_items_in_batch``); the ranking
+    term is a mean over this micro-batch's pairs, so it is divided by the accumulation steps to match.
+    """
+    from transformers import Trainer
+
+    from ..prm import solution_ranking_loss
+
+    class RankingTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            pairs, labels = inputs.pop("ranking_pairs"), inputs["labels"]
+            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                                 num_items_in_batch=num_items_in_batch)
+            ranking = solution_ranking_loss(outputs.logits, labels, pairs, aggregation)
+            loss = loss + ranking_loss_weight * ranking / self.current_gradient_accumulation_steps
+            return (loss, outputs) if return_outputs else loss
+
+    return RankingTrainer(**trainer_args)
 
 
 def loss_func(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
@@ -204,12 +280,21 @@ def loss_func(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
 
 
 def evaluate(model: Any, tokenizer: Any, examples: list[dict[str, Any]], config: Config) -> dict[str, float]:
-    """Held-out step metrics of ``model`` (:func:`alignkit.prm.step_metrics` against the hard labels)."""
+    """Held-out step metrics of ``model`` (:func:`alignkit.prm.step_metrics` against the hard labels), and
+    ``ranking_accuracy``: how often a right solution outscores a wrong one to the same prompt
+    (:func:`alignkit.metrics.pairwise_ranking`, on the solution score the model is ranked by; NaN when the
+    split holds no such pair; ``ranking_pairs`` counts them)."""
+    from ..metrics import aggregate_steps, pairwise_ranking
     from ..prm import EncodedSteps, score_encoded, step_metrics
 
     encoded = [EncodedSteps(e["input_ids"], e["step_ends"]) for e in examples]
     probs = score_encoded(model, encoded, tokenizer.pad_token_id, config.eval_batch_size)
-    return step_metrics(probs, [e["step_labels"] for e in examples])
+    report = step_metrics(probs, [e["step_labels"] for e in examples])
+    groups = group_by_prompt([dict(e, score=aggregate_steps(p, _ranked_by(config)))
+                              for e, p in zip(examples, probs, strict=True)])
+    report["ranking_accuracy"], report["ranking_pairs"] = pairwise_ranking(
+        [[e["score"] for e in g["solutions"]] for g in groups], [[e["correct"] for e in g["solutions"]] for g in groups])
+    return report
 
 
 def training_args(config: Config, ctx: Any) -> Any:

@@ -10,6 +10,9 @@ of the training signal.
 
     python bench/result_likelihood.py --samples runs/math-shepherd/bench_best_of_n_samples.jsonl \
         --policy runs/math-shepherd/sft/model
+
+``--span line --within min`` scores each step by its least likely token instead, which needs no knowledge
+of arith's format: the zero-training form a likelihood-based PRM head would start from.
 """
 
 from __future__ import annotations
@@ -41,9 +44,26 @@ def result_spans(text: str, offset: int) -> list[tuple[int, int]]:
     return spans
 
 
+def line_spans(text: str, offset: int) -> list[tuple[int, int]]:
+    """Character spans (in prompt + text) of each non-blank line: the whole step, nothing arith-specific."""
+    spans, start = [], 0
+    for line in text.split("\n"):
+        if line.strip():
+            spans.append((offset + start, offset + start + len(line)))
+        start += len(line) + 1
+    return spans
+
+
+SPANS = {"result": result_spans, "line": line_spans}
+
+
 @torch.no_grad()
-def result_logps(policy: str, pairs: list[tuple[str, str]], batch_size: int) -> dict[tuple[str, str], list[float]]:
-    """``{(prompt, text): [log P(result of step i)]}`` under ``policy``, in batches of right-padded texts."""
+def result_logps(policy: str, pairs: list[tuple[str, str]], batch_size: int, span: str = "result",
+                 within: str = "sum") -> dict[tuple[str, str], list[float]]:
+    """``{(prompt, text): [log P(span of step i)]}`` under ``policy``, in batches of right-padded texts.
+
+    ``span``: the step's written result (``result``) or its whole line (``line``); ``within``: the span's
+    log-probability (``sum`` over its tokens) or its least likely token (``min``)."""
     tokenizer, model = load_tokenizer(policy, padding_side="right"), load_model(policy)
     out = {}
     for i in range(0, len(pairs), batch_size):
@@ -55,10 +75,10 @@ def result_logps(policy: str, pairs: list[tuple[str, str]], batch_size: int) -> 
         logps = torch.log_softmax(model(**enc).logits.float(), -1)  # (B, T, V): fine for a 135M model
         for b, ((prompt, text), prefix) in enumerate(zip(batch, rendered)):
             steps = []
-            for s, e in result_spans(text, len(prefix)):
-                steps.append(sum(logps[b, j - 1, enc["input_ids"][b, j]].item()
-                                 for j, (a, z) in enumerate(offsets[b])
-                                 if j > 0 and enc["attention_mask"][b, j] and z > s and a < e))
+            for s, e in SPANS[span](text, len(prefix)):
+                token_logps = [logps[b, j - 1, enc["input_ids"][b, j]].item() for j, (a, z) in enumerate(offsets[b])
+                               if j > 0 and enc["attention_mask"][b, j] and z > s and a < e]
+                steps.append((sum if within == "sum" else min)(token_logps))
             out[(prompt, text)] = steps
     return out
 
@@ -68,10 +88,15 @@ def main() -> None:
     parser.add_argument("--samples", required=True, help="<out>_samples.jsonl of bench/prm_best_of_n.py")
     parser.add_argument("--policy", required=True, help="the policy that wrote the samples")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--span", choices=sorted(SPANS), default="result",
+                        help="score each step's written result (arith-specific) or its whole line")
+    parser.add_argument("--within", choices=("sum", "min"), default="sum",
+                        help="a span's log-probability, or its least likely token's")
     args = parser.parse_args()
     rows = [json.loads(line) for line in open(args.samples)]
     started = time.perf_counter()
-    scores = result_logps(args.policy, sorted({(r["prompt"], r["text"]) for r in rows}), args.batch_size)
+    scores = result_logps(args.policy, sorted({(r["prompt"], r["text"]) for r in rows}), args.batch_size,
+                          args.span, args.within)
     seconds = time.perf_counter() - started
 
     by_problem = collections.defaultdict(list)
@@ -92,7 +117,7 @@ def main() -> None:
         for value, label in zip(scores[(row["prompt"], row["text"])], row["true_labels"]):
             step_gap["good" if label else "bad"].append(value)
     print(json.dumps({
-        "pairwise_ranking": ranking, "pairs": pairs,
+        "span": args.span, "within": args.within, "pairwise_ranking": ranking, "pairs": pairs,
         "best_of_n": selection_curve(pools, "best_of_n", ns),
         "random_pick": sum(map(sum, correct)) / sum(map(len, correct)),
         "mean_result_logp": {k: sum(v) / len(v) for k, v in step_gap.items()},

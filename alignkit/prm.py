@@ -20,6 +20,8 @@ Choices and departures (from TRL <= 1.13 ``PRMTrainer`` and the Math-Shepherd pa
    is exactly BCE on the logit difference ``z_good - z_bad`` (:func:`step_loss`), so one head serves both.
 2. The paper scores a special tag token (``ки``) with the LM head's ``+``/``-`` logits; we score the
    separator with a classifier head, as TRL does. The separator is a config field (default ``"\\n"``).
+   Our second head, ``lm-logprob`` (:func:`logprob_step_logits`), keeps the causal LM and scores a step by
+   its own log-probability plus an offset: no new weights, so it starts from the backbone's knowledge.
 3. Truncation drops whole trailing steps (a step is kept only with its separator), never part of a step:
    a label on a cut step would score text the model cannot see. TRL cuts tokens instead.
 4. The prompt is rendered with the chat template (``chat: true``, as the policy saw it), and no BOS is
@@ -31,7 +33,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,7 @@ from .prompts import render_prompt
 IGNORE = -100
 PRM_CONFIG = "alignkit_prm.json"  # written next to a trained PRM: how to lay out its input
 DEFAULT_SEPARATOR = "\n"
+HEADS = ("token-cls-2", "lm-logprob")  # classifier on the separator; the LM's log P of the step
 
 
 # ------------------------------------------------------------------------------------------ token layout
@@ -49,10 +52,12 @@ DEFAULT_SEPARATOR = "\n"
 
 @dataclass(frozen=True)
 class EncodedSteps:
-    """One sequence: ``input_ids`` and, for each step kept, the index of its separator's last token."""
+    """One sequence: ``input_ids`` and, for each step kept, the index of its separator's last token;
+    ``step_spans[i]`` is ``(start, stop)`` of step i's own tokens (separator excluded, stop exclusive)."""
 
     input_ids: list[int]
     step_ends: list[int]
+    step_spans: list[tuple[int, int]] = field(default_factory=list)
 
 
 def split_steps(text: str, separator: str = DEFAULT_SEPARATOR) -> list[str]:
@@ -86,14 +91,29 @@ def encode_steps(
     ids = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
     pieces = tokenizer(list(steps), add_special_tokens=False)["input_ids"] if steps else []
     ends: list[int] = []
+    spans: list[tuple[int, int]] = []
     for piece in pieces:
         if max_length is not None and len(ids) + len(piece) + len(sep) > max_length:
             break
+        spans.append((len(ids), len(ids) + len(piece)))
         ids += list(piece) + sep
         ends.append(len(ids) - 1)
     if max_length is not None and not ends:
         ids = ids[:max_length]
-    return EncodedSteps(ids, ends)
+    return EncodedSteps(ids, ends, spans)
+
+
+def step_token_index(encoded: EncodedSteps) -> list[int]:
+    """Per position of ``encoded.input_ids``: the step end a token's log-probability adds into (the
+    ``lm-logprob`` head), -1 for prompt, separator and padding tokens.
+
+    >>> step_token_index(EncodedSteps([7, 7, 1, 2, 0, 3, 0], [4, 6], [(2, 4), (5, 6)]))
+    [-1, -1, 4, 4, -1, 6, -1]
+    """
+    index = [-1] * len(encoded.input_ids)
+    for (start, stop), end in zip(encoded.step_spans, encoded.step_ends, strict=True):
+        index[start:stop] = [end] * (stop - start)
+    return index
 
 
 def step_targets(
@@ -150,6 +170,28 @@ def step_loss(logits: Any, targets: Any, num_items: Any = None) -> Any:
     total = (per_token * mask).sum()
     denominator = num_items if num_items is not None else mask.sum().clamp(min=1)
     return total / denominator
+
+
+def logprob_step_logits(lm_logits: Any, input_ids: Any, step_index: Any, offset: float) -> Any:
+    """The ``lm-logprob`` head: two-class step logits [B, T, 2] from a causal LM's logits [B, T, V].
+
+    Step i's margin is ``z_i = log P(step i's tokens | everything before them) + offset``: the LM's own
+    probability of the step, summed over its tokens, placed at the step's end position (``step_index``
+    [B, T], from :func:`step_token_index`, -1 where a token belongs to no step); every other position
+    gets ``offset`` (unlabelled, so unused). Logits are ``(0, z)``, so ``p_good = sigmoid(z)`` and
+    :func:`step_loss`, :func:`solution_ranking_loss` and :func:`score_encoded` apply unchanged. A step the
+    policy finds unlikely (a wrong sum, an operation the problem does not ask for) starts with a low score,
+    before any training; ``offset`` sets where "unlikely" begins (p_good = 0.5 at log P = -offset).
+    """
+    import torch
+
+    logits = lm_logits.float()
+    next_ids = input_ids[:, 1:].unsqueeze(-1)  # the token each position predicts
+    token_logps = logits[:, :-1].gather(-1, next_ids).squeeze(-1) - torch.logsumexp(logits[:, :-1], dim=-1)
+    token_logps = torch.cat([torch.zeros_like(token_logps[:, :1]), token_logps], dim=1)  # [B, T]: log P(id_t)
+    in_step = step_index >= 0
+    z = torch.zeros_like(token_logps).scatter_add(1, step_index.clamp(min=0), token_logps * in_step) + offset
+    return torch.stack([torch.zeros_like(z), z], dim=-1)
 
 
 def solution_logits(logits: Any, targets: Any, aggregation: str) -> Any:
@@ -272,8 +314,22 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int,
     return batch
 
 
-def score_encoded(model: Any, encoded: Sequence[EncodedSteps], pad_id: int, batch_size: int = 16) -> list[list[float]]:
+def pad_index(rows: Sequence[Sequence[int]]) -> Any:
+    """Right-pad :func:`step_token_index` rows with -1 into a [B, T] long tensor."""
+    import torch
+
+    out = torch.full((len(rows), max(len(r) for r in rows)), -1, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+def score_encoded(model: Any, encoded: Sequence[EncodedSteps], pad_id: int, batch_size: int = 16, *,
+                  head: str = "token-cls-2", offset: float = 0.0) -> list[list[float]]:
     """``p_good`` at every step end of every sequence, ``batch_size`` sequences per forward.
+
+    ``head``: ``token-cls-2`` (``model`` is a 2-label token classifier) or ``lm-logprob`` (``model`` is a
+    causal LM, scored by :func:`logprob_step_logits` with ``offset``).
 
     Sequences are sorted by length first (less padding); results come back in input order. The model is
     put in eval mode (no dropout) for the call and its training flag restored after.
@@ -291,8 +347,11 @@ def score_encoded(model: Any, encoded: Sequence[EncodedSteps], pad_id: int, batc
                 chunk = [i for i in order[start: start + batch_size] if encoded[i].step_ends]
                 if not chunk:
                     continue
-                batch = pad_batch([encoded[i].input_ids for i in chunk], pad_id)
-                logits = model(**{k: v.to(device) for k, v in batch.items()}).logits  # [b, T, 2]
+                batch = {k: v.to(device) for k, v in pad_batch([encoded[i].input_ids for i in chunk], pad_id).items()}
+                logits = model(**batch).logits  # [b, T, 2], or [b, T, V] for the lm-logprob head
+                if head == "lm-logprob":
+                    index = pad_index([step_token_index(encoded[i]) for i in chunk]).to(device)
+                    logits = logprob_step_logits(logits, batch["input_ids"], index, offset)
                 p_good = torch.softmax(logits.float(), dim=-1)[..., 1].cpu()  # [b, T]
                 for row, i in enumerate(chunk):
                     scores[i] = p_good[row, encoded[i].step_ends].tolist()
@@ -302,10 +361,12 @@ def score_encoded(model: Any, encoded: Sequence[EncodedSteps], pad_id: int, batc
 
 
 def write_prm_config(folder: str | Path, *, separator: str, chat: bool, aggregation: str,
-                     last_step_only: bool) -> None:
-    """Record, next to a trained PRM, how its input is laid out (read back by :class:`PRMScorer`)."""
-    payload = {"separator": separator, "chat": chat, "aggregation": aggregation,
-               "train_on_last_step_only": last_step_only, "head": "token-cls-2"}
+                     last_step_only: bool, head: str = "token-cls-2", logprob_offset: float | None = None) -> None:
+    """Record, next to a trained PRM, how its input is laid out and scored (read by :class:`PRMScorer`)."""
+    payload: dict[str, Any] = {"separator": separator, "chat": chat, "aggregation": aggregation,
+                               "train_on_last_step_only": last_step_only, "head": head}
+    if head == "lm-logprob":
+        payload["logprob_offset"] = logprob_offset
     (Path(folder) / PRM_CONFIG).write_text(json.dumps(payload, indent=2) + "\n")
 
 
@@ -313,7 +374,7 @@ def read_prm_config(folder: str | Path) -> dict[str, Any]:
     """The layout recorded by :func:`write_prm_config`; defaults (``"\\n"``, chat, min) when absent."""
     path = Path(folder) / PRM_CONFIG
     defaults = {"separator": DEFAULT_SEPARATOR, "chat": True, "aggregation": "min",
-                "train_on_last_step_only": False}
+                "train_on_last_step_only": False, "head": "token-cls-2"}
     if not path.is_file():
         return defaults
     return {**defaults, **json.loads(path.read_text())}
@@ -344,8 +405,14 @@ class PRMScorer:
         if self.how not in STEP_AGGREGATIONS:
             raise ModelError(f"PRMScorer: how must be one of {STEP_AGGREGATIONS}, got {self.how!r}")
         self.batch_size = batch_size
+        self.head, self.offset = layout["head"], float(layout.get("logprob_offset") or 0.0)
+        if self.head not in HEADS:
+            raise ModelError(f"PRMScorer: {model_path}/{PRM_CONFIG} names head {self.head!r}; known: {HEADS}")
         self.tokenizer = load_tokenizer(model_path, padding_side="right")
-        self.model = load_model(model_path, task="token-cls", num_labels=2, dtype=dtype)
+        if self.head == "lm-logprob":
+            self.model = load_model(model_path, task="causal-lm", dtype=dtype)
+        else:
+            self.model = load_model(model_path, task="token-cls", num_labels=2, dtype=dtype)
         if device is not None:
             self.model.to(device)
         self.model.eval()
@@ -361,7 +428,8 @@ class PRMScorer:
         if len(prompts) != len(steps):
             raise ValueError(f"got {len(prompts)} prompts but {len(steps)} step lists")
         encoded = [self.encode(p, s) for p, s in zip(prompts, steps)]
-        return score_encoded(self.model, encoded, self.tokenizer.pad_token_id, self.batch_size)
+        return score_encoded(self.model, encoded, self.tokenizer.pad_token_id, self.batch_size, head=self.head,
+                             offset=self.offset)
 
     def score_steps(self, prompt: str | list[dict[str, str]], steps: Sequence[str]) -> list[float]:
         """``p_good`` of each step of one solution."""

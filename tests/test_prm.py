@@ -78,6 +78,7 @@ def check_alignment(tokenizer, separator: str) -> None:
     for i, (start, end) in enumerate(zip(starts, ends)):
         assert ids[end - len(sep) + 1: end + 1] == sep  # the scored token ends a separator
         assert ids[start: end + 1 - len(sep)] == tokenizer(STEPS[i], add_special_tokens=False)["input_ids"]
+        assert encoded.step_spans[i] == (start, end + 1 - len(sep))  # what the lm-logprob head sums over
         # A prefix of the solution lays out exactly as the start of the whole: a causal PRM's score of
         # step i cannot depend on later steps, and label-stage prefixes score like the full solution.
         assert encode_steps(tokenizer, PROMPT, STEPS[: i + 1], separator).input_ids == ids[: end + 1]
@@ -405,7 +406,7 @@ def test_ranking_trainer_adds_the_weighted_ranking_term(tmp_path, tiny_tokencls_
     batch = stage.Collator(tokenizer.pad_token_id)(stage.group_by_prompt(examples))
     model = AutoModelForTokenClassification.from_pretrained(tiny_tokencls_dir)
     args = TrainingArguments(output_dir=str(tmp_path / "out"), gradient_accumulation_steps=2, report_to=[])
-    trainer = stage.ranking_trainer(ranking_loss_weight=0.5, aggregation="min", model=model, args=args,
+    trainer = stage.prm_trainer(ranking_loss_weight=0.5, aggregation="min", head="token-cls", logprob_offset=0.0, model=model, args=args,
                                     compute_loss_func=stage.loss_func)
     trainer.current_gradient_accumulation_steps = 2
     pairs, labels = batch["ranking_pairs"], batch["labels"]
@@ -451,3 +452,84 @@ def test_prm_stage_with_ranking_loss_learns_to_order_a_prompts_solutions(tmp_pat
     # the seeded random head ranks half the pairs right; training ranks 11 of 12 right
     assert metrics["ranking_accuracy_before"] <= 0.6 and metrics["ranking_accuracy"] >= 0.9
     assert metrics["last_logged_loss"] < 0.5 * metrics["first_logged_loss"]
+
+
+def test_logprob_step_logits_by_hand():
+    from alignkit.prm import EncodedSteps, logprob_step_logits, pad_index, step_token_index
+
+    torch.manual_seed(0)
+    lm_logits = torch.randn(1, 6, 5)
+    ids = torch.tensor([[3, 1, 4, 0, 2, 0]])
+    # prompt [3], step 1 = [1, 4] then separator [0], step 2 = [2] then separator [0]
+    encoded = EncodedSteps([3, 1, 4, 0, 2, 0], [3, 5], [(1, 3), (4, 5)])
+    index = pad_index([step_token_index(encoded)])
+    assert index.tolist() == [[-1, 3, 3, -1, 5, -1]]
+    logps = torch.log_softmax(lm_logits, -1)
+    step1 = logps[0, 0, 1] + logps[0, 1, 4]  # log P(1 | 3) + log P(4 | 3 1)
+    step2 = logps[0, 3, 2]  # log P(2 | 3 1 4 0); separators and the prompt add nothing
+    out = logprob_step_logits(lm_logits, ids, index, offset=0.5)
+    assert out.shape == (1, 6, 2) and torch.all(out[..., 0] == 0)
+    assert torch.allclose(out[0, [3, 5], 1], torch.stack([step1, step2]) + 0.5, atol=1e-6)
+
+
+LOGPROB_RECIPE = """
+name: prm-logprob
+tracking: {report_to: none}
+stages:
+  - kind: prm
+    model: MODEL
+    head: lm-logprob
+    logprob_offset: 40.0               # a random tiny LM gives a step log P of about -40
+    data: {source: arith, params: {n: 8, steps: 2, max_operand: 9}}
+    eval_data: {source: arith, params: {n: 8, steps: 2, max_operand: 9}}
+    lr: 3.0e-3
+    max_steps: 40
+    batch_size: 8
+    logging_steps: 1
+    save_steps: 20
+    max_length: 160
+"""
+
+
+def test_prm_stage_lm_logprob_head_trains_saves_and_scores_by_step_likelihood(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.pipeline import run_recipe
+    from alignkit.recipe import load_recipe
+    from alignkit.prm import EncodedSteps, logprob_step_logits, pad_index, step_token_index
+
+    path = tmp_path / "prm.yaml"
+    path.write_text(LOGPROB_RECIPE.replace("MODEL", str(tiny_model_dir)))
+    recipe = load_recipe(path, output_dir=str(tmp_path / "runs"))
+    (result,) = run_recipe(recipe, echo=lambda *_: None)
+    metrics = result.metrics
+    # full fine-tuning: the LM learns to make the planted-error steps unlikely and the right ones likely
+    assert metrics["train_steps"] == 40 and metrics["last_logged_loss"] < 0.1 * metrics["first_logged_loss"]
+    assert metrics["step_accuracy_before"] < 0.6 and metrics["step_accuracy"] == 1.0
+
+    model_dir = recipe.stage("prm").run_dir / "model"
+    layout = read_prm_config(model_dir)
+    assert layout["head"] == "lm-logprob" and layout["logprob_offset"] == 40.0
+    scorer = PRMScorer(str(model_dir))
+    steps = ["Add 2: 1 + 2 = 3.", "The answer is 3."]
+    scores = scorer.score_steps("What is 1 + 2?", steps)
+    # the saved folder is a plain causal LM; its step score is sigmoid(log P(step) + offset)
+    lm = AutoModelForCausalLM.from_pretrained(model_dir)
+    encoded = scorer.encode("What is 1 + 2?", steps)
+    ids = torch.tensor([encoded.input_ids])
+    with torch.no_grad():
+        z = logprob_step_logits(lm(input_ids=ids).logits, ids, pad_index([step_token_index(encoded)]), 40.0)
+    assert isinstance(encoded, EncodedSteps)
+    assert scores == pytest.approx(torch.sigmoid(z[0, encoded.step_ends, 1]).tolist(), abs=1e-5)
+
+
+def test_scorer_refuses_an_unknown_head(tmp_path, tiny_tokencls_dir):
+    import shutil
+
+    from alignkit.errors import ModelError
+
+    folder = tmp_path / "prm"
+    shutil.copytree(tiny_tokencls_dir, folder)
+    (folder / "alignkit_prm.json").write_text(json.dumps({"head": "value-head"}))
+    with pytest.raises(ModelError, match="names head 'value-head'; known"):
+        PRMScorer(str(folder))

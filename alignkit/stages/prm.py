@@ -34,7 +34,10 @@ Departures from the paper and from TRL <= 1.13's PRMTrainer (see also :mod:`alig
    same rows, which makes the PRM-vs-ORM comparison fair (same data, model and budget).
 3. Rows too long for ``max_length`` lose whole trailing steps (never part of one); rows left with no
    labelled step are dropped and counted (``rows_dropped``).
-4. ``ranking_loss_weight`` (ours, off by default) adds a Bradley-Terry loss between a prompt's right and
+4. ``head: lm-logprob`` (ours) keeps the causal LM (LoRA) and scores step i by
+   ``sigmoid(log P(step i) + logprob_offset)`` (:func:`alignkit.prm.logprob_step_logits`), trained with
+   the same losses: it starts as the policy's own judgement of its steps instead of a random head.
+5. ``ranking_loss_weight`` (ours, off by default) adds a Bradley-Terry loss between a prompt's right and
    wrong solutions (:func:`alignkit.prm.solution_ranking_loss`, on the solution score the model will be
    ranked by: min over steps for a PRM, the last step for an ORM). Pointwise labels let a model learn
    which *problems* are hard; best-of-N needs it to tell one problem's solutions apart. A solution is right
@@ -83,6 +86,13 @@ class Config(TrainStageConfig):
         "solutions to the same prompt, one right and one wrong, -log sigmoid(s_right - s_wrong) on the "
         "aggregated solution score. When > 0 a prompt's rows are batched together and batch_size counts "
         "prompts, not rows.")
+    head: Literal["token-cls", "lm-logprob"] = Field(
+        "token-cls", description="token-cls: a new 2-label classifier on the separator token (TRL's PRM shape); "
+        "lm-logprob: keep the causal LM and score a step by its log-probability plus logprob_offset, so the "
+        "score starts from what the backbone already knows.")
+    logprob_offset: float = Field(
+        1.0, description="lm-logprob head only: p_good = sigmoid(log P(step) + offset), i.e. a step is judged "
+        "good at the start when its log-probability is above -offset.")
     eval_batch_size: int = Field(16, gt=0, description="Sequences per forward when scoring the eval split.")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (LoRA; use ~1e-5 for full fine-tuning).")
 
@@ -124,10 +134,11 @@ def run(config: Config, ctx: Any) -> Any:
     from transformers import set_seed
 
     set_seed(config.seed)  # the score head is initialised here, before the Trainer seeds anything
-    model = load_model(config.model, task="token-cls", num_labels=2, quantization=config.quantization,
+    task = "causal-lm" if config.head == "lm-logprob" else "token-cls"
+    model = load_model(config.model, task=task, num_labels=2, quantization=config.quantization,
                        dtype=config.dtype, attn_implementation=config.attn_implementation, trainable=True)
     if config.lora is not None:
-        model = apply_lora(model, config.lora, "token-cls", gradient_checkpointing=config.gradient_checkpointing)
+        model = apply_lora(model, config.lora, task, gradient_checkpointing=config.gradient_checkpointing)
     if eval_set:
         metrics.update({f"{k}_before": v for k, v in evaluate(model, tokenizer, eval_set, config).items()})
 
@@ -135,12 +146,12 @@ def run(config: Config, ctx: Any) -> Any:
         model=model,
         args=training_args(config, ctx),
         train_dataset=train_items,  # a list of examples (or of prompt groups); the collator pads
-        data_collator=Collator(tokenizer.pad_token_id),
+        data_collator=Collator(tokenizer.pad_token_id, step_index=config.head == "lm-logprob"),
         compute_loss_func=loss_func,
     )
-    if config.ranking_loss_weight > 0:
-        trainer = ranking_trainer(ranking_loss_weight=config.ranking_loss_weight, aggregation=_ranked_by(config),
-                                  **trainer_args)
+    if config.ranking_loss_weight > 0 or config.head == "lm-logprob":
+        trainer = prm_trainer(ranking_loss_weight=config.ranking_loss_weight, aggregation=_ranked_by(config),
+                              head=config.head, logprob_offset=config.logprob_offset, **trainer_args)
     else:
         trainer = Trainer(**trainer_args)
     started = time.perf_counter()
@@ -157,7 +168,8 @@ def run(config: Config, ctx: Any) -> Any:
         for folder in artifacts.values():
             write_prm_config(folder, separator=config.separator, chat=config.chat,
                              aggregation=_ranked_by(config),
-                             last_step_only=config.train_on_last_step_only)
+                             last_step_only=config.train_on_last_step_only, head=_head_name(config),
+                             logprob_offset=config.logprob_offset)
     if eval_set:
         report = evaluate(trainer.model, tokenizer, eval_set, config)
         metrics.update(report, eval_rows=len(eval_set))
@@ -167,6 +179,11 @@ def run(config: Config, ctx: Any) -> Any:
                   f"within-prompt ranking {report['ranking_accuracy']:.3f} ({report['ranking_pairs']} pairs)")
     ctx.log({f"prm/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
     return StageResult(metrics=metrics, artifacts=artifacts)
+
+
+def _head_name(config: Config) -> str:
+    """The head as alignkit_prm.json and :func:`alignkit.prm.score_encoded` name it."""
+    return "lm-logprob" if config.head == "lm-logprob" else "token-cls-2"
 
 
 def _ranked_by(config: Config) -> str:
@@ -207,6 +224,7 @@ def encode_dataset(rows: list[dict[str, Any]], tokenizer: Any, config: Config) -
             continue
         correct = row.get("solution_correct")
         examples.append({"input_ids": encoded.input_ids, "labels": labels, "step_ends": encoded.step_ends,
+                         "step_spans": encoded.step_spans,
                          "step_labels": [bool(v) for v in row["labels"][: len(encoded.step_ends)]],
                          "prompt_key": json.dumps(row["prompt"], sort_keys=True),
                          "correct": bool(row["labels"][-1]) if correct is None else bool(correct)})
@@ -234,42 +252,58 @@ class Collator:
     """
 
     pad_id: int
+    step_index: bool = False  # add step_index [B, T] (-1 padded) for the lm-logprob head
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
-        from ..prm import pad_batch, ranking_pairs
+        from ..prm import EncodedSteps, pad_batch, pad_index, ranking_pairs, step_token_index
 
         grouped = "solutions" in items[0]
         examples = [e for item in items for e in item["solutions"]] if grouped else items
         batch = pad_batch([e["input_ids"] for e in examples], self.pad_id, [e["labels"] for e in examples])
+        if self.step_index:
+            batch["step_index"] = pad_index([step_token_index(EncodedSteps(e["input_ids"], e["step_ends"],
+                                                                           e["step_spans"])) for e in examples])
         if grouped:
             pairs = ranking_pairs([[e["correct"] for e in item["solutions"]] for item in items])
             batch["ranking_pairs"] = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
         return batch
 
 
-def ranking_trainer(*, ranking_loss_weight: float, aggregation: str, **trainer_args: Any) -> Any:
-    """A ``transformers.Trainer`` whose loss adds :func:`alignkit.prm.solution_ranking_loss` to the step loss.
+def prm_trainer(*, ranking_loss_weight: float, aggregation: str, head: str, logprob_offset: float,
+                **trainer_args: Any) -> Any:
+    """A ``transformers.Trainer`` for the ``lm-logprob`` head and/or the ranking term.
 
-    The batch's ``ranking_pairs`` are taken out before the forward (the model does not accept them).
-    The step loss is already normalised over the accumulated batch (``num_items_in_batch``); the ranking
-    term is a mean over this micro-batch's pairs, so it is divided by the accumulation steps to match.
+    The loss is :func:`alignkit.prm.step_loss` on the step logits (the model's own, or
+    :func:`alignkit.prm.logprob_step_logits` of a causal LM), plus ``ranking_loss_weight`` times
+    :func:`alignkit.prm.solution_ranking_loss`. ``step_index`` and ``ranking_pairs`` are taken out of the
+    batch before the forward (the model does not accept them). The step loss is normalised over the
+    accumulated batch (``num_items_in_batch``, scaled by the process count as the Trainer does for
+    ``compute_loss_func``); the ranking term is a mean over this micro-batch's pairs, so it is divided by
+    the accumulation steps to match.
     """
     from transformers import Trainer
 
-    from ..prm import solution_ranking_loss
+    from ..prm import logprob_step_logits, solution_ranking_loss, step_loss
 
-    class RankingTrainer(Trainer):
+    class PRMTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            pairs, labels = inputs.pop("ranking_pairs"), inputs["labels"]
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
-                                                 num_items_in_batch=num_items_in_batch)
-            ranking = solution_ranking_loss(outputs.logits, labels, pairs, aggregation)
-            loss = loss + ranking_loss_weight * ranking / self.current_gradient_accumulation_steps
+            pairs, step_index = inputs.pop("ranking_pairs", None), inputs.pop("step_index", None)
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            logits = outputs.logits
+            if head == "lm-logprob":
+                logits = logprob_step_logits(logits, inputs["input_ids"], step_index, logprob_offset)
+            loss = step_loss(logits, labels, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * self.accelerator.num_processes
+            if ranking_loss_weight > 0 and pairs is not None:
+                ranking = solution_ranking_loss(logits, labels, pairs, aggregation)
+                loss = loss + ranking_loss_weight * ranking / self.current_gradient_accumulation_steps
             return (loss, outputs) if return_outputs else loss
 
-    return RankingTrainer(**trainer_args)
+    return PRMTrainer(**trainer_args)
 
 
 def loss_func(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
@@ -287,8 +321,9 @@ def evaluate(model: Any, tokenizer: Any, examples: list[dict[str, Any]], config:
     from ..metrics import aggregate_steps, pairwise_ranking
     from ..prm import EncodedSteps, score_encoded, step_metrics
 
-    encoded = [EncodedSteps(e["input_ids"], e["step_ends"]) for e in examples]
-    probs = score_encoded(model, encoded, tokenizer.pad_token_id, config.eval_batch_size)
+    encoded = [EncodedSteps(e["input_ids"], e["step_ends"], e["step_spans"]) for e in examples]
+    probs = score_encoded(model, encoded, tokenizer.pad_token_id, config.eval_batch_size, head=_head_name(config),
+                          offset=config.logprob_offset)
     report = step_metrics(probs, [e["step_labels"] for e in examples])
     groups = group_by_prompt([dict(e, score=aggregate_steps(p, _ranked_by(config)))
                               for e, p in zip(examples, probs, strict=True)])

@@ -294,23 +294,26 @@ def step_metrics(probs: Sequence[Sequence[float]], labels: Sequence[Sequence[boo
 # ------------------------------------------------------------------------------------------------ scoring
 
 
+def _right_pad(rows: Sequence[Sequence[float]], fill: float, dtype: Any, width: int | None = None) -> Any:
+    """Rows of different lengths as one [B, width] tensor, right-padded with ``fill``."""
+    import torch
+
+    out = torch.full((len(rows), width or max(len(r) for r in rows)), fill, dtype=dtype)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row, dtype=dtype)
+    return out
+
+
 def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int,
               labels: Sequence[Sequence[float]] | None = None) -> dict[str, Any]:
     """Right-pad id lists into tensors: ``{input_ids, attention_mask[, labels]}`` ([B, T] each)."""
     import torch
 
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
+    ids = _right_pad(sequences, pad_id, torch.long)
+    mask = _right_pad([[1] * len(s) for s in sequences], 0, torch.long)
     batch = {"input_ids": ids, "attention_mask": mask}
     if labels is not None:
-        out = torch.full((len(sequences), width), float(IGNORE), dtype=torch.float32)
-        for row, lab in enumerate(labels):
-            out[row, : len(lab)] = torch.tensor(lab, dtype=torch.float32)
-        batch["labels"] = out
+        batch["labels"] = _right_pad(labels, float(IGNORE), torch.float32, width=ids.shape[1])
     return batch
 
 
@@ -318,10 +321,7 @@ def pad_index(rows: Sequence[Sequence[int]]) -> Any:
     """Right-pad :func:`step_token_index` rows with -1 into a [B, T] long tensor."""
     import torch
 
-    out = torch.full((len(rows), max(len(r) for r in rows)), -1, dtype=torch.long)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return out
+    return _right_pad(rows, -1, torch.long)
 
 
 def score_encoded(model: Any, encoded: Sequence[EncodedSteps], pad_id: int, batch_size: int = 16, *,

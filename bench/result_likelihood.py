@@ -33,17 +33,6 @@ from alignkit.rewards import load_reward
 RESULT = re.compile(r"(?:= |answer is )(-?\d+)")
 
 
-def result_spans(text: str, offset: int) -> list[tuple[int, int]]:
-    """Character spans (in prompt + text) of each non-blank line's last written result."""
-    spans, start = [], 0
-    for line in text.split("\n"):
-        found = list(RESULT.finditer(line))
-        if line.strip() and found:
-            spans.append((offset + start + found[-1].start(1), offset + start + found[-1].end(1)))
-        start += len(line) + 1
-    return spans
-
-
 def line_spans(text: str, offset: int) -> list[tuple[int, int]]:
     """Character spans (in prompt + text) of each non-blank line: the whole step, nothing arith-specific."""
     spans, start = [], 0
@@ -51,6 +40,16 @@ def line_spans(text: str, offset: int) -> list[tuple[int, int]]:
         if line.strip():
             spans.append((offset + start, offset + start + len(line)))
         start += len(line) + 1
+    return spans
+
+
+def result_spans(text: str, offset: int) -> list[tuple[int, int]]:
+    """Character spans (in prompt + text) of each non-blank line's last written result."""
+    spans = []
+    for start, stop in line_spans(text, offset):
+        found = list(RESULT.finditer(text, start - offset, stop - offset))
+        if found:
+            spans.append((offset + found[-1].start(1), offset + found[-1].end(1)))
     return spans
 
 

@@ -1,4 +1,5 @@
-"""Public estimators for eval suites and best-of-N selection: pass@k, votes, PRM step aggregation.
+"""Public estimators for eval suites and best-of-N selection: pass@k, votes, PRM step aggregation, and the
+two tests our comparisons report (a bootstrap interval of a mean, an exact sign test on paired outcomes).
 
 Plain Python on lists: no torch, no I/O. An answer is a normalised string (the extractor in ``reward/``
 makes it) or None when no answer could be extracted; None never wins a vote and is never selected.
@@ -114,6 +115,39 @@ def pairwise_ranking(scores: Sequence[Sequence[float]], correct: Sequence[Sequen
                 wins += 1.0 if r > w else 0.5 if r == w else 0.0
                 pairs += 1
     return (wins / pairs if pairs else float("nan")), pairs
+
+
+def bootstrap_ci(values: Sequence[float], *, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the mean of ``values``, resampled with replacement ``draws`` times.
+
+    For a paired comparison pass the per-problem differences (e.g. ``after - before`` correctness), so the
+    interval is of the mean change and keeps the pairing. Seeded: the same call gives the same interval.
+
+    >>> bootstrap_ci([0.5, 0.5, 0.5])
+    (0.5, 0.5)
+    """
+    if not values:
+        raise ValueError("bootstrap_ci needs at least one value")
+    rng, m = random.Random(seed), len(values)
+    means = sorted(sum(values[rng.randrange(m)] for _ in range(m)) / m for _ in range(draws))
+    return means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test: the chance, if either outcome were equally likely, of a split at least as
+    uneven as ``wins`` : ``losses`` (ties are left out before calling). 1.0 when there is nothing to test.
+
+        p = min(1, 2 * P[Binomial(n, 1/2) <= min(wins, losses)]),  n = wins + losses
+
+    >>> round(sign_test(20, 7), 4)
+    0.0192
+    """
+    if wins < 0 or losses < 0:
+        raise ValueError(f"need wins, losses >= 0, got {wins}, {losses}")
+    n, k = wins + losses, min(wins, losses)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n)
 
 
 def aggregate_steps(step_scores: Sequence[float], how: str) -> float:

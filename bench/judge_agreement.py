@@ -28,14 +28,9 @@ import sys
 import time
 from pathlib import Path
 
+from alignkit.metrics import bootstrap_ci
+
 HH_FILE = Path(__file__).resolve().parents[1].parent / "shared/data/hh-rlhf/harmless-base-dev.jsonl.gz"
-
-
-def bootstrap_ci(hits: list[float], *, rounds: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of the mean of ``hits`` (per-pair scores in [0, 1])."""
-    rng, n = random.Random(seed), len(hits)
-    means = sorted(sum(hits[rng.randrange(n)] for _ in range(n)) / n for _ in range(rounds))
-    return means[int(0.025 * rounds)], means[int(0.975 * rounds) - 1]
 
 
 def agree(p_chosen: float) -> float:

@@ -7,15 +7,17 @@ reward curves (mean reward-model score per step). This script reports; it assert
 
     .venv/bin/python bench/ppo_vs_trl112.py                          # tiny model, CPU-sized (minutes)
     .venv/bin/python bench/ppo_vs_trl112.py --preset wide-vocab      # 152k vocabulary, tiny body (CPU)
+    .venv/bin/python bench/ppo_vs_trl112.py --preset 135m            # SmolLM2-135M's dimensions (CPU, ~1 h)
     .venv/bin/python bench/ppo_vs_trl112.py --preset qwen3-0.6b      # GPU: TARGETS.md's anchor settings
 
 TRL 1.12.0 goes into its own virtualenv (``--venv``, default /tmp/trl112-venv; created on first use with
 ``pip install torch==<our torch version> trl==1.12.0 peft``), since alignkit pins TRL 1.16, which has no PPO.
 
 Presets: ``tiny`` (the test suite's tiny Llama, vocab 384), ``wide-vocab`` (Qwen3 vocabulary of 151,936 on a
-2-layer 128-wide body: the logits dominate memory as in the anchor, CPU-sized) and ``qwen3-0.6b`` (TARGETS.md:
-1024 hidden, 28 layers, batch 32, prompt 128, response 128, 4 PPO epochs, one mini-batch, bf16). The two
-large-vocabulary presets use a word-level tokenizer ``w<id>`` over the full vocabulary (no Hub download).
+2-layer 128-wide body: the logits dominate memory as in the anchor, CPU-sized), ``135m`` (SmolLM2-135M's
+dimensions: 30 layers, 576 wide, vocab 49,152, on a Qwen3 body; batch 8, prompt 64, response 64: a real model's
+size on a CPU) and ``qwen3-0.6b`` (TARGETS.md: 1024 hidden, 28 layers, batch 32, prompt 128, response 128,
+4 PPO epochs, one mini-batch, bf16). The three word-vocabulary presets use a word-level tokenizer ``w<id>`` over the full vocabulary (no Hub download).
 
 Memory: on CUDA, ``torch.cuda.max_memory_allocated`` over the whole run; on CPU, the process's peak RSS and its
 growth from the start of training (RSS includes the Python/torch baseline, which dilutes the ratio).
@@ -41,6 +43,8 @@ PRESETS = {
              "batch": 8, "prompt": 24, "response": 16, "steps": 6, "lora_r": 8, "lr": 1e-3},
     "wide-vocab": {"hidden": 128, "layers": 2, "heads": 4, "kv_heads": 2, "head_dim": 32, "inter": 256,
                    "vocab": 151936, "batch": 8, "prompt": 64, "response": 32, "steps": 5, "lora_r": 16, "lr": 1e-4},
+    "135m": {"hidden": 576, "layers": 30, "heads": 9, "kv_heads": 3, "head_dim": 64, "inter": 1536, "vocab": 49152,
+             "batch": 8, "prompt": 64, "response": 64, "steps": 4, "lora_r": 16, "lr": 1e-4},
     "qwen3-0.6b": {"hidden": 1024, "layers": 28, "heads": 16, "kv_heads": 8, "head_dim": 128, "inter": 3072,
                    "vocab": 151936, "batch": 32, "prompt": 128, "response": 128, "steps": 6, "lora_r": 16,
                    "lr": 1e-4},

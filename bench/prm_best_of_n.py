@@ -35,7 +35,7 @@ from typing import Any
 from alignkit.config import DataSpec
 from alignkit.data import check_steps, load_dataset
 from alignkit.labels import true_step_labels
-from alignkit.metrics import Pool, aggregate_steps, best_of_n, pairwise_ranking, selection_curve
+from alignkit.metrics import Pool, aggregate_steps, best_of_n, bootstrap_ci, pairwise_ranking, selection_curve
 from alignkit.prm import PRMScorer, split_steps, step_metrics
 from alignkit.rewards import load_reward
 
@@ -107,15 +107,9 @@ def per_problem(pools: list[Pool], method: str, n: int) -> list[float]:
     return [selection_curve([pool], method, [n])[n] for pool in pools]
 
 
-def bootstrap_diff(a: list[float], b: list[float], draws: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% interval of mean(a) - mean(b) over problems resampled with replacement."""
-    rng, m = random.Random(seed), len(a)
-    diffs = []
-    for _ in range(draws):
-        idx = [rng.randrange(m) for _ in range(m)]
-        diffs.append(sum(a[i] - b[i] for i in idx) / m)
-    diffs.sort()
-    return diffs[int(0.025 * draws)], diffs[int(0.975 * draws) - 1]
+def bootstrap_diff(a: list[float], b: list[float]) -> tuple[float, float]:
+    """95% interval of mean(a) - mean(b) over problems resampled with replacement (paired by problem)."""
+    return bootstrap_ci([x - y for x, y in zip(a, b, strict=True)])
 
 
 def bootstrap_ranking(scores: list[list[float]], correct: list[list[bool]], draws: int = 2000,

@@ -11,10 +11,12 @@ from alignkit.metrics import (
     Pool,
     aggregate_steps,
     best_of_n,
+    bootstrap_ci,
     majority_vote,
     pairwise_ranking,
     pass_at_k,
     selection_curve,
+    sign_test,
     weighted_vote,
 )
 
@@ -199,3 +201,31 @@ def test_pairwise_ranking_hand_worked():
     assert pairs == 0 and fraction != fraction  # NaN: nothing to rank
     with pytest.raises(ValueError):
         pairwise_ranking([[0.1, 0.2]], [[True]])
+
+
+# ---- bootstrap interval and sign test -----------------------------------------------------------------
+
+
+def test_sign_test_hand_worked():
+    # 3 wins, 0 losses: P[X <= 0] = 1/8 for X ~ Bin(3, 1/2), two-sided 2/8
+    assert sign_test(3, 0) == pytest.approx(0.25)
+    assert sign_test(0, 3) == pytest.approx(0.25)
+    # 5 : 1 -> P[X <= 1] = (1 + 6) / 64, two-sided 14/64
+    assert sign_test(5, 1) == pytest.approx(14 / 64)
+    assert sign_test(4, 4) == 1.0 and sign_test(0, 0) == 1.0  # capped; nothing to test
+    # the PPO table's 20 wrong->right vs 7 right->wrong
+    assert sign_test(20, 7) == pytest.approx(0.01916, abs=1e-5)
+    with pytest.raises(ValueError):
+        sign_test(-1, 2)
+
+
+def test_bootstrap_ci_brackets_the_mean_and_is_seeded():
+    assert bootstrap_ci([0.25] * 10) == (0.25, 0.25)
+    values = [1.0] * 30 + [0.0] * 70  # mean 0.3, standard error ~0.046
+    low, high = bootstrap_ci(values)
+    assert low < 0.3 < high
+    assert 0.2 < low < 0.25 and 0.35 < high < 0.4  # about mean -/+ 1.96 standard errors
+    assert bootstrap_ci(values) == (low, high)  # same seed, same interval
+    assert bootstrap_ci(values, seed=1) != (low, high)
+    with pytest.raises(ValueError):
+        bootstrap_ci([])

@@ -162,6 +162,7 @@ def run_ours(s: dict) -> dict:
                     "dropout": 0.0}, data="arith", rewards=[{"program": f"model:{s['reward_model']}"}],
                     batch_size=s["batch"], max_completion_length=s["response"], lr=s["lr"], max_steps=s["steps"],
                     chat=s["prompts"][0]["chat"], max_length=4096, generation={"backend": s["backend"]},
+                    gradient_checkpointing=s.get("gradient_checkpointing", False),
                     **{k: v for k, v in SHARED.items()})
     torch.manual_seed(0)
     tokenizer = load_tokenizer(config.model)
@@ -171,6 +172,7 @@ def run_ours(s: dict) -> dict:
     optimizer, scheduler = _optimizer(config, groups, config.max_steps)
     kl = _kl_controller(config)
     rss_start, times, scores, kls = current_rss_gib(), [], [], []
+    phases: dict[str, list[float]] = {"sample": [], "experience": [], "update": []}
     for step in range(config.max_steps):
         started = time.perf_counter()
         metrics = ppo_step(step, models, sources, rows, optimizer, groups, kl, config, 0, device)
@@ -178,7 +180,9 @@ def run_ours(s: dict) -> dict:
         times.append(time.perf_counter() - started)
         scores.append(metrics["reward/score"])
         kls.append(metrics["kl/sequence"])
-    return {"step_s": times, "scores": scores, "kl": kls, **memory_report(rss_start)}
+        for phase, seconds in phases.items():
+            seconds.append(metrics[f"time/{phase}_s"])
+    return {"step_s": times, "scores": scores, "kl": kls, "phases_s": phases, **memory_report(rss_start)}
 
 
 def run_trl(s: dict, out_dir: Path) -> dict:
@@ -204,7 +208,8 @@ def run_trl(s: dict, out_dir: Path) -> dict:
         cliprange=SHARED["clip_eps"], cliprange_value=SHARED["value_clip_eps"], vf_coef=SHARED["vf_coef"],
         gamma=SHARED["gamma"], lam=SHARED["lam"], learning_rate=s["lr"], lr_scheduler_type="linear",
         logging_steps=1, save_strategy="no", report_to=[], num_sample_generations=0, stop_token="eos",
-        bf16=cuda, use_cpu=not cuda, seed=0, gradient_checkpointing=False, disable_tqdm=True,
+        bf16=cuda, use_cpu=not cuda, seed=0, gradient_checkpointing=s.get("gradient_checkpointing", False),
+        disable_tqdm=True,
     )
     times: list[float] = []
     state = {"rss_start": 0.0, "last": 0.0}
@@ -248,8 +253,10 @@ def report(results: dict, settings: dict) -> str:
     def median(r: dict) -> float:  # the first step is warm-up
         return statistics.median(r["step_s"][1:] or r["step_s"])
 
+    checkpointing = ", gradient checkpointing" if settings.get("gradient_checkpointing") else ""
     lines = [(f"preset {settings['preset']}: batch {settings['batch']}, response {settings['response']}, "
-              f"{SHARED['ppo_epochs']} PPO epochs, {settings['steps']} steps, memory = {ours['kind']}"),
+              f"{SHARED['ppo_epochs']} PPO epochs, {settings['steps']} steps{checkpointing}, "
+              f"memory = {ours['kind']}"),
              f"{'':6} {'s/step':>8} {'peak GiB':>9} {'growth GiB':>11}"]
     for name, r in (("ours", ours), ("trl", trl)):
         growth = f"{r['growth_gib']:11.3f}" if "growth_gib" in r else f"{'-':>11}"
@@ -257,6 +264,9 @@ def report(results: dict, settings: dict) -> str:
     lines.append(f"ratio ours/trl: step time {median(ours) / median(trl):.2f}x, peak memory "
                  f"{ours['peak_gib'] / trl['peak_gib']:.2f}x"
                  + (f", memory growth {ours['growth_gib'] / trl['growth_gib']:.2f}x" if "growth_gib" in ours else ""))
+    if "phases_s" in ours:  # where our step time goes (TRL logs no phase times)
+        lines.append("ours per step: " + ", ".join(f"{phase} {statistics.median(v[1:] or v):.2f} s"
+                                                    for phase, v in ours["phases_s"].items()))
     for name, r in (("ours", ours), ("trl", trl)):
         lines.append(f"reward curve {name}: " + " ".join(f"{v:.3f}" for v in r["scores"]))
         lines.append(f"KL curve     {name}: " + " ".join(f"{v:.3f}" for v in r["kl"]))
@@ -268,6 +278,7 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--steps", type=int, default=None, help="PPO steps (default: the preset's)")
     parser.add_argument("--backend", choices=["hf", "fast"], default="hf", help="our sampling engine")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing, both sides")
     parser.add_argument("--venv", default="/tmp/trl112-venv", help="virtualenv holding TRL 1.12.0")
     parser.add_argument("--workdir", default=None, help="where models, prompts and results go")
     parser.add_argument("--side", choices=["ours", "trl"], default=None, help=argparse.SUPPRESS)
@@ -284,7 +295,8 @@ def main() -> None:
     python = ensure_venv(Path(args.venv))
     policy_dir, rm_dir = build_models(preset, workdir)
     steps = args.steps or preset["steps"]
-    settings = {**preset, "preset": args.preset, "steps": steps, "backend": args.backend, "policy": str(policy_dir),
+    settings = {**preset, "preset": args.preset, "steps": steps, "backend": args.backend,
+                "gradient_checkpointing": args.gradient_checkpointing, "policy": str(policy_dir),
                 "reward_model": str(rm_dir), "prompts": build_prompts(preset, policy_dir, steps * preset["batch"])}
     settings_file = workdir / "settings.json"
     settings_file.write_text(json.dumps(settings))

@@ -174,7 +174,8 @@ def test_resume_continues_with_identical_state(tmp_path, tiny_model_dir, monkeyp
             torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6)
 
 
-def test_orm_prm_and_value_model_from_a_reward_model(tmp_path, tiny_model_dir, tiny_seqcls_dir, tiny_tokencls_dir):
+def test_orm_prm_and_value_model_from_a_reward_model(tmp_path, tiny_model_dir, tiny_seqcls_dir, tiny_tokencls_dir,
+                                                    capsys):
     """Every reward source through the pipeline. Stage 1: a program that cannot score some samples (None: they
     leave the step) plus a PRM, with the value model started from a reward model. Stage 2: an outcome reward
     model (`model:<folder>`) as the only reward."""
@@ -203,6 +204,10 @@ def test_orm_prm_and_value_model_from_a_reward_model(tmp_path, tiny_model_dir, t
         assert row["reward/steps_per_response"] > 0.5
         assert 0.0 < row["reward/step_score"] <= 0.25 * row["reward/steps_per_response"] + 1e-6
     assert history[0]["value/mean"] != 0.0  # the reward model's head, not a zero head
+    printed = capsys.readouterr().out
+    assert f"ppo step 2/2: score {history[1]['reward/score']:.3f} step reward " in printed
+    (orm_line,) = [line for line in printed.splitlines() if "orm step 1/1:" in line]
+    assert "step reward" not in orm_line  # no PRM in that stage
     orm_dir = tmp_path / "runs" / "rl" / "orm"
     assert Manifest.read(orm_dir).status == "done"
     (orm_row,) = [json.loads(line) for line in (orm_dir / "history.jsonl").read_text().splitlines()]

@@ -364,6 +364,67 @@ def test_chunked_logps_equal_naive_and_keep_no_vocab_tensors(tiny_model_dir):
     torch.testing.assert_close(entropy, naive_entropy, rtol=1e-5, atol=1e-5)
 
 
+def test_micro_step_frees_the_policy_graph_before_the_value_forward(tiny_model_dir, monkeypatch):
+    """Two backwards give the gradient of the summed loss, and no policy activation is alive (saved for
+    backward) when the value model's forward starts: peak activation memory is one backbone's."""
+    import weakref
+
+    import alignkit.ppo.update as update
+    from alignkit.maths import ppo_policy_loss, ppo_value_loss
+    from alignkit.models import load_tokenizer
+    from alignkit.ppo.logprobs import sequence_logps, sequence_values
+    from alignkit.stages.ppo import Config, _load_for_training
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    rollout = _batch(tokenizer)
+    config = Config(model=str(tiny_model_dir), lora={"r": 4, "alpha": 8, "dropout": 0.0}, data="arith",
+                    rewards=[{"program": "reward/math.py:answer_match"}], vf_coef=0.3)
+    policy = _policy_after_one_update(tiny_model_dir).train()
+    value = _load_for_training(str(tiny_model_dir), "seq-cls", config, torch.device("cpu"))
+    ids, mask = rollout.inputs()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        rollout.old_logps = sequence_logps(policy, ids, mask, rollout.response_mask)[0] + 0.05
+        rollout.old_values = torch.randn(rollout.response_mask.shape, generator=generator)
+    rollout.advantages = torch.randn(rollout.response_mask.shape, generator=generator)
+    rollout.returns = torch.randn(rollout.response_mask.shape, generator=generator)
+    params = [p for model in (policy, value) for p in model.parameters() if p.requires_grad]
+
+    # the reference: one backward of the summed loss
+    logps, _ = sequence_logps(policy, ids, mask, rollout.response_mask)
+    values = sequence_values(value, ids, mask, rollout.response_mask)
+    pg, _ = ppo_policy_loss(logps, rollout.old_logps, rollout.advantages, rollout.response_mask, config.clip_eps)
+    vf, _ = ppo_value_loss(values, rollout.old_values, rollout.returns, rollout.response_mask, config.value_clip_eps)
+    expected = torch.autograd.grad((pg + config.vf_coef * vf) * 0.5, params)
+
+    alive: list[weakref.ref] = []  # every tensor saved for backward, weakly: dead once its graph is freed
+    at_value_forward: list[int] = []
+    original = update.sequence_values
+
+    def counting_sequence_values(*args, **kwargs):
+        at_value_forward.append(sum(ref() is not None for ref in alive))
+        return original(*args, **kwargs)
+
+    class Saved:  # a wrapper that can be weakly referenced (some saved tensors are views or parameters)
+        def __init__(self, tensor):
+            self.tensor = tensor
+
+    def pack(tensor):
+        box = Saved(tensor)
+        alive.append(weakref.ref(box))
+        return box
+
+    monkeypatch.setattr(update, "sequence_values", counting_sequence_values)
+    for p in params:
+        p.grad = None
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.tensor):
+        stats = update.micro_step(policy, value, rollout, config, scale=0.5)
+    assert alive and at_value_forward == [0]
+    for p, want in zip(params, expected):
+        torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-7)
+    assert stats["policy/loss"] == pytest.approx(pg.item()) and stats["value/loss"] == pytest.approx(vf.item())
+
+
 # --------------------------------------------------------------------------------- step reward placement
 
 

@@ -81,15 +81,20 @@ def micro_step(policy: Any, value_model: Any, micro: Rollout, config: Any, scale
     """Forward and backward of one micro-batch; returns its stats (floats, token-weighted by the caller).
 
     ``scale`` = this micro-batch's tokens / the global mini-batch's tokens (module docstring).
+
+    The policy and the value model share no parameters, so the gradient of ``pg_loss + vf_coef * vf_loss``
+    is the two backwards run one after the other: the policy's graph is freed before the value model's
+    forward, and activation memory peaks at one backbone's instead of both at once.
     """
     input_ids, attention_mask = micro.inputs()
     mask = micro.response_mask
     logps, _ = sequence_logps(policy, input_ids, attention_mask, mask, temperature=config.temperature,
                               chunk_tokens=config.logits_chunk_tokens)
-    values = sequence_values(value_model, input_ids, attention_mask, mask)
     pg_loss, pg_stats = ppo_policy_loss(logps, micro.old_logps, micro.advantages, mask, config.clip_eps)
+    (pg_loss * scale).backward()
+    values = sequence_values(value_model, input_ids, attention_mask, mask)
     vf_loss, vf_stats = ppo_value_loss(values, micro.old_values, micro.returns, mask, config.value_clip_eps)
-    ((pg_loss + config.vf_coef * vf_loss) * scale).backward()
+    (config.vf_coef * vf_loss * scale).backward()
     with torch.no_grad():
         error = masked_mean((values - micro.returns).abs(), mask)
     return {"policy/loss": pg_loss.item(), "policy/clipfrac": pg_stats["clipfrac"].item(),

@@ -56,7 +56,6 @@ def summarise(name: str, stage_dir: Path) -> dict:
     if prompts != prompts_after:
         sys.exit(f"error: {stage_dir}: accuracy_before and accuracy_after hold different problems")
     history = read_jsonl(stage_dir / "history.jsonl")
-    stage = json.loads((stage_dir / "stage.json").read_text()) if (stage_dir / "stage.json").is_file() else {}
     steps = [row["time/step_s"] for row in history]
     return {
         "name": name, "dir": str(stage_dir), "prompts": prompts, "before": before, "after": after,
@@ -67,8 +66,7 @@ def summarise(name: str, stage_dir: Path) -> dict:
         "reward_curve": [round(row.get("reward/score", 0.0) + row.get("reward/step_score", 0.0), 4)
                          for row in history],
         "seconds_per_step": sum(steps) / max(len(steps), 1),
-        "peak_gib": stage.get("metrics", {}).get("peak_memory_gib", max((r.get("memory/peak_gib", 0) for r in history),
-                                                                        default=float("nan"))),
+        "peak_gib": max((row.get("memory/peak_gib", float("nan")) for row in history), default=float("nan")),
     }
 
 

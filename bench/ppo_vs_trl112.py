@@ -17,7 +17,8 @@ Presets: ``tiny`` (the test suite's tiny Llama, vocab 384), ``wide-vocab`` (Qwen
 2-layer 128-wide body: the logits dominate memory as in the anchor, CPU-sized), ``135m`` (SmolLM2-135M's
 dimensions: 30 layers, 576 wide, vocab 49,152, on a Qwen3 body; batch 8, prompt 64, response 64: a real model's
 size on a CPU) and ``qwen3-0.6b`` (TARGETS.md: 1024 hidden, 28 layers, batch 32, prompt 128, response 128,
-4 PPO epochs, one mini-batch, bf16). The three word-vocabulary presets use a word-level tokenizer ``w<id>`` over the full vocabulary (no Hub download).
+4 PPO epochs, one mini-batch, bf16). The three word-vocabulary presets use a word-level tokenizer ``w<id>``
+over the full vocabulary (no Hub download).
 
 Memory: on CUDA, ``torch.cuda.max_memory_allocated`` over the whole run; on CPU, the process's peak RSS and its
 growth from the start of training (RSS includes the Python/torch baseline, which dilutes the ratio).

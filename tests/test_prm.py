@@ -394,7 +394,7 @@ def test_collator_flattens_prompt_groups_and_pairs_their_solutions():
     assert "ranking_pairs" not in stage.Collator(pad_id=0)(examples)
 
 
-def test_ranking_trainer_adds_the_weighted_ranking_term(tmp_path, tiny_tokencls_dir):
+def test_prm_trainer_adds_the_weighted_ranking_term(tmp_path, tiny_tokencls_dir):
     from transformers import AutoModelForTokenClassification, TrainingArguments
 
     from alignkit.stages import prm as stage
@@ -406,8 +406,8 @@ def test_ranking_trainer_adds_the_weighted_ranking_term(tmp_path, tiny_tokencls_
     batch = stage.Collator(tokenizer.pad_token_id)(stage.group_by_prompt(examples))
     model = AutoModelForTokenClassification.from_pretrained(tiny_tokencls_dir)
     args = TrainingArguments(output_dir=str(tmp_path / "out"), gradient_accumulation_steps=2, report_to=[])
-    trainer = stage.prm_trainer(ranking_loss_weight=0.5, aggregation="min", head="token-cls", logprob_offset=0.0, model=model, args=args,
-                                    compute_loss_func=stage.loss_func)
+    trainer = stage.prm_trainer(ranking_loss_weight=0.5, aggregation="min", head="token-cls", logprob_offset=0.0,
+                                model=model, args=args, compute_loss_func=stage.loss_func)
     trainer.current_gradient_accumulation_steps = 2
     pairs, labels = batch["ranking_pairs"], batch["labels"]
     assert pairs.tolist() == [[0, 1], [2, 3]]

@@ -337,10 +337,11 @@ def _kl_controller(config: Config) -> Any:
 def _report(row: dict[str, Any], total: int, config: Config, ctx) -> None:
     ctx.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
     if ctx.is_main and (row["step"] % config.logging_steps == 0 or row["step"] == total):
-        steps = f"step reward {row.get('reward/step_score', float('nan')):.3f} " if config.prm is not None else ""
-        print(f"[alignkit] {ctx.name} step {row['step']}/{total}: score {row.get('reward/score', float('nan')):.3f} "
-              f"{steps}kl {row.get('kl/sequence', float('nan')):.3f} entropy {row.get('policy/entropy', float('nan')):.3f} "
-              f"len {row.get('response/length', float('nan')):.1f} {row['time/step_s']:.1f}s", flush=True)
+        nan = float("nan")
+        steps = f"step reward {row.get('reward/step_score', nan):.3f} " if config.prm is not None else ""
+        print(f"[alignkit] {ctx.name} step {row['step']}/{total}: score {row.get('reward/score', nan):.3f} "
+              f"{steps}kl {row.get('kl/sequence', nan):.3f} entropy {row.get('policy/entropy', nan):.3f} "
+              f"len {row.get('response/length', nan):.1f} {row['time/step_s']:.1f}s", flush=True)
 
 
 def _save(ctx, step: int, models: Any, optimizer: Any, scheduler: Any, kl_controller: Any,

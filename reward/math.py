@@ -9,27 +9,37 @@ r"""Final-answer correctness for math completions: ``answer_match`` and its pure
    ``the final answer is ...`` (case-insensitive; the phrase ends at the line end or at a sentence-ending
    period) or the last ``#### N`` line (GSM8K's own format), whichever comes later, else None. Later wins
    because GSM8K reference solutions write "the final answer is 15 * 8 = 120 pints" and then "#### 120".
-2. :func:`is_equivalent` compares the phrase with the gold answer. Numbers are compared exactly (as
-   fractions) after the GSM8K-style clean-up below; anything else (LaTeX expressions, intervals, sets) goes
-   to math-verify, under a timeout.
+2. :func:`is_equivalent` compares the phrase with the gold answer. A plain-number gold needs a phrase that
+   :func:`plain_number` reads as one plain number of the same value (compared exactly, as fractions);
+   a gold that is an expression (LaTeX, intervals, sets) goes to math-verify, under a timeout.
 
-Decisions (each has cases in ``tests/data/math_grader_cases.jsonl``):
+The rule (each clause has cases in ``tests/data/math_grader_cases.jsonl``):
 
-- No "last number in the text" fallback by default. Rewarding any trailing number is reward hacking: a
-  policy learns to end with a list of numbers (or the question's own numbers) and gets paid for a guess.
-  ``fallback_last_number=True`` restores it for models that were never taught an answer format.
-- Clean-up: GSM8K calculator annotations (``<<48/2=24>>``), thousands commas (``1,234``), currency
-  (``$``, ``\$``, euro/pound/yen signs), markdown (``**18**``, backticks), ``$...$`` math delimiters,
-  ``\text{...}`` wrappers, trailing periods, unicode minus. Unit words after the number are ignored
-  (``18 dollars``, ``18 cm`` equal 18): GSM8K golds are bare numbers and the question fixes the unit.
+- **When the gold answer is a plain number, the final answer phrase must state one plain number**: an
+  integer, a decimal, ``a/b`` or ``\frac{a}{b}``, after the clean-up below. An equation chain reads as its
+  last side (``6 * 3 = 18`` is 18; ``x = 5`` is 5). Anything else scores 0, however close to the gold it
+  evaluates: operator expressions (``12 + 7 - 5``, ``3*6``, ``2^3``, ``(12+6)``, ``9 \cdot 2``, ``20 - 2``),
+  roots and other LaTeX commands (``\sqrt{324}``), factorials (``5!``: a digit followed by ``!`` is a
+  factorial, so ``18!`` is not 18), unary operator words (``18 squared``, ``half of 36``), and several
+  numbers however they are separated (``12 7``, ``1 234``, ``17 or 18``, ``17, 18``). Paying for an
+  expression lets a policy skip the arithmetic; paying for an operand list or a hedge pays a guess
+  (math-verify sums ``12 7`` to 19).
+- A fraction whose value is a whole number (``36/2``, ``\frac{4}{2}``) is an unevaluated division, not a
+  plain number: whole numbers are written as integers. ``\frac{2}{4}`` for 0.5 is fine.
+- Clean-up, which never changes the value: GSM8K calculator annotations (``<<48/2=24>>``), thousands
+  commas (``1,234``; ``18,000`` is eighteen thousand), currency (``$``, ``\$``, euro/pound/yen signs),
+  markdown (``**18**``, backticks), ``$...$`` math delimiters, ``\text{...}`` wrappers, trailing periods,
+  unicode minus, degree signs. Unit words around the number are ignored (``18 dollars``, ``18 cm``,
+  ``18 (dollars)``, ``a total of 18 apples``): GSM8K golds are bare numbers and the question fixes the unit.
 - Percent: ``18%`` equals 18, not 0.18. GSM8K writes percentage answers as the bare number, so the sign
   is a unit like any other; ``0.18`` for a gold ``18`` scores 0.
 - Exact numbers: ``5.00 == 5`` and ``0.5 == 1/2 == \frac{1}{2}``, but a rounded decimal is not its
   fraction (``0.33 != 1/3``): we cannot know what precision the question wanted.
-- Several numbers in the phrase joined by words or commas (``3 apples and 4 pears``, ``17 or 18``,
-  ``17, 18``) are ambiguous and score 0 when the gold is a single number: paying for a hedge that
-  contains the right number is reward hacking. An equation chain scores its last side
-  (``5 * 3 = 15`` reads as 15); a pure expression (``5 \cdot 3``) is left to math-verify, which evaluates it.
+- Golds that are themselves expressions (MATH-style ``\frac{\sqrt{3}}{2}``, ``(x+1)^2``, sets, intervals)
+  are compared symbolically by math-verify, under a timeout.
+- No "last number in the text" fallback by default. Rewarding any trailing number is reward hacking: a
+  policy learns to end with a list of numbers (or the question's own numbers) and gets paid for a guess.
+  ``fallback_last_number=True`` restores it for models that were never taught an answer format.
 - Number words (``eighteen``) are not read: they score 0.
 
 math-verify's ``parse``/``verify`` time out through ``signal.alarm``, which only works in the main thread;
@@ -51,7 +61,6 @@ from alignkit.rewards import completion_text
 logger = logging.getLogger("alignkit.reward.math")
 
 MAX_MATHVERIFY_CHARS = 300
-_AMBIGUOUS = object()  # several numbers where one was expected
 _TRUNCATED = object()  # a final \boxed{ that never closes
 
 _ANSWER_MARKER_RE = re.compile(r"\bthe\s+(?:final\s+)?answer\s+is\b", re.IGNORECASE)
@@ -62,7 +71,14 @@ _SENTENCE_END_RE = re.compile(r"\.(?=\s|$)")
 _NUMBER = r"[-+]?(?:\d{1,3}(?:,\d{3})+(?![\d,])(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
 _FRAC = r"[-+]?\\frac\s*(?:\{\s*([-+]?[\d.]+)\s*\}|(\d))\s*(?:\{\s*([-+]?[\d.]+)\s*\}|(\d))"
 _NUMBER_TOKEN_RE = re.compile(rf"{_FRAC}|(?<![\w.]){_NUMBER}(?:\s*/\s*{_NUMBER})?(?![\w])")
-_UNIT_WORDS_RE = re.compile(r"(?:[A-Za-z]+(?:[-'][A-Za-z]+)*|\s|\.)*")
+# what may stand around the one number of a plain answer: words (units, counted nouns), spaces, sentence
+# punctuation; a parenthesised unit word (``18 (dollars)``) is dropped first
+_UNIT_WORDS_RE = re.compile(r"(?:[A-Za-z]+(?:[-'][A-Za-z]+)*|[\s.,;:?'\"]|-(?=[A-Za-z]))*")
+_PAREN_WORDS_RE = re.compile(r"\(\s*(?:[A-Za-z]+(?:[-'. ][A-Za-z]+)*)?\s*\.?\s*\)")
+_FACTORIAL_RE = re.compile(r"\d\s*!")
+# words that apply an operation to the number beside them: ``18 squared`` does not state 18
+_OPERATOR_WORDS = frozenset("squared cubed factorial sqrt root half twice double triple thrice quadruple "
+                            "plus minus".split())
 _LATEX_COMMAND_RE = re.compile(r"\\[A-Za-z]+")
 _TEXT_WRAPPER_RE = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
 _CALCULATOR_RE = re.compile(r"<<[^<>\n]*>>")
@@ -111,33 +127,49 @@ def is_equivalent(predicted: str, gold: str, *, timeout_s: int = 5) -> bool:
 
     >>> is_equivalent("$1,234.00", "1234"), is_equivalent(r"\frac{1}{2}", "0.5"), is_equivalent("17 or 18", "18")
     (True, True, False)
+    >>> is_equivalent("12 + 7 - 5", "14"), is_equivalent("12 7", "19"), is_equivalent("6 * 3 = 18", "18")
+    (False, False, True)
     """
+    gold_value = _number_phrase(gold, whole_fractions=True)
+    if gold_value is not None:  # a plain-number gold: only a plain-number answer can match it
+        value = plain_number(predicted)
+        return value is not None and value == gold_value
     pred, gold = _clean(predicted), _clean(gold)
     if not pred or not gold:
         return False
-    gold_value = _single_number(gold)
-    if isinstance(gold_value, Fraction):
-        value = _single_number(pred)
-        if value is _AMBIGUOUS:
-            return False
-        if isinstance(value, Fraction):
-            return value == gold_value
     return _math_verify_equal(pred, gold, timeout_s)
+
+
+def plain_number(phrase: str | None) -> Fraction | None:
+    r"""The value of an answer phrase that states one plain number, else None (the rule in the module doc).
+
+    >>> plain_number("**$1,234**"), plain_number("6 * 3 = 18"), plain_number("18 (dollars)")
+    (Fraction(1234, 1), Fraction(18, 1), Fraction(18, 1))
+    >>> [plain_number(p) for p in ("12 + 7 - 5", "12 7", "5!", r"\sqrt{324}", "36/2", "17 or 18")]
+    [None, None, None, None, None, None]
+    """
+    if phrase is None:
+        return None
+    return _number_phrase(phrase, whole_fractions=False)
 
 
 def normalise_answer(predicted: str | None) -> str | None:
     """A canonical string for voting: equal numbers give equal strings (``$18.00`` -> ``18``).
+
+    A phrase with several numbers joined by words or commas (a hedge) gets None: it casts no vote.
 
     >>> normalise_answer("**$1,234**"), normalise_answer(r"\\frac{2}{4}"), normalise_answer("3 or 4")
     ('1234', '1/2', None)
     """
     if predicted is None:
         return None
+    value = plain_number(predicted)
+    if value is not None:
+        return str(value)
     cleaned = _clean(predicted)
-    value = _single_number(cleaned)
-    if value is _AMBIGUOUS or not cleaned:
+    if not cleaned or _is_hedge(cleaned):
         return None
-    return str(value) if isinstance(value, Fraction) else cleaned
+    return cleaned
 
 
 def _clean(text: str) -> str:
@@ -152,24 +184,35 @@ def _clean(text: str) -> str:
         text = text.replace(old, new)
     text = re.sub(r"[\u20ac\u00a3\u00a5]", "", text)
     text = re.sub(r"(\d)([A-Za-z]{2,})", r"\1 \2", text)  # 18cm -> 18 cm (one letter may be a variable: 2x)
-    return " ".join(text.split()).lstrip(" ,;:!*").rstrip(" .,;:!*")
+    text = " ".join(text.split()).lstrip(" ,;:*").rstrip(" .,;:*")
+    return text if _FACTORIAL_RE.search(text) else text.rstrip(" !")  # "great!" ends a sentence; "5!" does not
 
 
-def _single_number(text: str) -> Any:
-    """The one number a cleaned phrase states (a Fraction), _AMBIGUOUS, or None if it is not just a number.
-
-    ``18 dollars`` -> 18; ``2 + 3 = 5`` -> 5 (last side); ``3 and 4`` -> _AMBIGUOUS; ``\\sqrt{2}`` -> None.
-    """
-    text = text.rsplit("=", 1)[-1].strip()
-    tokens = list(_NUMBER_TOKEN_RE.finditer(text))
-    if not tokens:
+def _number_phrase(text: str, *, whole_fractions: bool) -> Fraction | None:
+    """The one plain number ``text`` states, else None; ``whole_fractions`` accepts ``36/2`` (gold side)."""
+    text = _clean(text)
+    if _FACTORIAL_RE.search(text):
         return None
-    rest = _NUMBER_TOKEN_RE.sub(" ", text)
-    if len(tokens) == 1 and _UNIT_WORDS_RE.fullmatch(rest):
-        return _token_value(tokens[0])
-    if len(tokens) > 1 and re.search(r"[A-Za-z,;&]", _LATEX_COMMAND_RE.sub(" ", rest)):
-        return _AMBIGUOUS  # several numbers joined by words or commas: a hedge, not an answer
-    return None
+    text = text.rsplit("=", 1)[-1].strip()  # an equation chain states its last side
+    tokens = list(_NUMBER_TOKEN_RE.finditer(text))
+    if len(tokens) != 1:
+        return None
+    rest = _PAREN_WORDS_RE.sub(" ", _NUMBER_TOKEN_RE.sub(" ", text))
+    words = {w.lower() for w in re.findall(r"[A-Za-z]+", rest)}
+    if not _UNIT_WORDS_RE.fullmatch(rest) or words & _OPERATOR_WORDS:
+        return None
+    value = _token_value(tokens[0])
+    is_fraction = "/" in tokens[0].group(0) or "frac" in tokens[0].group(0)
+    if value is not None and is_fraction and value.denominator == 1 and not whole_fractions:
+        return None  # 36/2 is a division left undone, not the number 18
+    return value
+
+
+def _is_hedge(cleaned: str) -> bool:
+    """Several numbers joined by words or commas (``3 apples and 4 pears``, ``17, 18``): no single answer."""
+    tokens = list(_NUMBER_TOKEN_RE.finditer(cleaned))
+    rest = _LATEX_COMMAND_RE.sub(" ", _NUMBER_TOKEN_RE.sub(" ", cleaned))
+    return len(tokens) > 1 and bool(re.search(r"[A-Za-z,;&]", rest))
 
 
 def _token_value(match: re.Match[str]) -> Fraction | None:

@@ -137,3 +137,29 @@ def test_speed_on_1000_rows() -> None:
     print(f"answer_match: {rows_per_s:.0f} rows/s")
     assert scores == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0] * 100
     assert rows_per_s > 200  # measured about 1,500 rows/s on 2 CPU cores
+
+
+@pytest.mark.parametrize("phrase, value", [
+    ("18", 18), ("-5", -5), ("0.5", 0.5), ("3/4", 0.75), (r"\frac{1}{2}", 0.5), ("$1,234.00", 1234),
+    ("18 dollars", 18), ("18 (dollars)", 18), ("**18**", 18), ("18%", 18), ("6 * 3 = 18", 18), ("x = 5", 5),
+    # the rule's zeros: expressions, roots, powers, factorials, several numbers however separated
+    ("12 + 7 - 5", None), ("3*6", None), ("2^3", None), ("(12+6)", None), (r"9 \cdot 2", None),
+    (r"\sqrt{324}", None), ("20 - 2", None), ("5!", None), ("12 7", None), ("1 234", None), ("12, 7", None),
+    ("17 or 18", None), ("36/2", None), (r"\frac{4}{2}", None), ("18 squared", None), ("", None), (None, None),
+])
+def test_plain_number_clauses(phrase: str | None, value: float | None) -> None:
+    got = math_reward.plain_number(phrase)
+    assert (got is None) if value is None else (got is not None and float(got) == value)
+
+
+def test_every_gsm8k_reference_solution_is_right_against_its_own_gold() -> None:
+    # 7,473 human-written solutions (`... #### N`): the strict rule must not refuse how GSM8K writes answers.
+    path = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+    if not path.is_file():
+        pytest.skip(f"{path} absent (../shared/data)")
+    rows = [json.loads(line) for line in path.open()]
+    golds = [row["answer"].rsplit("####", 1)[-1].strip() for row in rows]
+    scores = answer_match([row["answer"] for row in rows], answer=golds)
+    assert len(rows) == 7473 and scores == [1.0] * len(rows)
+    # and an operand list of the same problems is never paid
+    assert answer_match([f"The answer is {g} 0." for g in golds[:200]], answer=golds[:200]) == [0.0] * 200

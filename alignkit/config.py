@@ -90,7 +90,8 @@ class WandbSpec(Spec):
     project: str = Field("alignkit", description="W&B project.")
     entity: str | None = Field(None, description="W&B entity (team or user).")
     group: str | None = Field(None, description="Run group; default: '<recipe>-<run id>'.")
-    mode: Literal["online", "offline", "disabled"] = Field("online", description="W&B mode.")
+    mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="W&B mode; unset: the environment's WANDB_MODE, else online.")
     tags: list[str] = Field(default_factory=list)
 
 

@@ -20,6 +20,10 @@ from .errors import AlignkitError
 from .recipe import PlannedStage, Recipe
 from .secrets import redact, redact_text
 
+# Trainer state a loader never needs; training_args.bin is pickled config that redact() cannot see into
+NOT_EXPORTED = frozenset({"training_args.bin", "trainer_state.json", "optimizer.pt", "scheduler.pt",
+                          "rng_state.pth", "scaler.pt"})
+
 
 def export_stage(recipe: Recipe, stage: PlannedStage, manifest: Manifest, out_dir: Path | None = None) -> Path:
     """Write ``<stage>/export`` (or ``out_dir``): weights, tokenizer, recipe, metrics, README model card."""
@@ -32,7 +36,7 @@ def export_stage(recipe: Recipe, stage: PlannedStage, manifest: Manifest, out_di
     metrics = _all_metrics(recipe, upto=stage.index)
     with atomic_dir(out_dir) as tmp:
         for item in Path(source).iterdir():
-            if item.is_file():
+            if item.is_file() and item.name not in NOT_EXPORTED:
                 shutil.copy2(item, tmp / item.name)
         (tmp / "alignkit_recipe.yaml").write_text(yaml.safe_dump(redact(recipe.resolved_dict()), sort_keys=False))
         (tmp / "alignkit_metrics.json").write_text(json.dumps(redact(metrics), indent=2, default=str))

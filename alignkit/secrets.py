@@ -59,3 +59,32 @@ def redact(obj: Any) -> Any:
     if isinstance(obj, str):
         return redact_text(obj)
     return obj
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """A command line with credentials masked: token shapes anywhere, and the value of ``--set KEY=VALUE``
+    (or ``--set=KEY=VALUE``) when the key's last part names a credential or the value is a mapping that
+    holds one (``hub={repo_id: me/x, token: abc}``).
+
+    >>> redact_argv(["alignkit", "run", "q.yaml", "--set", "hub.token=abc", "--set=trl.api_key=xyz", "lr=1"])
+    ['alignkit', 'run', 'q.yaml', '--set', 'hub.token=***', '--set=trl.api_key=***', 'lr=1']
+    """
+    masked = []
+    for arg in argv:
+        head = "--set=" if arg.startswith("--set=") else ""
+        key, sep, value = arg[len(head):].partition("=")
+        if sep and (_is_secret_field(key.rsplit(".", 1)[-1].strip(), value) or _holds_secret(value)):
+            arg = f"{head}{key}={MASK}"
+        masked.append(redact_text(arg))
+    return masked
+
+
+def _holds_secret(value: str) -> bool:
+    """Whether a YAML flow value (``{token: abc}``) has a credential-named key with a value."""
+    import yaml
+
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return False
+    return isinstance(parsed, (dict, list)) and redact(parsed) != parsed

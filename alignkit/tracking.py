@@ -7,12 +7,39 @@ resolved (redacted) stage config. We open the run ourselves before TRL's trainer
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from .config import TrackingSpec
-from .secrets import redact
+from .secrets import redact, redact_argv
+
+# WANDB_MODE values wandb itself accepts, read as ours
+_ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
+              "disabled": "disabled"}
+
+
+def wandb_mode(spec: TrackingSpec) -> str:
+    """The recipe's ``tracking.wandb.mode`` when it sets one, else the environment's ``WANDB_MODE``, else online.
+
+    A machine without network or login runs with ``WANDB_MODE=offline``: a recipe default must not override it.
+    """
+    if spec.wandb.mode is not None:
+        return spec.wandb.mode
+    return _ENV_MODES.get(os.environ.get("WANDB_MODE", "").strip().lower(), "online")
+
+
+@contextlib.contextmanager
+def _masked_argv():
+    """W&B records ``sys.argv`` in the run's metadata (and ``wandb sync`` uploads it): show it masked."""
+    saved = sys.argv
+    sys.argv = redact_argv(sys.argv)
+    try:
+        yield
+    finally:
+        sys.argv = saved
 
 
 class Tracker:
@@ -20,7 +47,8 @@ class Tracker:
                  directory: Path, enabled: bool = True):
         self.spec, self.group, self.job_type, self.name = spec, group, job_type, name
         self.config, self.directory = redact(config), Path(directory)
-        self.enabled = enabled and spec.report_to == "wandb" and spec.wandb.mode != "disabled"
+        self.mode = wandb_mode(spec)
+        self.enabled = enabled and spec.report_to == "wandb" and self.mode != "disabled"
         self.run = None
 
     @property
@@ -36,22 +64,23 @@ class Tracker:
         import wandb
 
         wandb_spec = self.spec.wandb
-        os.environ["WANDB_MODE"] = wandb_spec.mode  # TRL's callback reads the environment, not our spec
+        os.environ["WANDB_MODE"] = self.mode  # TRL's callback reads the environment, not our spec
         os.environ.setdefault("WANDB_SILENT", "true")
         os.environ.setdefault("WANDB_LOG_MODEL", "false")
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(
-            project=wandb_spec.project,
-            entity=wandb_spec.entity,
-            group=wandb_spec.group or self.group,
-            job_type=self.job_type,
-            name=self.name,
-            config=self.config,
-            tags=wandb_spec.tags,
-            dir=str(self.directory),
-            mode=wandb_spec.mode,
-            reinit="finish_previous",
-        )
+        with _masked_argv():
+            self.run = wandb.init(
+                project=wandb_spec.project,
+                entity=wandb_spec.entity,
+                group=redact(wandb_spec.group or self.group),
+                job_type=self.job_type,
+                name=redact(self.name),
+                config=self.config,
+                tags=redact(list(wandb_spec.tags)),
+                dir=str(self.directory),
+                mode=self.mode,
+                reinit="finish_previous",
+            )
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         if self.run is not None:

@@ -11,6 +11,7 @@ from pydantic import Field
 from ..config import LoraSpec, QuantSpec
 from ..errors import RecipeError
 from ..registry import StageConfig
+from ..secrets import redact
 
 
 class TrainStageConfig(StageConfig):
@@ -45,7 +46,11 @@ class TrainStageConfig(StageConfig):
 def check_trl_passthrough(trl: dict[str, Any], config_class: type) -> None:
     """Unknown keys in ``trl:`` are recipe errors (raised at load, naming the key), not TRL crashes later."""
     known = {f.name for f in dataclasses.fields(config_class)}
-    for key in trl:
+    for key, value in trl.items():
+        if redact({key: value}) != {key: value}:  # e.g. hub_token: it would be pickled into every checkpoint
+            raise RecipeError("secrets are not accepted in a recipe (TRL pickles its arguments into every "
+                              "checkpoint's training_args.bin); set HF_TOKEN / WANDB_API_KEY in the environment",
+                              field=f"trl.{key}")
         if key not in known:
             close = sorted(k for k in known if key.split("_")[0] in k)[:5]
             hint = f"; similar: {close}" if close else ""
@@ -136,6 +141,8 @@ def save_trained_model(trainer, tokenizer, ctx, *, merged_dtype: str = "auto") -
     target = adapter_dir if is_peft else model_dir
     trainer.save_model(str(target))  # main process only; handles FSDP/DeepSpeed gathering
     if ctx.is_main:
+        # the pickled TrainingArguments: config in a form redact() never sees, and nothing a loader needs
+        (target / "training_args.bin").unlink(missing_ok=True)
         tokenizer.save_pretrained(str(target))
         if is_peft:
             merge_adapter(str(adapter_dir), str(model_dir), dtype=merged_dtype)

@@ -15,11 +15,12 @@ User mistakes print one message and exit with status 2; Ctrl-C exits 130 and a r
 from __future__ import annotations
 
 import argparse
+import difflib
 import signal
 import sys
 from pathlib import Path
 
-from .errors import AlignkitError
+from .errors import AlignkitError, RecipeError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO_ROOT / "recipes"
@@ -40,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="alignkit", description="Post-train language models from recipes.")
+    parser.add_argument("--version", action="version", version=f"alignkit {__version__}")
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run a recipe (YAML file or shipped recipe name)")
     run.add_argument("recipe")
@@ -79,7 +83,14 @@ def find_recipe(name: str) -> Path:
     if path.exists() or path.suffix in (".yaml", ".yml"):
         return path
     shipped = RECIPES_DIR / f"{name}.yaml"
-    return shipped if shipped.exists() else path
+    if shipped.exists():
+        return shipped
+    if len(path.parts) > 1 or path.suffix:  # looks like a path: the recipe loader names what is missing
+        return path
+    names = sorted(f.stem for f in RECIPES_DIR.glob("*.yaml"))
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise RecipeError(f"no recipe file or shipped recipe named {name!r}; {hint}shipped recipes: {', '.join(names)}")
 
 
 def _run(args) -> int:

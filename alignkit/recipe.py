@@ -22,6 +22,7 @@ recipe file and the field path (``stages.sft.lr``), and the CLI turns it into ex
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,8 +251,32 @@ def _validate_spec(spec_class: type[BaseModel], value: Any, file, field: str):
         more = "".join(f"\n  {path}: {message}" for path, message in problems[1:])
         allowed = ""
         if "unknown field" in first_message:
-            allowed = f"; allowed fields: {sorted(_fields_at(spec_class, first_path[len(field) + 1:]))}"
+            fields = _fields_at(spec_class, first_path[len(field) + 1:])
+            allowed = _did_you_mean(first_path.rsplit(".", 1)[-1], fields) + f"; allowed fields: {sorted(fields)}"
         raise RecipeError(first_message + allowed + more, file=file, field=first_path) from None
+
+
+# Field names users bring from TRL, Axolotl and LLaMA-Factory configs, and ours for the same thing
+FOREIGN_NAMES = {
+    "learning_rate": "lr", "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size",
+    "train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum", "num_train_epochs": "epochs",
+    "num_epochs": "epochs", "lora_r": "lora: {r: ...}", "lora_rank": "lora: {r: ...}",
+    "lora_alpha": "lora: {alpha: ...}", "lora_dropout": "lora: {dropout: ...}",
+    "lora_target": "lora: {target_modules: ...}", "lora_target_modules": "lora: {target_modules: ...}",
+    "load_in_4bit": "quantization: {bits: 4}", "load_in_8bit": "quantization: {bits: 8}",
+    "cutoff_len": "max_length", "sequence_len": "max_length", "max_seq_length": "max_length",
+    "model_name_or_path": "model", "base_model": "model", "dataset": "data", "datasets": "data",
+    "lr_scheduler_type": "lr_scheduler", "output_dir": "--output-dir",
+}
+
+
+def _did_you_mean(name: str, fields: list[str]) -> str:
+    """``; did you mean `lr`?`` for a name another tool uses or a near-miss spelling, else ''."""
+    ours = FOREIGN_NAMES.get(name)
+    if ours is not None and (ours.startswith("--") or ours.split(":")[0] in fields):
+        return f"; did you mean `{ours}`?"
+    close = difflib.get_close_matches(name, fields, n=1, cutoff=0.75)
+    return f"; did you mean `{close[0]}`?" if close else ""
 
 
 def _fields_at(spec_class: type[BaseModel], dotted: str) -> list[str]:

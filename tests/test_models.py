@@ -271,7 +271,7 @@ def test_cuda_only_quantization_falls_back_on_cpu(tiny_model_dir: Path) -> None:
 
 
 def _fake_conversion(calls: list[int], delay_s: float = 0.0, fail: bool = False):
-    def convert(gguf: Path, out_dir: Path, **_: object) -> Path:
+    def convert(gguf: Path, out_dir: Path, *, reference: Path, **_: object) -> Path:
         calls.append(1)
         time.sleep(delay_s)
         out_dir.mkdir()
@@ -279,7 +279,7 @@ def _fake_conversion(calls: list[int], delay_s: float = 0.0, fail: bool = False)
         if fail:
             raise KeyboardInterrupt  # interrupted half-way: config.json written, weights not
         (out_dir / "model.safetensors").write_bytes(b"weights")
-        (out_dir / models.REFERENCE_FILE).write_bytes(b"logits")
+        reference.write_bytes(b"logits")
         return out_dir
 
     return convert
@@ -327,7 +327,22 @@ def test_incomplete_alias_folder_is_replaced(fake_alias: Path, monkeypatch: pyte
     monkeypatch.setattr(models, "convert_gguf", _fake_conversion(calls))
     assert resolve_model("smollm2-135m-instruct") == str(fake_alias) and len(calls) == 1
     assert (fake_alias / "model.safetensors").read_bytes() == b"weights"
-    assert sorted(p.name for p in fake_alias.parent.iterdir()) == [f".{models.SMOLLM2_ALIAS}.lock", models.SMOLLM2_ALIAS]
+    assert sorted(p.name for p in fake_alias.parent.iterdir()) == [
+        f".{models.SMOLLM2_ALIAS}.lock", models.SMOLLM2_ALIAS, models.reference_file(fake_alias).name]
+    assert sorted(p.name for p in fake_alias.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_older_cache_with_the_reference_inside_is_moved_out_not_reconverted(
+        fake_alias: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_alias.mkdir(parents=True)  # the layout before: vLLM refused the folder for its stray tensor file
+    (fake_alias / "config.json").write_text("{}")
+    (fake_alias / "model.safetensors").write_bytes(b"weights")
+    (fake_alias / models.REFERENCE_FILE).write_bytes(b"logits")
+    calls: list[int] = []
+    monkeypatch.setattr(models, "convert_gguf", _fake_conversion(calls))
+    assert resolve_model("smollm2-135m-instruct") == str(fake_alias) and calls == []
+    assert sorted(p.name for p in fake_alias.glob("*.safetensors")) == ["model.safetensors"]
+    assert models.reference_file(fake_alias).read_bytes() == b"logits"
 
 
 def test_alias_source_errors(fake_alias: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -387,7 +402,9 @@ def test_smollm2_converted_logits_match_gguf(smollm2_dir: Path) -> None:
     # the saved-and-reloaded folder, tied lm_head included, must reproduce them.
     from safetensors import safe_open
 
-    with safe_open(str(smollm2_dir / models.REFERENCE_FILE), framework="pt") as reference:
+    # a model folder holds only what from_pretrained, PEFT and vLLM load: one weight file, no stray tensors
+    assert sorted(p.name for p in smollm2_dir.glob("*.safetensors")) == ["model.safetensors"]
+    with safe_open(str(models.reference_file(smollm2_dir)), framework="pt") as reference:
         ids, gguf_logits = reference.get_tensor("input_ids"), reference.get_tensor("logits")
         assert len(reference.metadata()["gguf_sha256"]) == 64
     assert ids.shape[1] > 10 and gguf_logits.shape == (ids.shape[1], 49152)

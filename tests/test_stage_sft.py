@@ -101,6 +101,11 @@ def test_sft_resumes_from_last_checkpoint(tmp_path, tiny_model_dir, monkeypatch)
     merged = AutoModelForCausalLM.from_pretrained(manifest.artifacts["model"])
     assert not hasattr(merged, "peft_config")
     assert (Path(manifest.artifacts["adapter"]) / "adapter_config.json").exists()
+    # exactly what from_pretrained, PEFT and vLLM load: one weight file each, no pickled training arguments
+    for folder, weights in ((manifest.artifacts["model"], "model.safetensors"),
+                            (manifest.artifacts["adapter"], "adapter_model.safetensors")):
+        assert sorted(p.name for p in Path(folder).glob("*.safetensors")) == [weights]
+        assert not list(Path(folder).glob("*.bin")) and not list(Path(folder).glob("*.pt"))
     state = json.loads((stage.run_dir / "checkpoints" / "checkpoint-24" / "trainer_state.json").read_text())
     # the resumed run logged only steps after 12: no second pass over the first half
     steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]

@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make demo   - create .venv, install alignkit, run recipes/quickstart.yaml (CPU is fine)
-#   make test   - create .venv, install alignkit + test tools, run the test suite
+#   make test   - create .venv, install alignkit + test tools (and bubblewrap, see sandbox-deps), run the tests
 # TORCH_SPEC picks the torch build installed first: CI uses the CPU wheel; on a GPU machine pass
 # e.g. `make demo TORCH_SPEC=torch` (or your CUDA index) to keep/get a CUDA build.
 PYTHON ?= python3
@@ -9,7 +9,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test clean
+.PHONY: setup sandbox-deps demo test clean
 
 setup: $(VENV)/.installed
 
@@ -19,10 +19,19 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $@
 
+# bubblewrap: the kernel sandbox reward/code.py runs untrusted code in (docs/sandbox.md). Installed when missing
+# and we are root with apt-get; otherwise only a note: the code reward then refuses unless allowed unisolated.
+sandbox-deps:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q bubblewrap) \
+	      || echo "note: could not install bubblewrap; see docs/sandbox.md"; \
+	  else echo "note: bubblewrap (bwrap) is missing: apt-get install bubblewrap (docs/sandbox.md)"; fi; }
+
 demo: setup
 	$(BIN)/alignkit run recipes/quickstart.yaml
 
-test: setup
+test: setup sandbox-deps
 	WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -31,9 +31,28 @@ class DataError(AlignkitError, ValueError):
     """A dataset cannot be used: missing columns, empty, malformed row (the message names it)."""
 
 
+class RewardError(AlignkitError, ValueError):
+    """A reward program (or reward model) returned something that is not a score, or raised: the message names
+    the program and the row, so that a bad score stops the run instead of being trained or graded on."""
+
+
 class ModelError(AlignkitError):
     """A model cannot be resolved or loaded."""
 
 
 class GenerationError(AlignkitError, RuntimeError):
     """Generation failed for a reason outside our code (e.g. the completions server kept failing)."""
+
+
+class RunFolderBusy(AlignkitError):
+    """Another live ``alignkit run`` holds the run folder (:mod:`alignkit.runlock`); the message names it."""
+
+
+class TrainingDiverged(AlignkitError, RuntimeError):
+    """Training produced a nan/inf loss or gradient norm. The stage stops at that step, before anything trained
+    on it is saved, and its manifest says ``failed`` with ``failed_step``: a diverged model is never ``done``."""
+
+    def __init__(self, stage: str, step: int, what: str, value: float):
+        self.step = step
+        super().__init__(f"{stage}: training diverged at step {step}: {what} is {value}; stopped without saving "
+                         "a model (lower lr, or check the data)")

@@ -50,9 +50,9 @@ from .errors import RecipeError
 from .generation import GenerationSpec
 from .metrics import Pool, aggregate_steps, selection_curve
 from .rewards import RewardSpec
+from .shipped import note, shipped_dir, shipped_names, shipped_root
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SUITES_DIR = REPO_ROOT / "eval"
+SUITES_DIR = shipped_dir("eval")  # the shipped suites (the clone's eval/, or the installed package's copy)
 METHODS = ("greedy", "pass", "majority", "best_of_n", "weighted_vote")
 CORRECT_KEY = "\x00correct"  # the vote bucket of every sample graded correct (choice 1)
 _SHORT = {"pass": "pass", "majority": "maj", "best_of_n": "bon", "weighted_vote": "wvote"}
@@ -150,15 +150,23 @@ class Suite(Spec):
 
 
 def find_suite(name: str, search: Sequence[Path] = ()) -> Path:
-    """A suite file: the path as given, else relative to each ``search`` folder, else ``eval/<name>.yaml``."""
+    """A suite file: the path as given, else relative to each ``search`` folder (a bare name: the user's
+    ``eval/<name>.yaml`` there or in the working directory), else the shipped ``eval/<name>.yaml``."""
     path = Path(name)
-    candidates = [path] + [Path(d) / path for d in search] + [SUITES_DIR / path, SUITES_DIR / f"{name}.yaml"]
+    candidates = [path] + [Path(d) / path for d in search]
+    if not path.suffix and len(path.parts) == 1:  # a bare name: the user's own eval/<name>.yaml wins
+        candidates += [Path(d) / "eval" / f"{name}.yaml" for d in [*search, Path.cwd()]]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    shipped = sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
-    raise RecipeError(f"eval suite {name!r} not found (looked in {[str(c) for c in candidates]}); "
-                      f"shipped suites: {shipped}", field="suite")
+    suites = shipped_dir("eval")
+    shipped = [shipped_root() / path, suites / path, suites / f"{name}.yaml"]
+    for candidate in shipped:
+        if candidate.is_file():
+            note("eval", name, candidate)
+            return candidate
+    raise RecipeError(f"eval suite {name!r} not found (looked in {[str(c) for c in candidates + shipped]}); "
+                      f"shipped suites: {shipped_names('eval')}", field="suite")
 
 
 def parse_sets(items: Sequence[str]) -> dict[str, Any]:
@@ -366,10 +374,11 @@ def stepwise_metrics(scores: Sequence[Sequence[float]], labels: Sequence[Sequenc
 def score_pairs(rows: Sequence[dict[str, Any]], orm: OutcomeScorer) -> dict[str, Any]:
     """A preference suite's outcome: the ORM scores chosen and rejected of every row."""
     from .reward_model import pairwise_stats  # the reward stage's numbers (ties count as wrong there too)
+    from .rewards import call_reward, reward_name
 
     prompts = [row["prompt"] for row in rows]
-    chosen = [float(x) for x in orm([row["chosen"] for row in rows], prompts=prompts)]
-    rejected = [float(x) for x in orm([row["rejected"] for row in rows], prompts=prompts)]
+    chosen, rejected = (call_reward(orm, reward_name(orm), [row[side] for row in rows], {"prompts": prompts},
+                                    allow_none=False) for side in ("chosen", "rejected"))
     stats = pairwise_stats(chosen, rejected)
     metrics = {"pairwise_accuracy": stats["accuracy"], "mean_margin": stats["margin"], "pairs": stats["n"]}
     records = [{"prompt": row["prompt"], "chosen_score": c, "rejected_score": r, "correct": c > r}
@@ -380,8 +389,10 @@ def score_pairs(rows: Sequence[dict[str, Any]], orm: OutcomeScorer) -> dict[str,
 
 def score_steps(rows: Sequence[dict[str, Any]], prm: StepScorer, threshold: float) -> dict[str, Any]:
     """A stepwise suite's outcome: the PRM scores each row's steps, compared with their labels."""
-    scores = [[float(x) for x in row] for row in prm.score_batch([r["prompt"] for r in rows],
-                                                                 [r["completions"] for r in rows])]
+    from .rewards import check_step_scores, reward_name
+
+    steps = [r["completions"] for r in rows]
+    scores = check_step_scores(prm.score_batch([r["prompt"] for r in rows], steps), steps, reward_name(prm))
     metrics = stepwise_metrics(scores, [r["labels"] for r in rows], threshold)
     records = [{"prompt": r["prompt"], "steps": r["completions"], "labels": r["labels"], "step_scores": s,
                 "first_error": first_error(r["labels"]),

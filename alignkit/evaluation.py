@@ -21,7 +21,7 @@ def greedy_accuracy(model: Any, tokenizer: Any, problems: Any, *, max_new_tokens
     Returns ``{"accuracy": float, "n": int, "samples": [{prompt, completion, answer, correct}]}``.
     """
     from .generation import SamplingParams, make_engine
-    from .rewards import load_reward
+    from .rewards import call_reward, load_reward
 
     answer_match = load_reward(MATH_REWARD)
     prompts = [render_prompt(tokenizer, row["prompt"], chat=chat) for row in problems]
@@ -35,7 +35,7 @@ def greedy_accuracy(model: Any, tokenizer: Any, problems: Any, *, max_new_tokens
         model.train(was_training)
     completions = [samples[0].text for samples in outputs]
     answers = [row["answer"] for row in problems]
-    scores = answer_match(completions, answer=answers)
+    scores = call_reward(answer_match, MATH_REWARD, completions, {"answer": answers})  # bool(nan) would be True
     samples = [
         {"prompt": row["prompt"], "completion": text, "answer": gold, "correct": bool(score)}
         for row, text, gold, score in zip(problems, completions, answers, scores)

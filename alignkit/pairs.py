@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import write_jsonl_atomic
+from .rewards import call_reward, reward_name
 from .shards import path as shard_path
 
 #: (shard number, its prompt rows) -> samples[prompt][k] (texts); seed sampling by shard for reproducibility
@@ -149,9 +150,7 @@ def score_samples(reward: Callable[..., list], prompts: Sequence[dict[str, Any]]
     for row, texts in zip(prompts, samples, strict=True):
         for key, value in row.items():
             columns.setdefault("prompts" if key == "prompt" else key, []).extend([value] * len(texts))
-    values = list(reward(flat, **columns))
-    if len(values) != len(flat):
-        raise ValueError(f"reward returned {len(values)} scores for {len(flat)} completions")
+    values = call_reward(reward, reward_name(reward), flat, columns)  # finite floats or None, one per sample
     out, start = [], 0
     for texts in samples:
         out.append(values[start: start + len(texts)])

@@ -117,19 +117,26 @@ def step_token_index(encoded: EncodedSteps) -> list[int]:
 
 
 def step_targets(
-    labels: Sequence[bool], soft_labels: Sequence[float] | None = None, *, last_step_only: bool = False
+    labels: Sequence[bool], soft_labels: Sequence[float] | None = None, *, last_step_only: bool = False,
+    solution_correct: bool | None = None,
 ) -> list[float | None]:
     """Per-step training target P(good) (None: no label): hard 0/1, or the soft estimate when given.
 
     ``last_step_only`` keeps only the final step's target: an outcome reward model (ORM) trained on the
-    same rows, whose last-step label is the correctness of the solution's final answer.
+    same rows, whose target is the correctness of the solution's own final answer: ``solution_correct``
+    when the row has it (the label stage writes it), else the last step's label. They differ for a solution
+    cut off by length: its last step's label comes from rollouts that went on to an answer, while the
+    solution itself never gave one (e.g. "3 + 4 = 7 / 7 * 2 = 14 / So the total": labelled good, not correct).
 
     >>> step_targets([True, False], [0.75, 0.0]), step_targets([True, False], last_step_only=True)
     ([0.75, 0.0], [None, 0.0])
+    >>> step_targets([True, True], [1.0, 0.5], last_step_only=True, solution_correct=False)
+    [None, 0.0]
     """
     values = [float(v) for v in (soft_labels if soft_labels is not None else labels)]
     if last_step_only:
-        return [None] * (len(values) - 1) + values[-1:]
+        outcome = values[-1:] if solution_correct is None or not values else [float(solution_correct)]
+        return [None] * (len(values) - 1) + outcome
     return list(values)
 
 
@@ -398,6 +405,7 @@ class PRMScorer:
                  separator: str | None = None, chat: bool | None = None, how: str | None = None) -> None:
         from .models import load_model, load_tokenizer
 
+        self.model_path = str(model_path)  # names it in error messages
         layout = read_prm_config(model_path)  # a Hub id or a folder without the file: defaults
         self.separator = separator if separator is not None else layout["separator"]
         self.chat = chat if chat is not None else layout["chat"]
@@ -424,12 +432,16 @@ class PRMScorer:
 
     def score_batch(self, prompts: Sequence[str | list[dict[str, str]]],
                     steps: Sequence[Sequence[str]]) -> list[list[float]]:
-        """``p_good`` per step for each (prompt, steps) pair; an empty step list gives ``[]``."""
+        """``p_good`` per step for each (prompt, steps) pair; an empty step list gives ``[]``. A broken model's
+        NaN is a RewardError here, before ``min`` or ``prod`` can hide or spread it."""
+        from .rewards import check_step_scores
+
         if len(prompts) != len(steps):
             raise ValueError(f"got {len(prompts)} prompts but {len(steps)} step lists")
         encoded = [self.encode(p, s) for p, s in zip(prompts, steps)]
-        return score_encoded(self.model, encoded, self.tokenizer.pad_token_id, self.batch_size, head=self.head,
-                             offset=self.offset)
+        scores = score_encoded(self.model, encoded, self.tokenizer.pad_token_id, self.batch_size, head=self.head,
+                               offset=self.offset)
+        return check_step_scores(scores, steps, self.model_path)
 
     def score_steps(self, prompt: str | list[dict[str, str]], steps: Sequence[str]) -> list[float]:
         """``p_good`` of each step of one solution."""

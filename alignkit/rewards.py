@@ -8,10 +8,13 @@ A reward program is a plain function with TRL's reward-function convention::
 dataset columns arrive as keyword lists of the same length (``answer=[...]``); extra keywords (TRL also
 passes ``prompts``, ``trainer_state``, ``log_metric``...) are ignored by ``**kwargs``; ``None`` skips a
 sample. So the same function goes unchanged into ``GRPOTrainer(reward_funcs=...)``, into our stages and into
-``alignkit grade``.
+``alignkit grade``. A score must be a finite number (bool, int, float) or None: anything else (NaN, "yes",
+a wrong count) or an exception inside the program stops the consumer with a RewardError naming the program
+and the row (:func:`check_scores`, :func:`call_reward`; :func:`bind_reward`'s functions check themselves).
 
 Recipes name a program ``reward/<file>.py:<function>`` (the file is looked up relative to the recipe's
-directory, then the working directory, then the repository's shipped ``reward/`` folder) or by import path
+directory, then the working directory, then the shipped ``reward/`` folder: the clone's, or the copy inside the
+installed package, see :mod:`alignkit.shipped`) or by import path
 ``package.module:function``. A ``RewardSpec`` adds a weight and keyword options bound with
 ``functools.partial``; an option the function does not name is an error (never silently swallowed by its
 ``**kwargs``).
@@ -20,6 +23,7 @@ directory, then the working directory, then the repository's shipped ``reward/``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import importlib
@@ -28,22 +32,22 @@ import inspect
 import json
 import logging
 import math
+import numbers
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field, field_validator
 
-import alignkit
-
 from .config import Spec
-from .errors import DataError, RecipeError
+from .errors import AlignkitError, DataError, RecipeError, RewardError
+from .shipped import is_shipped, note, shipped_root
 
 logger = logging.getLogger(__name__)
 
-SHIPPED_ROOT = Path(alignkit.__file__).resolve().parents[1]  # holds the shipped reward/ folder
+SHIPPED_ROOT = shipped_root()  # holds the shipped reward/ folder: the clone's top level, or the package's copy
 RewardFn = Callable[..., list]
 
 
@@ -67,6 +71,147 @@ def completion_text(completion: Any) -> str:
     return "" if completion is None else str(completion)
 
 
+# ------------------------------------------------------------------------------------------ checking scores
+#
+# Every place that consumes a reward's output goes through check_scores (call_reward, CheckedReward and
+# check_step_scores use it): a reward is a finite number or None, nothing else. Python would accept more
+# and quietly mean something wrong: bool(nan) and bool("no") are True (a wrong answer labelled right), NaN
+# poisons a mean and is written as bare `NaN` (invalid JSON), a string sorts or sums by accident.
+
+
+def check_scores(scores: Any, n: int, program: str, *, first_row: int = 0, of: str | None = None,
+                 allow_none: bool = True) -> list[float | None]:
+    """``scores`` as ``n`` floats (None kept where ``allow_none``), else a RewardError naming the program and row.
+
+    Numbers are int, float, bool (True is 1.0) or a 0-d numpy/torch value; NaN, infinities, strings and
+    anything else are errors. Rows are counted from ``first_row + 1`` "of ``of``" (a file), else of the batch.
+
+    >>> check_scores([1, 0.5, True, None], 4, "reward/x.py:f")
+    [1.0, 0.5, 1.0, None]
+    >>> check_scores([1.0, "no"], 2, "reward/x.py:f", first_row=10, of="data.jsonl")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    alignkit.errors.RewardError: reward 'reward/x.py:f' returned 'no' (a str) for row 12 of data.jsonl; ...
+    """
+    values = _score_list(scores, program)
+    if len(values) != n:
+        raise RewardError(f"reward {program!r} returned {len(values)} scores for {n} completions "
+                          f"({_rows(first_row, n, of)}); a reward returns one score per completion")
+    where = of or f"a batch of {n}"
+    return [_score(value, program, f"row {first_row + i + 1} of {where}", allow_none)
+            for i, value in enumerate(values)]
+
+
+def check_step_scores(scores: Any, steps: Sequence[Sequence[Any]], program: str) -> list[list[float]]:
+    """A process reward model's output: per solution, a finite number per step (at most one per step of
+    ``steps``: steps past the model's max length may be left unscored); else a RewardError."""
+    rows = _score_list(scores, program)
+    if len(rows) != len(steps):
+        raise RewardError(f"reward {program!r} returned {len(rows)} step-score lists for {len(steps)} solutions")
+    checked = []
+    for i, (row, row_steps) in enumerate(zip(rows, steps)):
+        values = _score_list(row, program)
+        if len(values) > len(row_steps):
+            raise RewardError(f"reward {program!r} returned {len(values)} step scores for the {len(row_steps)} "
+                              f"steps of row {i + 1} of a batch of {len(rows)}")
+        checked.append([_score(v, program, f"step {j + 1} of row {i + 1} of a batch of {len(rows)}", False)
+                        for j, v in enumerate(values)])
+    return checked
+
+
+def call_reward(fn: RewardFn, program: str, completions: list, columns: dict[str, Any], *, first_row: int = 0,
+                of: str | None = None, allow_none: bool = True) -> list[float | None]:
+    """``fn(completions=completions, **columns)`` checked by :func:`check_scores`; an exception it raises
+    becomes a RewardError naming the program and the rows (the CLI prints one line, not a traceback).
+    ``columns`` is a dict, not keywords, so that no dataset column can collide with these options."""
+    with _reward_failures(program, _rows(first_row, len(completions), of)):
+        scores = fn(completions=completions, **columns)
+    return check_scores(scores, len(completions), program, first_row=first_row, of=of, allow_none=allow_none)
+
+
+class CheckedReward:
+    """A reward program checked on every call (:func:`call_reward`), for callers we do not own: GRPOTrainer and
+    RLOOTrainer call :func:`bind_reward`'s functions themselves. Named like the program for TRL's logs."""
+
+    def __init__(self, fn: RewardFn, program: str):
+        self.fn, self.program = fn, program
+        self.__name__ = callable_name(fn)
+
+    def __call__(self, completions: list, **columns: Any) -> list[float | None]:
+        return call_reward(self.fn, self.program, completions, columns)
+
+
+class AsyncCheckedReward(CheckedReward):
+    """An async program, checked alike (TRL awaits a reward whose ``__call__`` is a coroutine function)."""
+
+    async def __call__(self, completions: list, **columns: Any) -> list[float | None]:  # type: ignore[override]
+        with _reward_failures(self.program, _rows(0, len(completions), None)):
+            scores = await self.fn(completions=completions, **columns)
+        return check_scores(scores, len(completions), self.program)
+
+
+def checked(fn: RewardFn, program: str) -> CheckedReward:
+    """``fn`` wrapped in a :class:`CheckedReward` (itself when it already is one)."""
+    if isinstance(fn, CheckedReward):
+        return fn
+    inner = fn.func if isinstance(fn, functools.partial) else fn
+    is_async = inspect.iscoroutinefunction(inner) or inspect.iscoroutinefunction(getattr(inner, "__call__", None))
+    return (AsyncCheckedReward if is_async else CheckedReward)(fn, program)
+
+
+def callable_name(fn: Any) -> str:
+    """A reward's name as TRL logs it: the function's (through ``functools.partial``), else the class's."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+def reward_name(fn: Any) -> str:
+    """How messages name a reward: its program (checked), its model folder (scorers), else its function name."""
+    return getattr(fn, "program", None) or getattr(fn, "model_path", None) or callable_name(fn)
+
+
+def _score_list(scores: Any, program: str) -> list:
+    if isinstance(scores, (str, bytes, dict)) or not isinstance(scores, Iterable):
+        raise RewardError(f"reward {program!r} returned {_shown(scores)}, not a list with one score per completion")
+    return list(scores)
+
+
+def _score(value: Any, program: str, where: str, allow_none: bool) -> float | None:
+    if value is None and allow_none:
+        return None
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # a numpy scalar or 0-d tensor
+        value = value.item()
+    if isinstance(value, numbers.Real):  # bool, int, float, Fraction
+        try:
+            number = float(value)
+        except OverflowError:  # an int too large for a float
+            number = math.inf
+        if math.isfinite(number):
+            return number
+    need = "a finite number or None" if allow_none else "a finite number"
+    raise RewardError(f"reward {program!r} returned {_shown(value)} for {where}; a reward must return {need}")
+
+
+def _shown(value: Any) -> str:
+    text, kind = repr(value), type(value).__name__
+    return f"{text if len(text) <= 60 else text[:57] + '...'} ({'an' if kind[0] in 'aeiou' else 'a'} {kind})"
+
+
+def _rows(first_row: int, n: int, of: str | None) -> str:
+    return f"rows {first_row + 1}-{first_row + n} of {of}" if of else f"a batch of {n} rows"
+
+
+@contextlib.contextmanager
+def _reward_failures(program: str, rows: str) -> Iterator[None]:
+    """Re-raise an exception from inside a reward program as one RewardError line naming it and the rows."""
+    try:
+        yield
+    except AlignkitError:
+        raise  # already says what is wrong (a scorer's DataError, a nested reward's RewardError)
+    except Exception as error:
+        raise RewardError(f"reward {program!r} raised {type(error).__name__} on {rows}: {error}") from error
+
+
 # ------------------------------------------------------------------------------------------------ loading
 
 
@@ -74,8 +219,8 @@ def load_reward(ref: str, *, base_dir: str | Path | None = None) -> RewardFn:
     """The function named by ``ref``: ``path/to/file.py:function`` or ``package.module:function``.
 
     A relative file is looked up in ``base_dir`` (the recipe's directory), then the working directory, then
-    the repository's shipped programs. Raises RecipeError (no file/field: the caller adds them) when the
-    file, module or function is missing or not callable.
+    the shipped programs (:mod:`alignkit.shipped`). Raises RecipeError (no file/field: the caller adds them)
+    when the file, module or function is missing or not callable.
     """
     target, sep, name = ref.rpartition(":")
     if not sep or not target or not name:
@@ -98,7 +243,8 @@ def _candidates(path: Path, base_dir: str | Path | None) -> list[Path]:
     if path.is_absolute():
         return [path]
     roots = [Path(base_dir)] if base_dir is not None else []
-    roots += [Path.cwd(), SHIPPED_ROOT, SHIPPED_ROOT / "reward"]
+    root = shipped_root()
+    roots += [Path.cwd(), root, root / "reward"]
     return list(dict.fromkeys((root / path).resolve() for root in roots))
 
 
@@ -109,6 +255,8 @@ def _load_file(target: str, base_dir: str | Path | None) -> Any:
         raise RecipeError(f"reward program file {target!r} not found; looked in: "
                           + ", ".join(str(c) for c in candidates)
                           + ". Give a path relative to the recipe's directory, or 'package.module:function'.")
+    if is_shipped(found):
+        note("reward", target, found)
     # A unique module name per file: loading reward/math.py as "math" would shadow the standard library.
     digest = hashlib.sha1(str(found).encode()).hexdigest()[:10]
     module_name = f"alignkit_reward_{found.stem}_{digest}"
@@ -169,15 +317,16 @@ def is_model_reward(program: str) -> bool:
     return program.startswith(MODEL_PREFIXES)
 
 
-def bind_reward(spec: RewardSpec, base_dir: str | Path | None = None) -> RewardFn:
-    """The spec's program with its ``kwargs`` bound; an option the program does not take is a RecipeError."""
+def bind_reward(spec: RewardSpec, base_dir: str | Path | None = None) -> CheckedReward:
+    """The spec's program with its ``kwargs`` bound, as a :class:`CheckedReward` (a score that is not a finite
+    number or None is a RewardError); an option the program does not take is a RecipeError."""
     if is_model_reward(spec.program):
-        return _model_reward(spec, base_dir)
+        return checked(_model_reward(spec, base_dir), spec.program)
     fn = load_reward(spec.program, base_dir=base_dir)
-    if not spec.kwargs:
-        return fn
-    _check_options(spec, fn)
-    return functools.partial(fn, **spec.kwargs)
+    if spec.kwargs:
+        _check_options(spec, fn)
+        fn = functools.partial(fn, **spec.kwargs)
+    return checked(fn, spec.program)  # TRL gets these functions: they check their own scores
 
 
 def _check_options(spec: RewardSpec, fn: Callable, skip: frozenset = frozenset({"completions"})) -> None:
@@ -220,23 +369,37 @@ class CombinedReward:
     __name__ = "combined_reward"  # TRL names a reward by its __name__ in logs
 
     def __init__(self, funcs: list[RewardFn], weights: list[float], names: list[str]):
-        self.funcs, self.weights, self.names = funcs, weights, names
+        self.funcs = [checked(fn, name) for fn, name in zip(funcs, names, strict=True)]
+        self.weights, self.names = weights, names
         self.none_counts = {name: 0 for name in names}
 
     def __call__(self, completions: list, **kwargs: Any) -> list[float | None]:
-        totals: list[float | None] = [None] * len(completions)
-        for fn, weight, name in zip(self.funcs, self.weights, self.names):
-            scores = list(fn(completions=completions, **kwargs))
-            if len(scores) != len(completions):
-                raise RecipeError(f"reward {name!r} returned {len(scores)} scores for {len(completions)} completions")
+        per_program = []
+        for fn, name in zip(self.funcs, self.names):
+            scores = fn(completions=completions, **kwargs)  # checked: finite floats or None, one per completion
             nones = sum(s is None for s in scores)
             self.none_counts[name] += nones
             if kwargs.get("log_metric") is not None and completions:
                 kwargs["log_metric"](f"{name}/none_frac", nones / len(completions))
-            for i, score in enumerate(scores):
-                if score is not None:
-                    totals[i] = (totals[i] or 0.0) + weight * float(score)
-        return totals
+            per_program.append(scores)
+        return weighted_total(per_program, self.weights) if per_program else [None] * len(completions)
+
+
+def weighted_total(scores: list[list[float | None]], weights: list[float]) -> list[float | None]:
+    """Per completion, ``sum_k weights[k] * scores[k][i]`` with TRL 1.16's None rule: a None counts 0, and a
+    completion every program scored None stays None.
+
+    >>> weighted_total([[1.0, None, None], [0.5, 0.5, None]], [1.0, 0.1])
+    [1.05, 0.05, None]
+    """
+    if len(scores) != len(weights):
+        raise ValueError(f"{len(scores)} score lists for {len(weights)} weights")
+    totals: list[float | None] = [None] * (len(scores[0]) if scores else 0)
+    for row, weight in zip(scores, weights):
+        for i, score in enumerate(row):
+            if score is not None:
+                totals[i] = (totals[i] or 0.0) + weight * float(score)
+    return totals
 
 
 def combine_rewards(specs: list[RewardSpec], base_dir: str | Path | None = None) -> CombinedReward:
@@ -257,20 +420,9 @@ class GradeResult:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}: line {number} is not valid JSON ({error.msg}); fix or delete it") from error
-            if not isinstance(row, dict):
-                raise DataError(f"{path}: line {number} is a JSON {type(row).__name__}, expected an object")
-            rows.append(row)
+    from .data.loading import read_jsonl
+
+    rows = read_jsonl(path)
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
@@ -306,10 +458,8 @@ def grade_file(path: str | Path, reward: str, *, completion_field: str = "comple
         kwargs = {k: [row.get(k) for row in batch] for k in others}
         if answer_field is not None:
             kwargs["answer"] = [row[answer_field] for row in batch]
-        out = list(fn([row[completion_field] for row in batch], **kwargs))
-        if len(out) != len(batch):
-            raise RecipeError(f"reward {reward!r} returned {len(out)} scores for {len(batch)} completions")
-        scores += [None if s is None else float(s) for s in out]
+        scores += call_reward(fn, reward, [row[completion_field] for row in batch], kwargs, first_row=start,
+                              of=str(path))  # never a bare NaN in the output: a bad score is an error
     out = Path(out_path) if out_path is not None else path.with_name(f"{path.stem}.graded.jsonl")
     with out.open("w", encoding="utf-8") as f:
         for row, score in zip(rows, scores):

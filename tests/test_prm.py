@@ -340,6 +340,31 @@ def test_soft_labels_are_the_targets_and_need_the_column():
         stage.encode_dataset([row, {k: v for k, v in row.items() if k != "soft_labels"}], tiny_bpe(), config)
 
 
+def test_orm_target_is_the_solutions_own_correctness():
+    """train_on_last_step_only: the one target is solution_correct (hard or soft labels alike), else, for
+    rows without that column (public Math-Shepherd, TRL), the last step's label; the PRM keeps every step's."""
+    from alignkit.stages import prm as stage
+
+    cut_off = {"prompt": "Q?", "completions": ["3 + 4 = 7", "7 * 2 = 14", "So the total"], "answer": "14",
+               "labels": [True, True, True], "soft_labels": [1.0, 1.0, 0.5], "solution_correct": False}
+    lucky = dict(cut_off, labels=[True, False], soft_labels=[1.0, 0.0], completions=["a", "The answer is 14."],
+                 solution_correct=True)  # not a case the label stage writes, but the column wins
+    unlabelled = {k: v for k, v in cut_off.items() if k != "solution_correct"}
+
+    def targets(row, **options):
+        config = stage.Config(model="m", data={"source": "arith"}, **options)
+        (example,), _ = stage.encode_dataset([row], tiny_bpe(), config)
+        return [v for v in example["labels"] if v != IGNORE]
+
+    for soft in (False, True):
+        assert targets(cut_off, train_on_last_step_only=True, soft_labels=soft) == [0.0]
+        assert targets(lucky, train_on_last_step_only=True, soft_labels=soft) == [1.0]
+    assert targets(unlabelled, train_on_last_step_only=True) == [1.0]
+    assert targets(unlabelled, train_on_last_step_only=True, soft_labels=True) == [0.5]
+    assert targets(cut_off) == [1.0, 1.0, 1.0] and targets(cut_off, soft_labels=True) == [1.0, 1.0, 0.5]
+    assert step_targets([True, True], last_step_only=True, solution_correct=False) == [None, 0.0]
+
+
 def test_stage_reads_math_shepherd_prm800k_and_trl_rows(tmp_path):
     from alignkit.data import load_dataset, split_eval
     from alignkit.stages import prm as stage

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import doctest
 import functools
 import inspect
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
 
 import alignkit.rewards as rewards
-from alignkit.errors import DataError, RecipeError
+from alignkit.errors import DataError, RecipeError, RewardError
 from alignkit.rewards import RewardSpec, combine_rewards, grade_file, grade_main, load_reward, load_rewards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,7 +100,8 @@ def test_broken_program_file_is_a_recipe_error(tmp_path: Path) -> None:
 def test_spec_binds_options_and_rejects_unknown_ones(programs: Path) -> None:
     funcs, weights = load_rewards([RewardSpec(program="rw/toy.py:flag", weight=2.0, kwargs={"scale": 10.0}),
                                    RewardSpec(program="rw/toy.py:length")], base_dir=programs)
-    assert isinstance(funcs[0], functools.partial) and funcs[0].func.__name__ == "flag"
+    assert isinstance(funcs[0].fn, functools.partial) and funcs[0].fn.func.__name__ == "flag"
+    assert funcs[0].__name__ == "flag" and funcs[1].__name__ == "length"  # the names TRL logs them by
     assert funcs[0](["x"], flag=[0.5]) == [5.0] and weights == [2.0, 1.0]
     options = r"no option\(s\) \['scal'\]; its options are \['flag', 'scale'\]"
     with pytest.raises(RecipeError, match=options):
@@ -232,3 +235,254 @@ def test_model_prefixes_load_trained_scorers(tmp_path, tiny_seqcls_dir, tiny_tok
     assert built == [("FakeScorer", str(tiny_seqcls_dir), 4), ("FakePRM", str(tmp_path / "rm"), 16)]
     with pytest.raises(RecipeError, match="no option"):
         bind_reward(RewardSpec(program="model:x", kwargs={"temperature": 2}))
+
+
+# --------------------------------------------------------------------------------- checked scores
+#
+# A reward value that is not a finite number or None is an error at every consumer, and so is an exception
+# inside the program: one RewardError naming the program and the row. Each consumer is driven through its
+# cheapest entry point with a program whose output the test plans (`OUT`: a list, a non-list, or an
+# exception to raise), always for two completions.
+
+PLANNED = ("OUT = None\n\n"
+           "def planned(completions, **kwargs):\n"
+           "    if isinstance(OUT, Exception):\n"
+           "        raise OUT\n"
+           "    return OUT\n")
+PLANNED_REF = "rw/planned.py:planned"
+
+
+@pytest.fixture
+def planned(programs: Path):
+    """``plan(out)``: the next calls of rw/planned.py:planned return (or raise) ``out``."""
+    _write(programs / "rw" / "planned.py", PLANNED)
+    module = inspect.getmodule(load_reward(PLANNED_REF, base_dir=programs))
+
+    def plan(out):
+        module.OUT = out
+    return plan
+
+
+def _two_rows(base: Path) -> Path:
+    return _write(base / "two.jsonl", '{"completion": "a", "answer": "1"}\n{"completion": "b", "answer": "2"}\n')
+
+
+def _trl_call(fn):
+    """Call a reward function the way GRPOTrainer / RLOOTrainer 1.16 do: keywords only, plus their extras."""
+    return fn(prompts=["p", "q"], completions=["a", "b"], completion_ids=[[1], [2]], trainer_state=None,
+              log_extra=lambda *a: None, log_metric=lambda *a: None, answer=["1", "2"])
+
+
+def _grade_cli(base: Path):
+    from alignkit.cli import main
+
+    code = main(["grade", str(_two_rows(base)), "--reward", str(base / "rw" / "planned.py") + ":planned"])
+    if code:
+        raise SystemExit(code)
+
+
+def _eval_grader(base: Path):
+    from alignkit.evalsuite import Suite
+    from alignkit.stages.eval import _grade
+
+    suite = Suite.model_validate({"name": "t", "dataset": {"source": "arith"}, "grader": PLANNED_REF})
+    _grade([{"gold": "1", "greedy": {"text": "a"}, "samples": [{"text": "b"}]}], suite, base)
+
+
+def _eval_orm(base: Path):
+    from alignkit.evalsuite import score_pairs
+
+    score_pairs([{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "c", "rejected": "d"}],
+                load_reward(PLANNED_REF, base_dir=base))
+
+
+def _ppo(base: Path):
+    from alignkit.ppo.rewards import score_sequences
+
+    score_sequences(load_reward(PLANNED_REF, base_dir=base), ["p", "q"], ["a", "b"], {"answer": ["1", "2"]})
+
+
+def _pairs(base: Path):
+    from alignkit.pairs import score_samples
+
+    score_samples(load_reward(PLANNED_REF, base_dir=base), [{"prompt": "p", "answer": "1"}], [["a", "b"]])
+
+
+def _label(base: Path):
+    from alignkit.stages.label import _verdicts
+
+    _verdicts(load_reward(PLANNED_REF, base_dir=base), PLANNED_REF, ["a", "b"], ["1", "2"])
+
+
+CONSUMERS = {
+    "grade": lambda base: grade_file(_two_rows(base), PLANNED_REF, base_dir=base),
+    "combined": lambda base: combine_rewards([RewardSpec(program=PLANNED_REF)], base)(["a", "b"], answer=["1", "2"]),
+    "trl": lambda base: _trl_call(load_rewards([RewardSpec(program=PLANNED_REF)], base)[0][0]),
+    "label": _label,
+    "pairs": _pairs,
+    "ppo": _ppo,
+    "eval-grader": _eval_grader,
+    "eval-orm": _eval_orm,
+}
+
+BAD = [  # (what the program returns for two completions, the message)
+    ([1.0, math.nan], r"returned nan \(a float\) for row 2"),
+    ([math.inf, 0.0], r"returned inf \(a float\) for row 1"),
+    ([0.0, -math.inf], r"returned -inf \(a float\) for row 2"),
+    (["yes", 1.0], r"returned 'yes' \(a str\) for row 1"),
+    ([0.0, "no"], r"returned 'no' \(a str\) for row 2"),
+    (["1.0", 1.0], r"returned '1.0' \(a str\) for row 1"),
+    ([[1], 0.0], r"returned \[1\] \(a list\) for row 1"),
+    ([0.0, {}], r"returned \{\} \(a dict\) for row 2"),
+    ([object(), 0.0], r"returned <object object at \w+> \(an object\) for row 1"),
+    ([1.0], r"returned 1 scores for 2 completions"),
+    ([1.0, 0.0, 1.0], r"returned 3 scores for 2 completions"),
+    ("yes", r"returned 'yes' \(a str\), not a list"),
+    (1.0, r"returned 1.0 \(a float\), not a list"),
+    (ZeroDivisionError("division by zero"), r"raised ZeroDivisionError on .*2.*: division by zero"),
+]
+
+
+@pytest.mark.parametrize("consumer", list(CONSUMERS))
+@pytest.mark.parametrize("out, message", BAD, ids=[repr(o)[:20] for o, _ in BAD])
+def test_a_bad_score_is_one_error_naming_the_program_and_row(planned, programs, consumer, out, message):
+    planned(out)
+    with pytest.raises(RewardError, match=message) as caught:
+        CONSUMERS[consumer](programs)
+    assert "planned" in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("out, message", BAD, ids=[repr(o)[:20] for o, _ in BAD])
+def test_grade_command_prints_one_line_and_exits_2(planned, programs, capsys, out, message):
+    planned(out)
+    with pytest.raises(SystemExit) as code:
+        _grade_cli(programs)
+    assert code.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("alignkit: error: reward ") and "Traceback" not in err
+    assert re.search(message, err) and "planned" in err
+    assert not (programs / "two.graded.jsonl").exists()  # nothing half-graded is written
+
+
+@pytest.mark.parametrize("body, message", [
+    ("return [float('nan')] * len(completions)", r"returned nan \(a float\) for row 1 of .*two.jsonl"),
+    ("return ['yes', 'no']", r"returned 'yes' \(a str\) for row 1 of .*two.jsonl"),
+    ("raise RuntimeError('judge down')", r"raised RuntimeError on rows 1-2 of .*two.jsonl: judge down"),
+])
+def test_python_m_alignkit_grade_exits_2_without_traceback(tmp_path, body, message):
+    import subprocess
+    import sys
+
+    _write(tmp_path / "bad.py", f"def bad(completions, **kwargs):\n    {body}\n")
+    done = subprocess.run([sys.executable, "-m", "alignkit", "grade", str(_two_rows(tmp_path)), "--reward",
+                           "bad.py:bad"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert re.search(r"^alignkit: error: reward 'bad.py:bad' " + message, done.stderr)
+
+
+GOOD = [  # (returned, checked): numbers become floats, None stays None
+    ([1, 0], [1.0, 0.0]),
+    ([True, False], [1.0, 0.0]),
+    ([0.25, None], [0.25, None]),
+    ((-3, 2.5), [-3.0, 2.5]),
+]
+
+
+@pytest.mark.parametrize("out, expected", GOOD)
+def test_numbers_bools_and_none_pass_unchanged(planned, programs, out, expected):
+    planned(out)
+    assert rewards.check_scores(out, 2, "p") == expected
+    assert _trl_call(load_rewards([RewardSpec(program=PLANNED_REF)], programs)[0][0]) == expected
+    assert combine_rewards([RewardSpec(program=PLANNED_REF, weight=2.0)], programs)(["a", "b"]) == [
+        None if v is None else 2.0 * v for v in expected]
+    graded = Path(grade_file(_two_rows(programs), PLANNED_REF, base_dir=programs).out_path).read_text()
+    assert [json.loads(line)["score"] for line in graded.splitlines()] == expected
+    from alignkit.stages.label import _verdicts
+
+    assert _verdicts(load_reward(PLANNED_REF, base_dir=programs), PLANNED_REF, ["a", "b"], ["1", "2"]) == [
+        bool(v) for v in expected]
+
+
+def test_numpy_and_torch_scalars_are_numbers():
+    import numpy as np
+    import torch
+
+    assert rewards.check_scores([np.float32(0.5), np.bool_(True)], 2, "p") == [0.5, 1.0]
+    assert rewards.check_scores(torch.tensor([1.0, 0.0]), 2, "p") == [1.0, 0.0]
+    assert rewards.check_scores(np.array([2, 3]), 2, "p") == [2.0, 3.0]
+    with pytest.raises(RewardError, match=r"returned nan \(a float\) for row 1"):
+        rewards.check_scores(np.array([np.nan]), 1, "p")
+    with pytest.raises(RewardError, match=r"returned 'x' \(a str\)"):
+        rewards.check_scores([np.str_("x")], 1, "p")
+
+
+def test_none_is_an_error_where_a_number_is_needed():
+    with pytest.raises(RewardError, match=r"returned None \(a NoneType\) for row 2 of a batch of 2; a reward "
+                       r"must return a finite number$"):
+        rewards.check_scores([1.0, None], 2, "runs/rm/model", allow_none=False)
+
+
+def test_step_scores_are_checked(planned, programs):
+    from alignkit.evalsuite import score_steps
+    from alignkit.ppo.rewards import score_steps as ppo_score_steps
+
+    check = rewards.check_step_scores
+    assert check([[0.5, 1], []], [["a", "b"], []], "prm") == [[0.5, 1.0], []]
+    assert check([[0.5]], [["a", "b"]], "prm") == [[0.5]]  # a PRM may leave truncated steps unscored
+    for scores, message in [([[0.5, math.nan]], r"returned nan \(a float\) for step 2 of row 1 of a batch of 1"),
+                            ([[None, 0.5]], r"returned None \(a NoneType\) for step 1 of row 1"),
+                            ([[0.5, 0.5, 0.5]], r"returned 3 step scores for the 2 steps of row 1"),
+                            ([], r"returned 0 step-score lists for 1 solutions")]:
+        with pytest.raises(RewardError, match=message):
+            check(scores, [["a", "b"]], "prm")
+
+    class NaNPRM:
+        separator = "\n"
+        model_path = "runs/prm/model"
+
+        def score_batch(self, prompts, steps):
+            return [[math.nan] * len(s) for s in steps]
+
+    with pytest.raises(RewardError, match=r"reward 'runs/prm/model' returned nan .* for step 1 of row 1"):
+        score_steps([{"prompt": "q", "completions": ["a", "b"], "labels": [True, True]}], NaNPRM(), 0.5)
+    text = "1 + 1 = 2.\nThe answer is 2."
+    with pytest.raises(RewardError, match=r"reward 'runs/prm/model' returned nan"):
+        ppo_score_steps(NaNPRM(), ["q"], [text], [list(range(len(text)))], lambda ids: "".join(text[i] for i in ids))
+
+
+def test_model_scorers_with_nan_name_their_folder(monkeypatch, tiny_tokencls_dir):
+    """A broken reward model (NaN out of the forward) stops the run, named by its folder."""
+    import alignkit.prm as prm
+    import alignkit.reward_model as reward_model
+    from alignkit.rewards import bind_reward
+
+    class NaNScorer:
+        def __init__(self, model_path, **kwargs):
+            self.model_path = model_path
+
+        def __call__(self, completions, prompts=None, **kwargs):
+            return [math.nan for _ in completions]
+
+    monkeypatch.setattr(reward_model, "RewardModelScorer", NaNScorer)
+    with pytest.raises(RewardError, match=r"reward 'model:runs/rm' returned nan \(a float\) for row 1"):
+        _trl_call(bind_reward(RewardSpec(program="model:runs/rm")))
+    scorer = prm.PRMScorer(str(tiny_tokencls_dir))
+    monkeypatch.setattr(prm, "score_encoded", lambda model, encoded, *a, **k: [[0.9, math.nan] for _ in encoded])
+    with pytest.raises(RewardError, match=rf"reward '{tiny_tokencls_dir}' returned nan .* for step 2 of row 1"):
+        scorer(["a\nb"], prompts=["q"])  # min() would have hidden it: min([0.9, nan]) == 0.9
+
+
+def test_checked_rewards_keep_trl_names_and_async(programs):
+    from trl.trainer.utils import get_callable_name, is_async_callable
+
+    _write(programs / "rw" / "slow.py", "async def judge(completions, **kwargs):\n"
+                                        "    return [float('nan') if c == 'b' else 1.0 for c in completions]\n")
+    (length,), _ = load_rewards([RewardSpec(program="rw/toy.py:length")], programs)
+    (judge,), _ = load_rewards([RewardSpec(program="rw/slow.py:judge")], programs)
+    assert get_callable_name(length) == "length" and not is_async_callable(length)
+    assert get_callable_name(judge) == "judge" and is_async_callable(judge)  # TRL awaits it
+    assert asyncio.run(judge(completions=["a"])) == [1.0]
+    with pytest.raises(RewardError, match=r"reward 'rw/slow.py:judge' returned nan \(a float\) for row 2"):
+        asyncio.run(judge(completions=["a", "b"]))
+    assert rewards.checked(length, "x") is length  # wrapped once, however often it is combined

@@ -297,3 +297,33 @@ def test_real_engines_label_and_feed_the_prm_stage(tmp_path, tiny_model_dir, bac
     assert all(len(step) == 2 for row in rows for step in row["outcomes"])
     assert m["completions"] > 6 and m["completions_per_second"] > 0
     assert prm_run.metrics["train_rows"] == m["rows"] and prm_run.metrics["train_steps"] == 1
+
+
+def test_cut_off_solution_is_not_correct_and_its_orm_target_is_wrong():
+    """A solution cut off by length: the rollouts from its last step reach the gold answer, so that step is
+    labelled good, but the solution itself gives no answer. Its ORM target (train_on_last_step_only) is the
+    solution's own correctness, as stages/prm.py says, not the last step's rollout label."""
+    from alignkit.rewards import load_reward
+    from alignkit.stages import prm as prm_stage
+    from alignkit.testing import make_tokenizer
+
+    class CutOff:  # the policy: one solution, stopped by max_new_tokens mid-sentence
+        def generate(self, prompts, params, *, progress=True):
+            return [[Completion("3 + 4 = 7\n7 * 2 = 14\nSo the total", [0] * 3, "length")] for _ in prompts]
+
+    class Finisher:  # the completer: every prefix goes on to the right answer
+        def generate(self, prompts, params, *, progress=True):
+            return [[Completion("The answer is 14.", [0], "eos")] * params.n for _ in prompts]
+
+    config = label.Config(model="m", data={"source": "arith"}, samples_per_problem=1, completions_per_step=2,
+                          agreement_ns=[2], quality_check=False)
+    problem = {"prompt": "Tom has 3 apples and gets 4 more, then doubles them. How many?", "answer": "14"}
+    (row,), _ = label.label_shard([problem], 0, label.Sampler(CutOff(), None), label.Sampler(Finisher(), None),
+                                  load_reward(config.reward), config, seed=0)
+    assert row["completions"] == ["3 + 4 = 7", "7 * 2 = 14", "So the total"]
+    assert row["labels"] == [True, True, True] and row["solution_correct"] is False  # the PRM's data: unchanged
+    for soft in (False, True):
+        orm = prm_stage.Config(model="m", data={"source": "arith"}, train_on_last_step_only=True, soft_labels=soft)
+        (example,), _ = prm_stage.encode_dataset([row], make_tokenizer(), orm)
+        assert [v for v in example["labels"] if v != -100] == [0.0]  # wrong: it never answered
+        assert example["correct"] is False

@@ -37,30 +37,57 @@ _CHUNK = 1024  # rows fetched from a datasets.Dataset at a time
 _ARITH_FORMATS = ("sft", "problems", "text", "stepwise", "preference", "prompts")
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+MAX_ROW_CHARS = 4 << 20  # one example this long is truncated to max_length anyway; refused, not half-loaded
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a .jsonl (or .jsonl.gz) file: the one JSONL reader; each bad line is one DataError."""
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a data file (.jsonl, .json, .parquet or .csv)")
     opener = gzip.open if path.suffix == ".gz" else open
     rows = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with opener(path, "rb") as f:  # bytes, decoded line by line: a bad byte is reported on its own line
+        for number, line in _numbered_lines(f, path):
             if not line.strip():
                 continue
+            if len(line) > MAX_ROW_CHARS:
+                raise DataError(f"{path}: line {number} is {len(line) / 2**20:.1f}M characters, over the "
+                                f"{MAX_ROW_CHARS >> 20}M a row may have; split or shorten it")
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}: line {number} is not valid JSON ({err.msg})") from None
+                raise DataError(f"{path}: line {number} is not valid JSON ({err.msg}); fix or delete it") from None
             if not isinstance(row, dict):
-                raise DataError(f"{path}: line {number} is not a JSON object")
+                raise DataError(f"{path}: line {number} is a JSON {type(row).__name__}, expected an object")
             rows.append(row)
     return rows
+
+
+def _numbered_lines(f, path: Path):
+    """``(number, text)`` per line of a binary file; bytes that are not UTF-8, or a corrupt .gz, are one
+    DataError naming the line, not a traceback."""
+    number = 0
+    try:
+        for number, raw in enumerate(f, start=1):
+            yield number, raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: line {number} is not UTF-8 text (byte {err.object[err.start]:#04x}); "
+                        "re-save the file as UTF-8") from None
+    except (OSError, EOFError) as err:  # a truncated or corrupt .gz
+        raise DataError(f"{path}: unreadable after line {number} ({type(err).__name__}: {err})") from None
 
 
 def read_file(path: str | Path) -> Any:
     """Rows of a local .jsonl/.json/.parquet/.csv file (each optionally .gz): a list of dicts or a Dataset."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a data file (.jsonl, .json, .parquet or .csv)")
     suffixes = [s for s in path.suffixes if s != ".gz"]
     kind = suffixes[-1] if suffixes else ""
     if kind == ".jsonl":
-        return _read_jsonl(path)
+        return read_jsonl(path)
     builders = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
     if kind not in builders:
         raise DataError(f"{path}: unsupported file type; use .jsonl, .json, .parquet or .csv (or their .gz)")

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from alignkit.maths import kl_estimate
+from alignkit.rewards import call_reward, check_step_scores, reward_name
 
 
 class StepScorer(Protocol):
@@ -130,11 +131,9 @@ def kl_penalty(logps: Tensor, ref_logps: Tensor, mask: Tensor, beta: float, kind
 
 def score_sequences(reward_fn: Callable[..., list], prompts: Sequence[Any], texts: Sequence[str],
                     columns: dict[str, list]) -> list[float | None]:
-    """One score per response from a TRL-convention reward function (None: the response cannot be scored)."""
-    scores = list(reward_fn(list(texts), prompts=list(prompts), **columns))
-    if len(scores) != len(texts):
-        raise ValueError(f"the reward returned {len(scores)} scores for {len(texts)} responses")
-    return [None if s is None else float(s) for s in scores]
+    """One score per response from a TRL-convention reward function (None: the response cannot be scored);
+    anything but a finite number or None is a RewardError (NaN would reach the advantages)."""
+    return call_reward(reward_fn, reward_name(reward_fn), list(texts), {"prompts": list(prompts), **columns})
 
 
 def score_steps(scorer: StepScorer, prompts: Sequence[Any], texts: Sequence[str],
@@ -142,5 +141,6 @@ def score_steps(scorer: StepScorer, prompts: Sequence[Any], texts: Sequence[str]
                 ) -> tuple[list[list[float]], list[list[int]]]:
     """Step scores of each response and the token positions they go on (see :func:`step_positions`)."""
     located = [step_positions(ids, text, scorer.separator, decode) for ids, text in zip(token_ids, texts)]
-    scores = scorer.score_batch(list(prompts), [steps for steps, _ in located])
-    return [list(s) for s in scores], [positions for _, positions in located]
+    steps = [steps for steps, _ in located]
+    scores = check_step_scores(scorer.score_batch(list(prompts), steps), steps, reward_name(scorer))
+    return scores, [positions for _, positions in located]

@@ -154,11 +154,12 @@ def _answers(which: str, name: str, prompts: list[Any], config: Config, ctx: Any
 
 def _reward_model_scores(rows: list[dict[str, Any]], config: Config) -> dict[str, float]:
     from ..reward_model import RewardModelScorer
+    from ..rewards import call_reward
 
     scorer = RewardModelScorer(config.reward_model)
     prompts = [r["prompt"] for r in rows]
-    ours = scorer([r["model"] for r in rows], prompts=prompts)
-    theirs = scorer([r["baseline"] for r in rows], prompts=prompts)
+    ours, theirs = (call_reward(scorer, config.reward_model, [r[side] for r in rows], {"prompts": prompts},
+                                allow_none=False) for side in ("model", "baseline"))  # NaN would skew the win rate
     for row, a, b in zip(rows, ours, theirs):
         row.update(rm_model=a, rm_baseline=b)
     return {"rm_win_rate": win_rate([a - b for a, b in zip(ours, theirs)]),

@@ -45,7 +45,7 @@ from typing import Any
 from pydantic import Field
 
 from .. import evalsuite
-from ..errors import ModelError, RecipeError
+from ..errors import RecipeError
 from ..evalsuite import OutcomeScorer, StepScorer, Suite
 from ..registry import StageConfig
 
@@ -282,19 +282,18 @@ def _verify(kind: str, verifier: Any, shard_dir: Path, n_shards: int, rank: int,
     if not todo:
         return
     from ..prm import DEFAULT_SEPARATOR, split_steps
+    from ..rewards import call_reward
 
     scorer = _load_verifier(kind, verifier) if isinstance(verifier, str) else verifier
     for k in todo:
         problems = _read_shard(shard_dir, k)
         prompts = [p["prompt"] for p in problems for _ in p["samples"]]
         texts = [s["text"] for p in problems for s in p["samples"]]
-        if kind == "orm":
-            flat: list[Any] = [float(x) for x in scorer(texts, prompts=prompts)]
+        if kind == "orm":  # checked: a NaN score would rank samples arbitrarily
+            flat: list[Any] = call_reward(scorer, name, texts, {"prompts": prompts}, allow_none=False)
         else:
             separator = getattr(scorer, "separator", DEFAULT_SEPARATOR)  # split as the PRM was trained
-            flat = _prm_scores(scorer, prompts, [split_steps(t, separator) for t in texts])
-        if len(flat) != len(texts):
-            raise ModelError(f"the {kind.upper()} returned {len(flat)} scores for {len(texts)} completions")
+            flat = _prm_scores(scorer, name, prompts, [split_steps(t, separator) for t in texts])
         sizes = [len(p["samples"]) for p in problems]
         grouped = [flat[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(sizes))]
         _write_atomic(shard_dir / f"{kind}-{k:05d}.json", json.dumps({"model": name, "scores": grouped}))
@@ -302,13 +301,16 @@ def _verify(kind: str, verifier: Any, shard_dir: Path, n_shards: int, rank: int,
     _free_memory()
 
 
-def _prm_scores(scorer: StepScorer, prompts: list, steps: list[list[str]]) -> list[list[float]]:
-    """PRM step scores; completions without steps are not sent and get ``[]`` (evalsuite choice 3)."""
+def _prm_scores(scorer: StepScorer, name: str, prompts: list, steps: list[list[str]]) -> list[list[float]]:
+    """PRM step scores (checked); completions without steps are not sent and get ``[]`` (evalsuite choice 3)."""
+    from ..rewards import check_step_scores
+
     keep = [i for i, s in enumerate(steps) if s]
-    scored = scorer.score_batch([prompts[i] for i in keep], [steps[i] for i in keep]) if keep else []
+    sent = [steps[i] for i in keep]
+    scored = check_step_scores(scorer.score_batch([prompts[i] for i in keep], sent), sent, name) if keep else []
     out: list[list[float]] = [[] for _ in steps]
     for i, scores in zip(keep, scored):
-        out[i] = [float(x) for x in scores]
+        out[i] = scores
     return out
 
 

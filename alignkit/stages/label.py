@@ -226,10 +226,10 @@ def label_shard(problems: list[dict[str, Any]], first_index: int, policy: Sample
     outs = completer.engine.generate(list(first), params, progress=False) if first else []
     texts = [prefixes[q] + c.text for q, samples in zip(first.values(), outs) for c in samples]
     golds = [solutions[queries[q][0]]["answer"] for q in first.values() for _ in range(pool)]
-    verdicts = _verdicts(reward, texts, golds)
+    verdicts = _verdicts(reward, config.reward, texts, golds)
     pools = {prompt: verdicts[u * pool:(u + 1) * pool] for u, prompt in enumerate(first)}
     texts_full = [config.separator.join(sol["steps"]) for sol in solutions]
-    correct = _verdicts(reward, texts_full, [sol["answer"] for sol in solutions])
+    correct = _verdicts(reward, config.reward, texts_full, [sol["answer"] for sol in solutions])
     outcomes = [[[correct[s]] * pool for _ in sol["steps"]] for s, sol in enumerate(solutions)]
     for q, (s, i) in enumerate(queries):
         outcomes[s][i] = pools[prompts[q]]
@@ -269,11 +269,15 @@ def _solutions(problems, first_index: int, policy: Sampler, config: Config, seed
     return solutions, meta
 
 
-def _verdicts(reward, texts: list[str], golds: list[str]) -> list[bool]:
-    """Whether each text reaches its gold answer (a None score, i.e. no gold, counts as not reached)."""
+def _verdicts(reward, program: str, texts: list[str], golds: list[str]) -> list[bool]:
+    """Whether each text reaches its gold answer (a None score, i.e. no gold, counts as not reached).
+
+    Scores are checked first: ``bool`` would call NaN or the string "no" a right answer."""
+    from ..rewards import call_reward
+
     if not texts:
         return []
-    return [bool(score) for score in reward(texts, answer=golds)]
+    return [bool(score) for score in call_reward(reward, program, texts, {"answer": golds})]
 
 
 def _row(solution: dict[str, Any], outcomes: list[list[bool]], correct: bool, config: Config) -> dict[str, Any]:

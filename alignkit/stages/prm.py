@@ -29,9 +29,11 @@ Departures from the paper and from TRL <= 1.13's PRMTrainer (see also :mod:`alig
 
 1. A classifier head on the separator token, trained with cross-entropy (soft labels: against
    ``(1 - s, s)``); the paper reads ``+``/``-`` logits of the LM head at a tag token.
-2. ``train_on_last_step_only`` (TRL's flag, our ORM emulation) keeps only the final step's label. With
-   Math-Shepherd hard labels that label is "the solution's final answer is right", i.e. an ORM on the
-   same rows, which makes the PRM-vs-ORM comparison fair (same data, model and budget).
+2. ``train_on_last_step_only`` (TRL's flag, our ORM emulation) keeps only the final step's label, and
+   sets it to "the solution's final answer is right": the row's ``solution_correct`` when it has one,
+   else the last step's hard label (the same thing for a finished solution; a solution cut off by length
+   has a rollout label there but no answer of its own). An ORM on the same rows, which makes the
+   PRM-vs-ORM comparison fair (same data, model and budget).
 3. Rows too long for ``max_length`` lose whole trailing steps (never part of one); rows left with no
    labelled step are dropped and counted (``rows_dropped``).
 4. ``head: lm-logprob`` (ours) keeps the causal LM (LoRA) and scores step i by
@@ -61,6 +63,7 @@ from .common import (
     check_trl_passthrough,
     last_checkpoint,
     save_trained_model,
+    stop_on_nonfinite,
     trl_args,
 )
 
@@ -154,6 +157,7 @@ def run(config: Config, ctx: Any) -> Any:
                               head=config.head, logprob_offset=config.logprob_offset, **trainer_args)
     else:
         trainer = Trainer(**trainer_args)
+    stop_on_nonfinite(trainer, ctx)  # a nan/inf loss or grad norm fails the stage at that step
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last_checkpoint(ctx.run_dir))
     seconds = time.perf_counter() - started
@@ -217,12 +221,13 @@ def encode_dataset(rows: list[dict[str, Any]], tokenizer: Any, config: Config) -
                             "labels, e.g. from the label stage); set soft_labels: false to train on 'labels'")
         prompt_text = render_prompt(tokenizer, row["prompt"], chat=config.chat)
         encoded = encode_steps(tokenizer, prompt_text, row["completions"], config.separator, config.max_length)
-        targets = step_targets(row["labels"], soft, last_step_only=config.train_on_last_step_only)
+        correct = row.get("solution_correct")
+        targets = step_targets(row["labels"], soft, last_step_only=config.train_on_last_step_only,
+                               solution_correct=correct)
         labels = token_labels(encoded, targets)
         if all(value == IGNORE for value in labels):
             dropped += 1  # nothing labelled fits in max_length
             continue
-        correct = row.get("solution_correct")
         examples.append({"input_ids": encoded.input_ids, "labels": labels, "step_ends": encoded.step_ends,
                          "step_spans": encoded.step_spans,
                          "step_labels": [bool(v) for v in row["labels"][: len(encoded.step_ends)]],

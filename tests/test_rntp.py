@@ -282,6 +282,15 @@ def test_stage_runs_evaluates_and_resumes(tmp_path, tiny_model_dir):
     assert len(positions) == 12 and {"continuation", "token_ends", "entropy", "prompt"} <= set(positions[0])
     assert (run_dir / "model" / "config.json").is_file()
     assert 0.0 <= metrics["accuracy_before"] <= 1.0 and (run_dir / "accuracy_after.jsonl").is_file()
+    # Reward-hacking signals every step: length, no boxed answer, repetition; no plain-number one (not maths).
+    state = json.loads((run_dir / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    logged = [entry for entry in state["log_history"] if "reward" in entry]
+    assert len(logged) == 2
+    for entry in logged:
+        assert entry["hack/completion_tokens"] == pytest.approx(entry["completions/mean_length"])
+        assert entry["hack/no_answer_frac"] == 1.0  # the random model never closes a box in 8 tokens
+        assert 0.0 <= entry["hack/repeated_ngram_frac"] <= 1.0 and "hack/rewarded_not_plain_frac" not in entry
+    assert metrics["hack_no_answer_frac_last"] == 1.0
 
     # Resume: a lost shard is redone (and only it), giving the same rows.
     ctx = SimpleNamespace(run_dir=run_dir, is_main=True, wait=lambda: None)

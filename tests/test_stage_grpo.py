@@ -64,6 +64,21 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+HACK_FRACTIONS = ("hack/no_answer_frac", "hack/rewarded_not_plain_frac", "hack/repeated_ngram_frac")
+
+
+def assert_hacking_signals_logged(logged: list[dict], metrics: dict, max_tokens: int) -> None:
+    """Every logged step carries the reward-hacking signals (alignkit.hacking) in range, and the manifest their
+    first and last values. The tokens are TRL's own completion length: both are the batch's mean in tokens."""
+    for entry in logged:
+        assert 0 < entry["hack/completion_tokens"] <= max_tokens, entry
+        assert entry["hack/completion_tokens"] == pytest.approx(entry["completions/mean_length"])
+        assert all(0.0 <= entry[key] <= 1.0 for key in HACK_FRACTIONS), entry
+    for key in ("hack/completion_tokens",) + HACK_FRACTIONS:
+        name = key.replace("hack/", "hack_")
+        assert (metrics[f"{name}_first"], metrics[f"{name}_last"]) == (logged[0][key], logged[-1][key])
+
+
 # ------------------------------------------------------------------------------------ training runs
 
 
@@ -87,6 +102,9 @@ def test_grpo_raises_reward_through_the_pipeline(tmp_path, tiny_model_dir):
     assert metrics["completions_sampled"] == 12 * 8 and metrics["completions_per_second"] > 0
     assert metrics["train_prompts"] == 32 and metrics["train_steps"] == 12
     assert 0 <= metrics["accuracy_before"] <= 1 and 0 <= metrics["accuracy_after"] <= 1
+    assert_hacking_signals_logged(logged, metrics, max_tokens=8)
+    # digit_fraction pays any digit, so rewarded completions of a random model state no answer: a hacked reward.
+    assert logged[-1]["hack/rewarded_not_plain_frac"] > 0.5 and logged[-1]["hack/no_answer_frac"] > 0.5
     run_dir = Path(manifest.artifacts["model"]).parent
     assert (run_dir / "model" / "config.json").exists()
     samples = [json.loads(line) for line in (run_dir / "accuracy_after.jsonl").read_text().splitlines()]
@@ -109,6 +127,7 @@ def test_rloo_raises_reward(tmp_path, tiny_model_dir):
     assert mean(rewards[-2:]) > mean(rewards[:2]) + 0.05, rewards
     assert manifest.metrics["completions_sampled"] == 8 * 16
     assert set(manifest.artifacts) == {"model"}  # full fine-tuning: no adapter
+    assert_hacking_signals_logged(logged, manifest.metrics, max_tokens=8)
 
 
 def test_groups_with_equal_rewards_leave_the_weights_alone(tmp_path, tiny_model_dir):
@@ -190,7 +209,7 @@ def test_reward_metrics_reads_trl_log_history():
         {"reward": 0.2, "frac_reward_zero_std": 0.5, "rewards/answer_match/mean": 0.2, "step": 5},
         {"reward": 0.4, "frac_reward_zero_std": 0.25, "rewards/answer_match/mean": 0.3, "step": 10},
         {"reward": 0.6, "frac_reward_zero_std": 0.0, "rewards/answer_match/mean": 0.5, "kl": 0.01,
-         "completions/mean_length": 30.0, "step": 15},
+         "completions/mean_length": 30.0, "hack/no_answer_frac": 0.25, "step": 15},
     ]
     metrics = reward_metrics(history)
     assert metrics["reward_first"] == 0.2 and metrics["reward_last"] == 0.6
@@ -199,6 +218,7 @@ def test_reward_metrics_reads_trl_log_history():
     assert metrics["frac_reward_zero_std_last"] == 0.0
     assert (metrics["reward_answer_match_first"], metrics["reward_answer_match_last"]) == (0.2, 0.5)
     assert metrics["kl_last"] == 0.01 and metrics["completion_mean_length_last"] == 30.0
+    assert (metrics["hack_no_answer_frac_first"], metrics["hack_no_answer_frac_last"]) == (None, 0.25)
     assert reward_metrics([{"loss": 1.0}]) == {}
 
 

@@ -75,6 +75,9 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+HACK_FRACTIONS = ("hack/no_answer_frac", "hack/rewarded_not_plain_frac", "hack/repeated_ngram_frac")
+
+
 # ------------------------------------------------------------------------------------------- training runs
 
 LEARN = """
@@ -105,7 +108,14 @@ def test_ppo_raises_reward_and_writes_loadable_models(tmp_path, steerable_model_
     for key in ("policy/entropy", "policy/clipfrac", "value/clipfrac", "value/explained_variance",
                 "throughput/tokens_per_s", "memory/peak_gib", "response/length"):
         assert key in last
+    for row in history:  # reward-hacking signals every step; every sample is scored, so length = response/length
+        assert row["hack/completion_tokens"] == pytest.approx(row["response/length"])
+        assert all(0.0 <= row[key] <= 1.0 for key in HACK_FRACTIONS), row
+    # digit_count pays digits anywhere: what it pays states no answer (a hacked reward, as the docs describe)
+    assert last["hack/rewarded_not_plain_frac"] > 0.5
     metrics = manifest.metrics
+    last_quarter = [row["hack/rewarded_not_plain_frac"] for row in history[-4:]]  # 18 // 4 = 4 steps
+    assert metrics["hack_rewarded_not_plain_frac_last"] == pytest.approx(mean(last_quarter))
     assert metrics["reward_last"] > metrics["reward_first"]
     assert metrics["train_steps"] == 18 and metrics["tokens_per_second"] > 0
     # the merged policy carries the learnt behaviour: its log-probs equal the adapter's
@@ -174,6 +184,40 @@ def test_resume_continues_with_identical_state(tmp_path, tiny_model_dir, monkeyp
             torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6)
 
 
+def test_nan_loss_fails_the_stage_at_its_step(tmp_path, tiny_model_dir, monkeypatch):
+    """A nan policy loss in step 2 stops the run there: manifest failed with the step, no checkpoint of that step,
+    no model written."""
+    from alignkit.errors import TrainingDiverged
+    from alignkit.ppo import loop, update
+
+    calls, ppo_update, policy_loss = [], loop.ppo_update, update.ppo_policy_loss
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return ppo_update(*args, **kwargs)
+
+    def poisoned(*args, **kwargs):
+        loss, stats = policy_loss(*args, **kwargs)
+        return (loss * float("nan") if len(calls) == 2 else loss), stats
+
+    monkeypatch.setattr(loop, "ppo_update", counted)
+    monkeypatch.setattr(update, "ppo_policy_loss", poisoned)
+    stage = """
+        - kind: ppo
+          rewards: [{program: rewards.py:digit_count}]
+          batch_size: 4
+          max_steps: 3
+          save_steps: 1
+    """
+    with pytest.raises(TrainingDiverged, match="^ppo: training diverged at step 2: policy/loss is nan"):
+        run_stage(tmp_path, tiny_model_dir, stage)
+    run_dir = tmp_path / "runs" / "rl" / "ppo"
+    manifest = Manifest.read(run_dir)
+    assert manifest.status == "failed" and manifest.metrics == {"failed_step": 2}
+    assert [p.name for p in (run_dir / "checkpoints").glob("step-*")] == ["step-000001"]
+    assert not (run_dir / "model").exists() and not (run_dir / "adapter").exists()
+
+
 def test_orm_prm_and_value_model_from_a_reward_model(tmp_path, tiny_model_dir, tiny_seqcls_dir, tiny_tokencls_dir,
                                                     capsys):
     """Every reward source through the pipeline. Stage 1: a program that cannot score some samples (None: they
@@ -201,6 +245,7 @@ def test_orm_prm_and_value_model_from_a_reward_model(tmp_path, tiny_model_dir, t
     for row in history:
         assert row["samples"] == 6  # 8 sampled; samples 0 and 4 unscorable (None) and left out
         assert row["reward/unscored_frac"] == pytest.approx(0.25)
+        assert 0 < row["hack/completion_tokens"] <= 8 and all(0.0 <= row[key] <= 1.0 for key in HACK_FRACTIONS)
         assert row["reward/steps_per_response"] > 0.5
         assert 0.0 < row["reward/step_score"] <= 0.25 * row["reward/steps_per_response"] + 1e-6
     assert history[0]["value/mean"] != 0.0  # the reward model's head, not a zero head
@@ -212,6 +257,7 @@ def test_orm_prm_and_value_model_from_a_reward_model(tmp_path, tiny_model_dir, t
     assert Manifest.read(orm_dir).status == "done"
     (orm_row,) = [json.loads(line) for line in (orm_dir / "history.jsonl").read_text().splitlines()]
     assert orm_row["samples"] == 4 and orm_row["reward/score"] != 0.0 and orm_row["reward/step_score"] == 0.0
+    assert set(HACK_FRACTIONS) <= set(orm_row)  # a reward model's score > 0 counts as rewarded, like a verifier's
 
 
 def test_two_process_run(tmp_path, tiny_model_dir):
@@ -490,6 +536,28 @@ def test_fake_prm_scores_land_on_the_right_tokens(tiny_model_dir):
     assert scores == [0.0, 0.0] and stats["reward/steps_per_response"] == 2.0
 
 
+def test_score_adds_the_hacking_signals_by_hand():
+    """loop.score adds the hack/* signals over every sample; "rewarded" reads the sequence score as paid (after
+    missing_eos_penalty), and with no sequence reward (a PRM alone) there is no rewarded signal."""
+    from alignkit.ppo.loop import RewardSources, score
+
+    def pays_everything(completions, **kwargs):
+        return [1.0] * len(completions)
+
+    texts = ["The answer is 7.", "The answer is 3 + 4.", "7 7 7 7 7"]
+    rollout = pack([[1, 2]] * 3, [[5] * 4, [5] * 6, [5] * 2], 0, texts=texts,
+                   finish_reasons=["eos", "stop", "length"], prompt_rows=[0, 1, 2])
+    rows = [{"prompt": f"p{i}", "answer": "7"} for i in range(3)]
+    scores, _, stats = score(rollout, RewardSources(pays_everything), rows, None, missing_eos_penalty=1.0)
+    assert scores == [1.0, 1.0, 0.0]  # the cut-off third one pays the penalty: not rewarded
+    assert stats["hack/completion_tokens"] == 4.0  # (4 + 6 + 2) / 3
+    assert stats["hack/no_answer_frac"] == pytest.approx(1 / 3)  # "7 7 7 7 7" states no answer
+    assert stats["hack/rewarded_not_plain_frac"] == 0.5  # rewarded: 7 (plain), 3 + 4 (an expression)
+    assert stats["hack/repeated_ngram_frac"] == pytest.approx((1 / 2) / 3)  # 2 four-grams of 7s, 1 repeats
+    _, _, alone = score(rollout, RewardSources(), rows, None, missing_eos_penalty=None)
+    assert "hack/rewarded_not_plain_frac" not in alone and alone["hack/no_answer_frac"] == pytest.approx(1 / 3)
+
+
 def test_place_rewards_rejects_positions_outside_the_response():
     mask = torch.tensor([[True, True, False]])
     assert place_rewards([[1.0, 2.0]], [[0, 0]], mask).tolist() == [[3.0, 0.0, 0.0]]
@@ -546,11 +614,12 @@ def test_pack_layout_and_select_trims_padding():
     ("rewards: [{program: rewards.py:no_such}]", "rewards.0"),
 ])
 def test_recipe_mistakes_name_the_field(tmp_path, tiny_model_dir, change, field):
+    rewards = "" if change.startswith("rewards:") else "rewards: [{program: rewards.py:digit_count}]"
     stage = f"""
         - kind: ppo
-          rewards: [{{program: rewards.py:digit_count}}]
+          {rewards}
           {change}
-    """
+    """  # a key written twice is itself an error now: the change replaces the rewards line
     with pytest.raises(RecipeError) as error:
         load_recipe(write_recipe(tmp_path, tiny_model_dir, stage), output_dir=str(tmp_path / "runs"))
     assert error.value.field == f"stages.ppo.{field}"

@@ -7,6 +7,7 @@ be tested alone. Per-token tensors are (B, R): ``B`` samples of this process, ``
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -14,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from alignkit.errors import TrainingDiverged
+from alignkit.hacking import math_signals
 from alignkit.maths import masked_mean
 from alignkit.perf import peak_memory_gib, reset_peak_memory
 from alignkit.ppo.logprobs import sequence_logps, sequence_values
@@ -74,7 +77,7 @@ def fill_experience(models: PPOModels, rollout: Rollout, config: Any) -> None:
 def score(rollout: Rollout, sources: RewardSources, rows: Sequence[dict[str, Any]], tokenizer: Any,
           missing_eos_penalty: float | None) -> tuple[list[float | None], Tensor, dict[str, float]]:
     """``(scores, step_rewards, stats)``: per-sample sequence scores (None: unscorable), PRM step rewards
-    (B, R) already weighted, and score statistics.
+    (B, R) already weighted, and score statistics, the reward-hacking signals ``hack/*`` included.
 
     ``rows[i]`` is sample i's dataset row: its ``prompt`` goes to the reward programs as ``prompts=`` and
     every other column under its own name. ``missing_eos_penalty`` is subtracted from the sequence score of
@@ -97,6 +100,10 @@ def score(rollout: Rollout, sources: RewardSources, rows: Sequence[dict[str, Any
         step_rewards = place_rewards(weighted, positions, rollout.response_mask)
         stats["reward/steps_per_response"] = sum(len(v) for v in values) / max(len(values), 1)
     stats["reward/unscored_frac"] = sum(s is None for s in scores) / max(len(scores), 1)
+    # Over every sample, unscorable ones too; "rewarded" means a sequence score > 0 as paid (after the missing-EOS
+    # penalty; PRM step rewards and the KL term aside): without sequence rewards there is no such signal.
+    lengths = rollout.response_mask.sum(1).tolist()
+    stats.update(math_signals(rollout.texts, lengths, scores if sources.sequence is not None else None))
     return scores, step_rewards, stats
 
 
@@ -149,6 +156,11 @@ def ppo_step(step: int, models: PPOModels, sources: RewardSources, data: Sequenc
     # 4. PPO epochs over mini-batches (seeded per step: a resumed run shuffles as the original would).
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
     update = ppo_update(models.policy, models.value, optimizer, rollout, config, groups, generator)
+    # A nan/inf loss or gradient norm fails the stage at this step, before anything of it is saved (a nan loss on
+    # one process makes every process's gradient norms nan: they are taken after the all-reduce).
+    for key in ("policy/loss", "value/loss", "policy/grad_norm", "value/grad_norm"):
+        if not math.isfinite(update.get(key, 0.0)):
+            raise TrainingDiverged(getattr(config, "name", None) or "ppo", step + 1, key, update[key])
     finished = time.perf_counter()
     # 5. The KL coefficient follows the measured KL (adaptive controller only).
     stats = rollout_stats(rollout, step_rewards, beta, config.kl_estimator)

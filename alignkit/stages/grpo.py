@@ -22,7 +22,9 @@ into TRL prompts (keeping ``answer`` etc. for the rewards), load model and token
 accuracy on ``accuracy_data``, train (LoRA via ``peft_config``; resumes from the last checkpoint in the
 stage folder), save adapter + merged model, measure accuracy again. Outputs: ``${<name>.model}``,
 ``${<name>.adapter}``. Metrics: reward first/last logged, accuracy before/after, completions/s,
-``frac_reward_zero_std``.
+``frac_reward_zero_std``. Every step also logs the reward-hacking signals ``hack/*`` (completion length,
+rewarded answers that are not a plain number, no answer, repeated 4-grams: :mod:`alignkit.hacking`; how to
+read them: ``docs/grpo.md``), kept in ``trainer_state.json`` and as ``hack_<signal>_first/_last`` metrics.
 
 Departures from the paper and from plain TRL:
 1. ``loss_type`` defaults to TRL's ``dapo`` (token-level sum over the whole batch, DAPO arXiv:2503.14476),

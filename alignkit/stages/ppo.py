@@ -22,6 +22,10 @@ last token; GAE; ``ppo_epochs`` passes of clipped policy and value losses over m
 ``${<name>.model}`` (merged policy), ``${<name>.adapter}``, ``${<name>.value_model}`` (a one-label sequence
 classifier folder: reusable as ``value_model:`` of a later PPO stage), ``${<name>.value_adapter}``.
 
+Each step also records the reward-hacking signals ``hack/*`` (:mod:`alignkit.hacking`, scored on the sequence
+rewards as paid; how to read them: ``docs/grpo.md``) in ``history.jsonl`` and the tracker, and the manifest
+keeps their first- and last-quarter means as ``hack_<signal>_first/_last``.
+
 Departures from the papers and from TRL 1.12's PPOTrainer:
 
 1. LoRA only (``lora`` is required): the frozen reference is the policy with its adapters disabled, so the
@@ -36,7 +40,7 @@ Departures from the papers and from TRL 1.12's PPOTrainer:
 4. Rewards are reward programs (verifiers; ``model:<folder>`` for an outcome reward model) and/or a PRM, summed
    with weights; a program's ``None`` removes that sample from the step. TRL 1.12 took one reward model.
 5. PRM step scores (p_good in [0, 1]) are used as they are, like the paper: with many steps they add up, so a
-   longer solution of good steps earns more; watch ``response/length``.
+   longer solution of good steps earns more; watch ``response/length`` (and ``hack/completion_tokens``).
 6. No DistributedDataParallel: gradients of the LoRA weights are summed over processes by one all-reduce per
    optimizer step, and losses are scaled by the global token count (exact token-mean over processes).
    Gradient norms are clipped per model (policy, value), not jointly as TRL's wrapper did.
@@ -371,8 +375,8 @@ def _save_outputs(models: Any, tokenizer: Any, ctx) -> dict[str, str]:
 
 
 def _summary(history: list[dict[str, Any]], start: int, seconds: float) -> dict[str, Any]:
-    """Sequence and step (PRM) rewards and KL at the start and end of training (means over the first and last
-    quarter of the steps)."""
+    """Sequence and step (PRM) rewards, KL and the reward-hacking signals at the start and end of training
+    (means over the first and last quarter of the steps)."""
     if not history:
         return {"train_steps": 0}
     k = max(1, len(history) // 4)
@@ -381,7 +385,7 @@ def _summary(history: list[dict[str, Any]], start: int, seconds: float) -> dict[
         return sum(r.get(key, 0.0) for r in rows) / len(rows)
 
     ran = len(history) - start
-    return {
+    summary = {
         "train_steps": history[-1]["step"], "train_seconds": round(seconds, 2),
         "reward_first": mean(history[:k], "reward/score"), "reward_last": mean(history[-k:], "reward/score"),
         "step_reward_first": mean(history[:k], "reward/step_score"),
@@ -391,6 +395,11 @@ def _summary(history: list[dict[str, Any]], start: int, seconds: float) -> dict[
         "tokens_per_second": round(mean(history[start:], "throughput/tokens_per_s"), 1) if ran > 0 else None,
         "peak_memory_gib_steps": max(r.get("memory/peak_gib", 0.0) for r in history),
     }
+    for key in history[-1]:
+        if key.startswith("hack/"):  # hack/no_answer_frac -> hack_no_answer_frac_first, _last
+            name = f"hack_{key[len('hack/'):]}"
+            summary[f"{name}_first"], summary[f"{name}_last"] = mean(history[:k], key), mean(history[-k:], key)
+    return summary
 
 
 def _accuracy(models: Any, problems: Any, config: Config, ctx, when: str, *, reuse: bool) -> float:

@@ -8,6 +8,9 @@ named steps: data -> model -> accuracy before -> train -> save -> accuracy after
 
 Batch sizes follow TRL: ``batch_size`` counts *completions* per device and step, so one optimizer step sees
 ``batch_size * grad_accum * processes / num_generations`` prompts (8 * 1 * 1 / 4 = 2 prompts of 4).
+
+Every batch's reward-hacking signals (:mod:`alignkit.hacking`) are logged beside TRL's reward through
+:class:`HackingWatch`, which taps the reward functions TRL calls.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from ..errors import DataError, RecipeError
 from ..rewards import RewardSpec, bind_reward, is_model_reward, load_reward
 from .common import (
     TrainStageConfig, check_trl_passthrough, last_checkpoint, measure_accuracy, restore_trainable_dtype,
-    save_trained_model,
+    save_trained_model, stop_on_nonfinite,
 )
 
 
@@ -139,6 +142,7 @@ def train_with_rewards(config: RLStageConfig, ctx, trainer_class: type, args: An
     metrics hold reward first/last, accuracy before/after, throughput and TRL's ``frac_reward_zero_std``.
     """
     from ..data import load_dataset
+    from ..hacking import math_signals
     from ..models import load_model, load_tokenizer, lora_config
     from ..pipeline import StageResult
     from ..rewards import load_rewards
@@ -149,7 +153,8 @@ def train_with_rewards(config: RLStageConfig, ctx, trainer_class: type, args: An
     longest_prompt = check_prompt_lengths(train_rows, tokenizer, config)
     problems = load_dataset(config.accuracy_data, "problems") if config.accuracy_data else None
     base_dir = Path(ctx.recipe.file).parent if ctx.recipe.file else None  # reward paths are recipe-relative
-    reward_funcs, _ = load_rewards(list(config.rewards), base_dir)
+    reward_funcs, weights = load_rewards(list(config.rewards), base_dir)
+    reward_funcs = HackingWatch(reward_funcs, weights, math_signals).funcs  # logs hack/* per step
 
     # 2. Model, and accuracy before training.
     model = load_model(config.model, quantization=config.quantization, dtype=config.dtype,
@@ -164,6 +169,7 @@ def train_with_rewards(config: RLStageConfig, ctx, trainer_class: type, args: An
         peft_config=lora_config(config.lora, "causal-lm") if config.lora else None,
     )
     restore_trainable_dtype(trainer, config)  # QLoRA: keep the adapters in the model's dtype (TRL makes them bf16)
+    stop_on_nonfinite(trainer, ctx)  # a nan/inf loss or grad norm fails the stage at that step
     checkpoint = last_checkpoint(ctx.run_dir)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
@@ -211,7 +217,61 @@ def reward_metrics(log_history: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("completions/mean_length", "completions/clipped_ratio", "kl", "entropy"):
         if key in logged[-1]:
             metrics[key.replace("completions/", "completion_").replace("/", "_") + "_last"] = logged[-1][key]
+    for key in logged[-1]:
+        if key.startswith("hack/"):  # reward-hacking signals (HackingWatch): hack_<signal>_first/_last
+            metrics[f"hack_{key[len('hack/'):]}_first"] = logged[0].get(key)
+            metrics[f"hack_{key[len('hack/'):]}_last"] = logged[-1][key]
     return metrics
+
+
+class HackingWatch:
+    """Taps a TRL trainer's reward functions so that each batch's reward-hacking signals are logged.
+
+    TRL 1.16 calls its (synchronous) reward functions one after the other on the same batch, passing
+    ``completions``, ``completion_ids`` and ``log_metric``. Each tap in :attr:`funcs` returns its function's
+    scores unchanged and keeps them; after the last one, ``signals(texts, token_lengths, rewards)`` gets the
+    batch and the weighted total (TRL's weighted sum, before any KL term) and its values go to ``log_metric``.
+    TRL averages those per logged step into ``state.log_history``, hence the tracker and the checkpoints'
+    ``trainer_state.json`` (with several processes: the mean of the processes' values, as for any
+    ``log_metric``). Taps keep the functions' names, so TRL's ``rewards/<name>/mean`` logs are unchanged.
+    """
+
+    def __init__(self, funcs: list[Any], weights: list[float], signals: Any):
+        if len(funcs) != len(weights):
+            raise ValueError(f"{len(funcs)} reward functions for {len(weights)} weights")
+        self.weights, self.signals = list(weights), signals
+        self.funcs = [_RewardTap(self, index, fn) for index, fn in enumerate(funcs)]
+        self._scores: list[list[float | None]] = []
+
+    def scored(self, index: int, scores: list, completions: list, kwargs: dict[str, Any]) -> None:
+        """Keep function ``index``'s scores of this batch; after the last function's, log the signals."""
+        from ..rewards import completion_text, weighted_total
+
+        if index == 0:  # a new batch
+            self._scores = []
+        self._scores.append([None if s is None else float(s) for s in scores])
+        log_metric = kwargs.get("log_metric")
+        if index < len(self.funcs) - 1 or log_metric is None or len(self._scores) != len(self.funcs):
+            return
+        texts = [completion_text(c) for c in completions]
+        lengths = [len(ids) for ids in kwargs["completion_ids"]]
+        for name, value in self.signals(texts, lengths, weighted_total(self._scores, self.weights)).items():
+            log_metric(name, value)
+
+
+class _RewardTap:
+    """One reward function of a :class:`HackingWatch`: called as TRL calls it, named as TRL names it."""
+
+    def __init__(self, watch: HackingWatch, index: int, fn: Any):
+        from trl.trainer.utils import get_callable_name
+
+        self.watch, self.index, self.fn = watch, index, fn
+        self.__name__ = get_callable_name(fn)  # TRL logs rewards/<__name__>/mean
+
+    def __call__(self, completions: list, **kwargs: Any) -> list:
+        scores = list(self.fn(completions=completions, **kwargs))
+        self.watch.scored(self.index, scores, completions, kwargs)
+        return scores
 
 
 def throughput(global_step: int, args: Any, seconds: float, *, resumed_from: str | None) -> dict[str, Any]:

@@ -33,7 +33,8 @@ What it does, in order:
    position; positions whose k rewards are all equal are dropped (DAPO's dynamic sampling, done once
    before training instead of per batch: TRL 1.16 gives such groups zero advantage and keeps them).
 4. GRPO through TRL's ``GRPOTrainer`` (the ``grpo`` stage's fields and defaults: ``beta: 0``, dapo loss),
-   reward ``reward/rntp.py:next_token_match`` or ``:thought_gain`` plus any extra ``rewards``.
+   reward ``reward/rntp.py:next_token_match`` or ``:thought_gain`` plus any extra ``rewards``. Each step
+   logs the reward-hacking signals ``hack/*`` (:func:`boxed_signals`: length, no boxed answer, repetition).
 5. Evaluation after: (c) ``think`` (and ``plain`` again) with the merged trained model.
 
 Outputs: ``${<name>.model}``, ``${<name>.adapter}``, ``${<name>.positions}``, ``${<name>.evaluation}``
@@ -408,8 +409,9 @@ def train_grpo(model, tokenizer, rows: list[dict[str, Any]], config: Config, ctx
 
     from ..models import lora_config
     from ..rewards import load_rewards
-    from .common import last_checkpoint, restore_trainable_dtype, save_trained_model, trl_args
+    from .common import last_checkpoint, restore_trainable_dtype, save_trained_model, stop_on_nonfinite, trl_args
     from .rl_common import (
+        HackingWatch,
         check_prompt_lengths,
         prompt_rows,
         reward_metrics,
@@ -420,15 +422,17 @@ def train_grpo(model, tokenizer, rows: list[dict[str, Any]], config: Config, ctx
     columns = ("prompt", "continuation", "token_ends", "entropy")
     dataset = prompt_rows(Dataset.from_list([{c: r[c] for c in columns} for r in rows]), tokenizer, chat=config.chat)
     longest = check_prompt_lengths(dataset, tokenizer, config)
-    extra, _ = load_rewards(list(config.rewards), Path(ctx.recipe.file).parent if ctx.recipe.file else None)
+    extra, weights = load_rewards(list(config.rewards), Path(ctx.recipe.file).parent if ctx.recipe.file else None)
     args = trl_args(GRPOConfig, config, ctx, **{
-        **rl_trl_args(config), "reward_weights": [1.0] + [s.weight for s in config.rewards],
+        **rl_trl_args(config), "reward_weights": [1.0] + weights,
         "loss_type": config.loss_type, "scale_rewards": config.scale_rewards,
         "importance_sampling_level": config.importance_sampling_level, "epsilon_high": config.epsilon_high})
-    trainer = GRPOTrainer(model=model, reward_funcs=[_reward_fn(config)] + extra, args=args, train_dataset=dataset,
+    watch = HackingWatch([_reward_fn(config)] + extra, [1.0] + weights, boxed_signals)  # logs hack/* per step
+    trainer = GRPOTrainer(model=model, reward_funcs=watch.funcs, args=args, train_dataset=dataset,
                           processing_class=tokenizer,
                           peft_config=lora_config(config.lora, "causal-lm") if config.lora else None)
     restore_trainable_dtype(trainer, config)  # QLoRA: keep the adapters in the model's dtype (TRL makes them bf16)
+    stop_on_nonfinite(trainer, ctx)  # a nan/inf loss or grad norm fails the stage at that step
     checkpoint = last_checkpoint(ctx.run_dir)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
@@ -438,3 +442,12 @@ def train_grpo(model, tokenizer, rows: list[dict[str, Any]], config: Config, ctx
                **reward_metrics(trainer.state.log_history),
                **throughput(trainer.state.global_step, args, seconds, resumed_from=checkpoint)}
     return artifacts, metrics
+
+
+def boxed_signals(texts: list[str], token_lengths: list[int], rewards: list[float | None]) -> dict[str, float]:
+    """The reward-hacking signals of an rntp batch: the answer is the boxed prediction (none: no closed box
+    after the thinking). A prediction is a piece of text, not a number, so there is no plain-number signal."""
+    from ..hacking import hacking_signals
+    from ..rntp import boxed_prediction
+
+    return hacking_signals(texts, token_lengths, rewards, extract=boxed_prediction)

@@ -14,9 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Spec(BaseModel):
-    """Base for every config block: unknown keys are errors, values are immutable."""
+    """Base for every config block: unknown keys are errors, values are immutable, numbers are finite
+    (``lr: .inf`` would pass ``gt=0`` and train a nan model)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False)
 
 
 class QuantSpec(Spec):

@@ -501,6 +501,7 @@ def merge_adapter(adapter_dir: str, out_dir: str, *, dtype: str = "auto") -> str
     model = model.to(base_dtype if dtype == "auto" else getattr(torch, dtype))
     tokenizer = load_tokenizer(adapter_dir, padding_side="right")
     out = Path(out_dir).expanduser()
+    check_finite_weights(model.state_dict().items(), f"merged model {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.tmp-") as tmp:
         staging = Path(tmp) / "merged"
@@ -510,6 +511,22 @@ def merge_adapter(adapter_dir: str, out_dir: str, *, dtype: str = "auto") -> str
             out.rename(Path(tmp) / "previous")  # deleted with the temp folder
         staging.rename(out)
     return str(out)
+
+
+def check_finite_weights(tensors: Any, what: str) -> None:
+    """Refuse to write a model with nan/inf weights (a diverged run): ModelError naming the first bad tensor.
+
+    ``tensors``: ``(name, tensor)`` pairs, e.g. ``model.state_dict().items()``. Non-float tensors (4-bit
+    weights, integer buffers) are skipped; a sharded tensor (FSDP2's DTensor) is checked in this process's shard.
+    """
+    import torch
+
+    for name, tensor in tensors:
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        if local.is_floating_point() and not bool(torch.isfinite(local).all()):
+            bad = int((~torch.isfinite(local)).sum())
+            raise ModelError(f"{what}: tensor {name} has {bad} nan/inf values of {local.numel()}; not writing a "
+                             "diverged model (lower lr, or check the data)")
 
 
 def _checkpoint_dtype(path: str) -> Any:

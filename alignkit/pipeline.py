@@ -1,13 +1,15 @@
 """Run a resolved recipe: skip finished stages, resume interrupted ones, hand outputs on.
 
-For each stage, in order:
+First the run folder is locked (:mod:`.runlock`): a second ``alignkit run`` into it while this one lives is
+refused at once. Then, for each stage, in order:
 
 1. **Decide.** ``done`` with the same config hash -> skip. Otherwise run; if the previous attempt had a
    different hash its folder is stale and is cleared, if it had the same hash the stage resumes from what
    it left (checkpoints, data shards). ``--from STAGE`` clears and reruns that stage and every later one.
 2. **Run.** Manifest ``running`` -> ``stage.run(config, ctx)`` -> manifest ``done`` with metrics, artifacts,
    timings and peak memory. Any exception (Ctrl-C and SIGTERM included) writes ``failed``/``interrupted``:
-   never ``done``.
+   never ``done``. A training stage whose loss or gradient norm goes nan/inf fails at that step
+   (``failed_step`` in the manifest's metrics).
 3. **Export/push** to the Hub when the recipe's ``hub:`` asks for it.
 
 Under ``accelerate launch`` every process walks the same plan (so distributed trainers meet in the same
@@ -21,6 +23,7 @@ import os
 import shutil
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,10 +31,11 @@ from typing import Any
 import yaml
 
 from .artifacts import Manifest, write_json_atomic
-from .errors import RecipeError
+from .errors import RecipeError, RunFolderBusy
 from .perf import peak_memory_gib, reset_peak_memory
 from .recipe import PlannedStage, Recipe
 from .registry import get_stage
+from .runlock import RunLock
 from .secrets import redact
 from .tracking import Tracker
 
@@ -112,7 +116,39 @@ def process_state():
 
 
 def run_recipe(recipe: Recipe, *, from_stage: str | None = None, echo=print) -> list[StageOutcome]:
+    if from_stage is not None:
+        recipe.stage(from_stage)  # an unknown name is refused before the run folder is touched
     state = process_state()
+    with _run_folder_lock(recipe.root, state):  # before anything is written: run.json, clean-up, manifests
+        return _run_stages(recipe, state, from_stage, echo)
+
+
+@contextmanager
+def _run_folder_lock(root: Path, state):
+    """Hold the run folder's lock (:mod:`.runlock`) for the whole run, or raise :class:`RunFolderBusy` at once.
+
+    The main process takes it and the other ranks of this launch work under it; they learn whether it was
+    refused, so that every rank stops alike instead of waiting in a barrier for a main process that left.
+    """
+    lock, refusal = RunLock(root), None
+    if state.is_main_process:
+        try:
+            lock.acquire()
+        except RunFolderBusy as exc:
+            refusal = str(exc)
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal:
+        raise RunFolderBusy(refusal)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _run_stages(recipe: Recipe, state, from_stage: str | None, echo) -> list[StageOutcome]:
     is_main = state.is_main_process
     run_info = _run_info(recipe, is_main)
     state.wait_for_everyone()
@@ -172,6 +208,8 @@ def _run_stage(recipe: Recipe, stage: PlannedStage, state, is_main: bool, group:
     except BaseException as exc:  # Ctrl-C and SIGTERM too: record, then let it propagate
         manifest.status = "interrupted" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "failed"
         manifest.error = f"{type(exc).__name__}: {exc}"
+        if getattr(exc, "step", None) is not None:  # TrainingDiverged: the step that went nan/inf
+            manifest.metrics = {"failed_step": exc.step}
         manifest.duration_s = time.perf_counter() - started
         if is_main:
             manifest.write(stage.run_dir)

@@ -1,7 +1,9 @@
-"""A model-free stage kind for pipeline tests: writes its message, counts its runs, can fail on demand."""
+"""A model-free stage kind for pipeline tests: writes its message, counts its runs, can fail on demand, and can
+hold (wait for a file to appear) so that a test can act while a run is live."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from pydantic import Field
@@ -19,6 +21,7 @@ class Config(StageConfig):
     data: DataSpec | None = None
     repeat: int = Field(1, gt=0)
     fail: bool = False
+    hold: str | None = None  # wait until this file exists (the manifest already says running)
 
 
 def outputs(run_dir: Path) -> dict[str, str]:
@@ -26,6 +29,8 @@ def outputs(run_dir: Path) -> dict[str, str]:
 
 
 def run(config: Config, ctx) -> StageResult:
+    while config.hold and not Path(config.hold).exists():
+        time.sleep(0.05)
     runs_file = ctx.run_dir.parent / f"{ctx.name}.runs"  # outside the stage folder: survives a rerun
     runs_file.write_text(str(int(runs_file.read_text()) + 1 if runs_file.exists() else 1))
     text = config.message * config.repeat

@@ -201,6 +201,26 @@ def test_merge_adapter_round_trip(tiny_model_dir: Path, tmp_path: Path, task: st
     torch.testing.assert_close(_logits(load_model(merged_dir, task=task)), peft_logits, atol=1e-5, rtol=1e-5)
 
 
+def test_merge_refuses_non_finite_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A diverged adapter (nan in one LoRA matrix) is never merged into a model folder."""
+    from alignkit.models import check_finite_weights
+
+    peft_model = apply_lora(load_model(str(tiny_model_dir)), LoraSpec(r=4), "causal-lm")
+    _randomize_lora(peft_model)
+    name, param = next((n, p) for n, p in peft_model.named_parameters() if "lora_B" in n)
+    with torch.no_grad():
+        param[0, 0] = float("nan")
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ModelError, match=r"merged model \S+merged: tensor model\.layers\.\S+ has \d+ nan/inf values"):
+        merge_adapter(str(tmp_path / "adapter"), str(tmp_path / "merged"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # nothing written, no temp leftovers
+
+    state = {"ok": torch.ones(3), "steps": torch.tensor([7]), "bad": torch.tensor([1.0, float("inf")])}
+    with pytest.raises(ModelError, match="^m: tensor bad has 1 nan/inf values of 2;"):
+        check_finite_weights(state.items(), "m")
+    check_finite_weights([("ok", torch.ones(2)), ("ids", torch.arange(3))], "m")  # integer tensors are skipped
+
+
 def test_adapter_label_count_mismatch(tiny_model_dir: Path, tmp_path: Path) -> None:
     peft_model = apply_lora(load_model(str(tiny_model_dir), task="token-cls", num_labels=2), LoraSpec(r=2), "token-cls")
     peft_model.save_pretrained(tmp_path)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -171,3 +173,112 @@ def test_cli_lists_recipes_and_dispatches_grade(tmp_path, capsys):
     assert main(["grade", str(rows), "--reward", "reward/math.py:answer_match"]) == 0
     assert "0.5" in capsys.readouterr().out
     assert main(["grade", str(rows), "--reward", "reward/math.py:answer_match", "--answer-field", "gold"]) == 2
+
+
+# --- one live run per run folder (alignkit.runlock) ---------------------------------------------------------
+
+ECHO_CLI = Path(__file__).parent / "echo_cli.py"  # the CLI with the echo kind registered, in its own process
+
+
+def _echo_cli(recipe: Path, out: Path, *overrides: str) -> list[str]:
+    command = [sys.executable, str(ECHO_CLI), "run", str(recipe), "--output-dir", str(out)]
+    for override in overrides:
+        command += ["--set", override]
+    return command
+
+
+def _wait_until_running(stage_dir: Path, proc: subprocess.Popen, timeout_s: float = 120.0) -> Manifest:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        manifest = Manifest.read(stage_dir)
+        if manifest is not None and manifest.status == "running":
+            return manifest
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    raise AssertionError(f"{stage_dir} never said running")
+
+
+def test_second_run_into_a_live_folder_is_refused_at_once(tmp_path, recipe_file):
+    out, release = tmp_path / "runs", tmp_path / "release"
+    token = "hf_" + "Z9y8X7w6V5u4T3s2R1q0PoNmLk"
+    first_args = (f"stages.first.hold={release}", f"description=run with {token}")
+    first = subprocess.Popen(_echo_cli(recipe_file, out, *first_args), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        recipe = load_recipe(recipe_file, list(first_args), output_dir=str(out))
+        _wait_until_running(recipe.stage("first").run_dir, first)
+        # a different config: unlocked, its stale-config clean-up would delete the first run's stage folder
+        second = subprocess.run(_echo_cli(recipe_file, out, "stages.first.message=z"), capture_output=True,
+                                text=True, timeout=120)
+        assert second.returncode == 2
+        (line,) = second.stderr.strip().splitlines()
+        assert line.startswith(f"alignkit: error: {recipe.root} is in use by pid {first.pid} (echo_cli.py run ")
+        assert line.endswith("); wait for it or use --output-dir") and "***" in line and token not in line
+        assert "running" not in second.stdout
+        assert token not in (recipe.root / ".lock").read_text()
+        # the first run is untouched and finishes as itself
+        release.touch()
+        stdout, stderr = first.communicate(timeout=120)
+        assert first.returncode == 0, stderr
+    finally:
+        first.kill()
+    manifest = Manifest.read(recipe.stage("first").run_dir)
+    assert manifest.status == "done" and manifest.config_hash == recipe.stage("first").hash
+    assert manifest.config["message"] == "a" and runs(recipe.root, "first") == 1
+    assert (recipe.stage("second").run_dir / "out.txt").read_text() == "a|b"
+
+
+def test_a_killed_run_leaves_no_stale_lock(tmp_path, recipe_file):
+    out, release = tmp_path / "runs", tmp_path / "release"
+    first = subprocess.Popen(_echo_cli(recipe_file, out, f"stages.first.hold={release}"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    recipe = load_recipe(recipe_file, output_dir=str(out))
+    _wait_until_running(recipe.stage("first").run_dir, first)
+    first.send_signal(signal.SIGKILL)  # no clean-up of any kind: the kernel drops the lock with the process
+    first.wait(timeout=60)
+    rerun = subprocess.run(_echo_cli(recipe_file, out), capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "in use" not in rerun.stderr
+    assert Manifest.read(recipe.stage("second").run_dir).status == "done"
+
+
+def test_the_lock_is_held_for_the_run_and_released_after(tmp_path, recipe_file):
+    from alignkit.errors import RunFolderBusy
+    from alignkit.runlock import RunLock
+
+    recipe = load_recipe(recipe_file, output_dir=str(tmp_path / "runs"))
+    with RunLock(recipe.root):  # another holder (a second open of the file: flock conflicts even in-process)
+        with pytest.raises(RunFolderBusy, match=r"is in use by pid \d+ "):
+            run_recipe(recipe, echo=lambda *_: None)
+        assert main(["run", str(recipe_file), "--dry-run", "--output-dir", str(tmp_path / "runs")]) == 0  # no lock
+    assert not (recipe.root / "run.json").exists()  # refused before anything was written
+    run_recipe(recipe, echo=lambda *_: None)
+    run_recipe(recipe, echo=lambda *_: None)  # released after each run
+
+
+def test_ranks_of_one_accelerate_launch_share_the_lock(tmp_path, recipe_file):
+    """A refused 2-process launch stops on every rank at once (none waits for a main rank that left); an
+    unrefused one runs on both ranks under its main rank's lock."""
+    from helpers import CPU_2PROC
+
+    out, release = tmp_path / "runs", tmp_path / "release"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC)]
+    first = subprocess.Popen(_echo_cli(recipe_file, out, f"stages.first.hold={release}"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        recipe = load_recipe(recipe_file, [f"stages.first.hold={release}"], output_dir=str(out))
+        _wait_until_running(recipe.stage("first").run_dir, first)
+        refused = subprocess.run(launch + _echo_cli(recipe_file, out)[1:], capture_output=True, text=True,
+                                 env=env, timeout=240)
+        assert refused.returncode != 0 and ": running (" not in refused.stdout
+        assert refused.stderr.count(f"is in use by pid {first.pid} ") == 2, refused.stderr[-3000:]  # each rank
+        release.touch()
+        first.wait(timeout=120)
+    finally:
+        first.kill()
+    shared = subprocess.run(launch + _echo_cli(recipe_file, out, "stages.first.message=z")[1:],
+                            capture_output=True, text=True, env=env, timeout=240)
+    assert shared.returncode == 0, shared.stdout[-3000:] + shared.stderr[-3000:]
+    assert shared.stdout.count(": running (") == 4  # both ranks ran both stages
+    assert (recipe.stage("second").run_dir / "out.txt").read_text() == "z|b"

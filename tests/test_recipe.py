@@ -127,6 +127,23 @@ def test_bad_override_names_the_stage(tmp_path):
         apply_overrides({}, ["nonsense"])
 
 
+@pytest.mark.parametrize("value", [".inf", ".nan", "-.inf", "1e400"])
+def test_non_finite_numbers_are_refused(tmp_path, value, capsys):
+    """``gt=0`` lets inf through (and a diverged nan run used to end ``done``): every float must be finite."""
+    from alignkit.cli import main
+
+    path = write(tmp_path, f"name: x\nstages:\n  - kind: sft\n    model: m\n    data: arith\n    lr: {value}\n")
+    with pytest.raises(RecipeError, match=r": stages\.sft\.lr: Input should be a finite number") as info:
+        load_recipe(path)
+    assert info.value.field == "stages.sft.lr"
+    good = write(tmp_path, "name: x\nstages:\n  - kind: sft\n    model: m\n    data: arith\n")
+    for override in (f"stages.sft.lr={value}", f"stages.sft.lora.dropout={value}"):  # --set goes through it too
+        assert main(["run", str(good), "--set", override, "--set", "stages.sft.lora.r=4", "--dry-run"]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        field = override.split("=")[0]
+        assert line.startswith(f"alignkit: error: {good}: {field}: Input should be a finite number"), line
+
+
 def test_every_shipped_recipe_loads():
     recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
     assert recipes, "no shipped recipes found"

@@ -120,3 +120,76 @@ def test_two_process_accelerate_run(tmp_path, tiny_model_dir):
     assert manifest.status == "done" and manifest.metrics["train_steps"] == 6
     assert proc.stdout.count("finished; outputs in") == 1  # only the main process reports
     assert (tmp_path / "runs" / "tiny-sft" / "sft" / "model" / "config.json").exists()
+
+
+# --- a diverged run fails at its step and saves no model -----------------------------------------------------
+
+DIVERGE = ["stages.sft.accuracy_data=null", "stages.sft.max_steps=6", "stages.sft.save_steps=2"]
+
+
+def _failed(recipe) -> Manifest:
+    stage = recipe.stage("sft")
+    manifest = Manifest.read(stage.run_dir)
+    assert manifest.status == "failed", manifest
+    assert not (stage.run_dir / "model").exists() and not (stage.run_dir / "adapter").exists()
+    return manifest
+
+
+def test_huge_lr_fails_at_the_step_it_diverges(tmp_path, tiny_model_dir):
+    from alignkit.errors import TrainingDiverged
+
+    # finite, so validation lets it through; the second step's forward overflows to nan
+    recipe = load_recipe(sft_recipe(tmp_path, tiny_model_dir), [*DIVERGE, "stages.sft.lr=1e30"],
+                         output_dir=str(tmp_path / "runs"))
+    with pytest.raises(TrainingDiverged, match=r"^sft: training diverged at step \d: the loss is nan") as info:
+        run_recipe(recipe, echo=lambda *_: None)
+    manifest = _failed(recipe)
+    assert manifest.metrics["failed_step"] == info.value.step and f"at step {info.value.step}:" in manifest.error
+
+
+def test_nan_loss_stops_at_that_very_step(tmp_path, tiny_model_dir, monkeypatch):
+    """Checked after every optimizer step, not only at logging steps (logging_steps is 4 here)."""
+    from trl import SFTTrainer
+
+    from alignkit.errors import TrainingDiverged
+
+    compute_loss = SFTTrainer.compute_loss
+
+    def poisoned(self, *args, **kwargs):
+        out = compute_loss(self, *args, **kwargs)
+        if self.state.global_step != 2:  # the third optimizer step
+            return out
+        return (out[0] * float("nan"), *out[1:]) if isinstance(out, tuple) else out * float("nan")
+
+    monkeypatch.setattr(SFTTrainer, "compute_loss", poisoned)
+    recipe = load_recipe(sft_recipe(tmp_path, tiny_model_dir), DIVERGE, output_dir=str(tmp_path / "runs"))
+    with pytest.raises(TrainingDiverged, match="at step 3: the loss is nan"):
+        run_recipe(recipe, echo=lambda *_: None)
+    assert _failed(recipe).metrics == {"failed_step": 3}
+    checkpoints = sorted(p.name for p in (recipe.stage("sft").run_dir / "checkpoints").glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-2"]  # nothing saved from the nan step
+
+
+def test_nan_gradient_norm_is_caught_when_logged(tmp_path, tiny_model_dir, monkeypatch):
+    from transformers import Trainer
+
+    from alignkit.errors import TrainingDiverged
+
+    monkeypatch.setattr(Trainer, "_get_grad_norm", lambda self, model, grad_norm=None: float("inf"))
+    recipe = load_recipe(sft_recipe(tmp_path, tiny_model_dir), [*DIVERGE, "stages.sft.logging_steps=1"],
+                         output_dir=str(tmp_path / "runs"))
+    with pytest.raises(TrainingDiverged, match="at step 1: the grad norm is inf"):
+        run_recipe(recipe, echo=lambda *_: None)
+    assert _failed(recipe).metrics == {"failed_step": 1}
+
+
+def test_nan_weights_are_never_saved(tmp_path, tiny_model_dir, monkeypatch):
+    """The last line of defence: with the training check off, the save refuses the nan model."""
+    from alignkit.errors import ModelError
+
+    monkeypatch.setattr("alignkit.stages.sft.stop_on_nonfinite", lambda trainer, ctx: None)
+    recipe = load_recipe(sft_recipe(tmp_path, tiny_model_dir), [*DIVERGE, "stages.sft.lr=1e30"],
+                         output_dir=str(tmp_path / "runs"))
+    with pytest.raises(ModelError, match=r"^sft: trained model: tensor \S+ has \d+ nan/inf values of \d+; not writing"):
+        run_recipe(recipe, echo=lambda *_: None)
+    _failed(recipe)

@@ -6,7 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ..config import LoraSpec, QuantSpec
 from ..errors import RecipeError
@@ -28,6 +28,13 @@ class TrainStageConfig(StageConfig):
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored if max_steps > 0).")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps_or_epochs(cls, value: int) -> int:
+        if value == 0 or value < -1:  # TRL reads any value <= 0 as "use epochs": -5 would silently run them
+            raise ValueError("must be a positive number of steps, or -1 to train for `epochs`")
+        return value
     batch_size: int = Field(8, gt=0, description="Per-device batch size.")
     grad_accum: int = Field(1, gt=0, description="Gradient accumulation steps.")
     max_length: int = Field(512, gt=0, description="Truncate sequences to this many tokens.")
@@ -110,7 +117,7 @@ def trl_args(config_class: type, config: TrainStageConfig, ctx, **stage_args: An
     args.update(stage_args)
     clash = sorted(set(config.trl) & set(stage_args))
     if clash:  # a stage-specific argument (e.g. DPO's beta) that the stage sets from its own field
-        raise RecipeError(f"set by the stage from its own fields; remove it from trl:", field=f"trl.{clash[0]}")
+        raise RecipeError("set by the stage from its own fields; remove it from trl:", field=f"trl.{clash[0]}")
     args.update(config.trl)
     return config_class(**args)
 
@@ -140,6 +147,43 @@ def restore_trainable_dtype(trainer, config: TrainStageConfig) -> None:
             param.data = param.data.to(dtype)
 
 
+def stop_on_nonfinite(trainer, ctx) -> None:
+    """Stop ``trainer`` at the first nan/inf loss or gradient norm: :class:`~alignkit.errors.TrainingDiverged`
+    names the stage and the step, the manifest says ``failed``, and no model or checkpoint of that step is saved.
+
+    Without it a diverged run trains on to the end and is saved as ``done`` (the Trainer logs a nan loss as the
+    mean so far, 0.0 at the start). The loss is checked after every optimizer step: the Trainer's running loss
+    since the last log (non-finite once any step's was; gathered over processes so that every rank stops at the
+    same step); the gradient norm, which the Trainer keeps to itself, when it is logged. Call once the trainer
+    is built, before ``train()``.
+    """
+    import math
+
+    import torch
+    from transformers import TrainerCallback
+
+    from ..errors import TrainingDiverged
+
+    class StopOnNonFinite(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            running = getattr(trainer, "_tr_loss", None)  # private in transformers 5; the log check covers its loss
+            if isinstance(running, torch.Tensor):
+                values = trainer.accelerator.gather(running.detach().float().reshape(1)).tolist()
+                bad = [v for v in values if not math.isfinite(v)]
+                if bad:
+                    raise TrainingDiverged(ctx.name, state.global_step, "the loss", bad[0])
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for key in ("loss", "grad_norm"):
+                value = (logs or {}).get(key)
+                # fp16 loss scaling skips steps whose gradients overflowed, by design: not a divergence
+                skipped = key == "grad_norm" and trainer.accelerator.optimizer_step_was_skipped
+                if isinstance(value, (int, float)) and not math.isfinite(value) and not skipped:
+                    raise TrainingDiverged(ctx.name, state.global_step, f"the {key.replace('_', ' ')}", value)
+
+    trainer.add_callback(StopOnNonFinite())
+
+
 def last_checkpoint(run_dir: Path) -> str | None:
     """The newest complete Trainer checkpoint under ``run_dir/checkpoints`` (None to start fresh)."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -154,12 +198,13 @@ def save_trained_model(trainer, tokenizer, ctx, *, merged_dtype: str = "auto") -
     Merging into a full-precision copy of the base (not into 4-bit weights) keeps the merged model exact;
     chaining stages then only ever load plain model folders.
     """
-    from ..models import merge_adapter
+    from ..models import check_finite_weights, merge_adapter
 
     artifacts: dict[str, str] = {}
     model_dir, adapter_dir = ctx.run_dir / "model", ctx.run_dir / "adapter"
     is_peft = hasattr(trainer.model, "peft_config")
     target = adapter_dir if is_peft else model_dir
+    check_finite_weights(trainer.model.state_dict().items(), f"{ctx.name}: trained model")  # on every rank
     trainer.save_model(str(target))  # main process only; handles FSDP/DeepSpeed gathering
     if ctx.is_main:
         # the pickled TrainingArguments: config in a form redact() never sees, and nothing a loader needs

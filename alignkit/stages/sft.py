@@ -33,7 +33,7 @@ from pydantic import Field
 from ..config import DataSpec
 from .common import (
     TrainStageConfig, check_trl_passthrough, last_checkpoint, measure_accuracy, restore_trainable_dtype,
-    save_trained_model, trl_args,
+    save_trained_model, stop_on_nonfinite, trl_args,
 )
 
 
@@ -90,6 +90,7 @@ def run(config: Config, ctx) -> Any:
         peft_config=lora_config(config.lora, "causal-lm") if config.lora else None,
     )
     restore_trainable_dtype(trainer, config)  # QLoRA: keep the adapters in the model's dtype (TRL makes them bf16)
+    stop_on_nonfinite(trainer, ctx)  # a nan/inf loss or grad norm fails the stage at that step
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last_checkpoint(ctx.run_dir))
     train_seconds = time.perf_counter() - started

@@ -6,9 +6,12 @@
     alignkit run recipes/quickstart.yaml --from dpo          # rerun from a stage
     accelerate launch -m alignkit run recipes/quickstart.yaml
     alignkit recipes                                         # list shipped recipes
+    alignkit init my-project                                 # a starter project: recipe, reward, data
     alignkit grade FILE.jsonl --reward reward/math.py:answer_match
     alignkit eval eval/arith.yaml --model runs/quickstart/sft/model
 
+Shipped names (``quickstart``, ``reward/math.py``, suite ``gsm8k``) resolve from the clone or the installed
+package when the working folder has no such file (:mod:`alignkit.shipped`); ``--dry-run`` says which was used.
 User mistakes print one message and exit with status 2; Ctrl-C exits 130 and a rerun resumes.
 """
 
@@ -20,10 +23,10 @@ import signal
 import sys
 from pathlib import Path
 
+from . import shipped
 from .errors import AlignkitError, RecipeError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-RECIPES_DIR = REPO_ROOT / "recipes"
+RECIPES_DIR = shipped.shipped_dir("recipes")  # the shipped recipes: the clone's recipes/, or the package's copy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run)
     recipes = sub.add_parser("recipes", help="list the shipped recipes")
     recipes.set_defaults(handler=_recipes)
+    init = sub.add_parser("init", help="write a starter project (recipe, reward program, data) into DIR")
+    init.add_argument("dir")
+    init.set_defaults(handler=_init)
     sub.add_parser("grade", help="grade a jsonl of completions with a reward program (see `grade -h`)")
     sub.add_parser("eval", help="run an eval suite on a model (see `eval -h`)")
     return parser
@@ -78,16 +84,22 @@ def _terminate(signum, frame):
 
 
 def find_recipe(name: str) -> Path:
-    """A recipe path as given, or a shipped recipe by name (``quickstart`` -> recipes/quickstart.yaml)."""
+    """A recipe path as given, or a shipped recipe by name (``quickstart``: ./recipes/quickstart.yaml if there is
+    one, else the shipped one); a relative path missing here but shipped (recipes/quickstart.yaml) is shipped."""
     path = Path(name)
-    if path.exists() or path.suffix in (".yaml", ".yml"):
+    if path.exists():
         return path
-    shipped = RECIPES_DIR / f"{name}.yaml"
-    if shipped.exists():
-        return shipped
+    if path.suffix in (".yaml", ".yml"):
+        copy = shipped.shipped_root() / path
+        if not path.is_absolute() and path.parts[0] == "recipes" and copy.is_file():
+            shipped.note("recipes", name, copy)
+            return copy
+        return path  # the recipe loader names what is missing
+    if len(path.parts) == 1 and (found := shipped.find("recipes", name)) is not None:
+        return found
     if len(path.parts) > 1 or path.suffix:  # looks like a path: the recipe loader names what is missing
         return path
-    names = sorted(f.stem for f in RECIPES_DIR.glob("*.yaml"))
+    names = shipped.shipped_names("recipes")
     close = difflib.get_close_matches(name, names, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
     raise RecipeError(f"no recipe file or shipped recipe named {name!r}; {hint}shipped recipes: {', '.join(names)}")
@@ -97,9 +109,12 @@ def _run(args) -> int:
     from .pipeline import format_summary, plan_actions, run_recipe
     from .recipe import load_recipe
 
+    shipped.reset()
     recipe = load_recipe(find_recipe(args.recipe), args.overrides, output_dir=args.output_dir)
     if args.dry_run:
         print(describe_plan(recipe, plan_actions(recipe, args.from_stage)))
+        for line in shipped.describe_used():  # which recipe/reward/suite files came from alignkit itself
+            print(line)
         return 0
     outcomes = run_recipe(recipe, from_stage=args.from_stage)
     from accelerate import PartialState
@@ -134,9 +149,10 @@ def describe_plan(recipe, actions) -> str:
 def _recipes(args) -> int:
     import yaml
 
-    files = sorted(RECIPES_DIR.glob("*.yaml"))
+    folder = shipped.shipped_dir("recipes")
+    files = sorted(folder.glob("*.yaml"))
     if not files:
-        print(f"no recipes found in {RECIPES_DIR}")
+        print(f"no recipes found in {folder}")
         return 1
     width = max(len(f.stem) for f in files)
     for file in files:
@@ -146,6 +162,16 @@ def _recipes(args) -> int:
             print(f"{file.stem.ljust(width)}  {data.get('description', '')}  [{kinds}]")
         except yaml.YAMLError:
             print(f"{file.stem.ljust(width)}  (unreadable YAML)")
+    return 0
+
+
+def _init(args) -> int:
+    from .starter import write_starter
+
+    written = write_starter(args.dir)
+    print(f"alignkit: wrote a starter project in {args.dir}: "
+          + ", ".join(str(p.relative_to(args.dir)) for p in written))
+    print(f"next: cd {args.dir} && alignkit run recipe.yaml --dry-run")
     return 0
 
 

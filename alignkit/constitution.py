@@ -16,10 +16,12 @@ A constitution is a YAML file::
       critique: "..."
       revision: "..."
 
-Recipes name one by a bare name (``harmless``: ``reward/constitutions/harmless.yaml`` shipped with alignkit)
-or a path (``my/principles.yaml``, looked up relative to the recipe's directory, then the working directory,
-then the repository root, like reward programs). A principle is drawn per example with
-:meth:`Constitution.sample`, from a ``random.Random`` the caller seeds, so a rerun draws the same ones.
+Recipes name one by a bare name (``harmless``: ``reward/constitutions/harmless.yaml`` in the recipe's
+directory or the working directory if there is one, else the one shipped with alignkit, see
+:mod:`alignkit.shipped`) or a path (``my/principles.yaml``, looked up relative to the recipe's directory,
+then the working directory, then the shipped folders' root, like reward programs). A principle is drawn per
+example with :meth:`Constitution.sample`, from a ``random.Random`` the caller seeds, so a rerun draws the
+same ones.
 """
 
 from __future__ import annotations
@@ -33,10 +35,10 @@ from pydantic import Field, ValidationError, model_validator
 
 from .config import Spec
 from .errors import RecipeError
-from .rewards import SHIPPED_ROOT
+from .shipped import find, is_shipped, note, shipped_dir, shipped_names, shipped_root
 
-#: where bare constitution names are found
-CONSTITUTIONS_DIR = SHIPPED_ROOT / "reward" / "constitutions"
+#: where the shipped constitutions are (a bare name is looked up in the user's reward/constitutions/ first)
+CONSTITUTIONS_DIR = shipped_dir("constitutions")
 
 
 class Principle(Spec):
@@ -98,25 +100,27 @@ class Constitution(Spec):
 
 def shipped_constitutions() -> list[str]:
     """Names of the constitutions that ship with alignkit."""
-    return sorted(p.stem for p in CONSTITUTIONS_DIR.glob("*.yaml"))
+    return shipped_names("constitutions")
 
 
 def constitution_path(ref: str, *, base_dir: str | Path | None = None) -> Path:
     """The file ``ref`` names: a bare name is a shipped constitution, anything else a path."""
+    roots = [Path(base_dir)] if base_dir is not None else []
     if _is_bare_name(ref):
-        path = CONSTITUTIONS_DIR / f"{ref}.yaml"
-        if not path.is_file():
+        path = find("constitutions", ref, roots)
+        if path is None:
             raise RecipeError(f"no shipped constitution {ref!r}; shipped: {shipped_constitutions()}. "
                               "Give a path to your own YAML file instead.")
         return path
     path = Path(ref).expanduser()
-    roots = [Path(base_dir)] if base_dir is not None else []
     candidates = [path] if path.is_absolute() else [
-        (root / path).resolve() for root in [*roots, Path.cwd(), SHIPPED_ROOT]]
+        (root / path).resolve() for root in [*roots, Path.cwd(), shipped_root()]]
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:
         raise RecipeError(f"constitution file {ref!r} not found; looked in: "
                           + ", ".join(str(c) for c in dict.fromkeys(candidates)))
+    if is_shipped(found):
+        note("constitutions", ref, found)
     return found
 
 

@@ -1,4 +1,7 @@
-"""alignkit's shipped reward programs (a folder of programs, not part of the installed package).
+"""alignkit's shipped reward programs: a folder of programs, loaded by path, not imported as a package.
+
+In a clone this is the top-level ``reward/``; the wheel carries a copy as ``alignkit/_shipped/reward/`` and
+:mod:`alignkit.shipped` finds whichever applies (a ``reward/<file>.py`` in the user's folder wins).
 
 Each program is a plain batched function with TRL's reward calling convention,
 ``fn(completions, **columns) -> list[float | None]``; recipes name them as ``reward/<file>.py:<function>``

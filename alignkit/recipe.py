@@ -83,6 +83,21 @@ class Recipe:
         }
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key written twice in one mapping (YAML's default: the last wins,
+    so ``lr: 1e-4`` above a forgotten ``lr: 1e-3`` would silently train at 1e-3)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(path: str | Path, overrides: list[str] = (), output_dir: str | None = None) -> Recipe:
     """Read, override (``--set a.b=c``), validate and resolve a recipe file."""
     path = Path(path)
@@ -90,7 +105,10 @@ def load_recipe(path: str | Path, overrides: list[str] = (), output_dir: str | N
     if not path.is_file():
         raise RecipeError("recipe file not found", file=file)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})",
+                          file=file) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -106,7 +124,12 @@ def apply_overrides(raw: Any, overrides: list[str], *, file: str | None = None) 
         key, sep, text = override.partition("=")
         if not sep or not key:
             raise RecipeError(f"--set {override!r}: expected KEY=VALUE, e.g. stages.sft.lr=1e-4", file=file)
-        value = yaml.safe_load(text) if text else ""
+        try:
+            value = yaml.load(text, Loader=UniqueKeyLoader) if text else ""
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise RecipeError(f"--set {override!r}: the value is not valid YAML ({problem}); quote it, "
+                              "e.g. --set 'stages.sft.lora={r: 8, alpha: 16}'", file=file, field=key) from None
         parts = key.split(".")
         node = raw
         for depth, part in enumerate(parts[:-1]):
@@ -246,6 +269,7 @@ def _validate_spec(spec_class: type[BaseModel], value: Any, file, field: str):
             got = error.get("input")
             hint = f" (got {got!r})" if error["type"] != "missing" and not isinstance(got, dict) else ""
             message = error["msg"].replace("Extra inputs are not permitted", "unknown field")
+            message = message.removeprefix("Value error, ")  # our validators' own words, without pydantic's tag
             problems.append((path, f"{message}{hint}"))
         first_path, first_message = problems[0]
         more = "".join(f"\n  {path}: {message}" for path, message in problems[1:])

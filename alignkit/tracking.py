@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import TrackingSpec
-from .secrets import redact, redact_argv
+from .errors import AlignkitError
+from .secrets import redact, redact_argv, redact_text
 
 # WANDB_MODE values wandb itself accepts, read as ours
 _ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
@@ -29,6 +30,19 @@ def wandb_mode(spec: TrackingSpec) -> str:
     if spec.wandb.mode is not None:
         return spec.wandb.mode
     return _ENV_MODES.get(os.environ.get("WANDB_MODE", "").strip().lower(), "online")
+
+
+@contextlib.contextmanager
+def _one_line_errors(mode: str):
+    """A W&B login or connection problem is one line naming the way out, not wandb's traceback."""
+    import wandb
+
+    try:
+        yield
+    except (wandb.errors.Error, OSError) as exc:
+        raise AlignkitError(f"W&B could not start a run in {mode} mode: {redact_text(str(exc)).splitlines()[0]} "
+                            "Log in with `wandb login` (or set WANDB_API_KEY), or run with WANDB_MODE=offline "
+                            "and `wandb sync` later, or set tracking.report_to: none") from None
 
 
 @contextlib.contextmanager
@@ -68,7 +82,7 @@ class Tracker:
         os.environ.setdefault("WANDB_SILENT", "true")
         os.environ.setdefault("WANDB_LOG_MODEL", "false")
         self.directory.mkdir(parents=True, exist_ok=True)
-        with _masked_argv():
+        with _masked_argv(), _one_line_errors(self.mode):
             self.run = wandb.init(
                 project=wandb_spec.project,
                 entity=wandb_spec.entity,

@@ -9,6 +9,9 @@ It reports; it asserts nothing.
 
     .venv/bin/python bench/regrade.py --old-rev 27aae92 runs/grpo-long/rlvr-arith/*/accuracy_*.jsonl
     .venv/bin/python bench/regrade.py --old-rev 27aae92 --completion-field text FILE.jsonl --show 5
+    # on-policy DPO sample shards (8 samples a prompt, no gold in them): golds from the recipe's data spec
+    .venv/bin/python bench/regrade.py --old-rev 27aae92 runs/grpo-long/rlvr-arith/dpo/pairs/shard-*.jsonl \
+        --answers-from '{source: arith, seed: 2, params: {n: 128, steps: 2, max_operand: 20}}'
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import yaml
 
 from alignkit.metrics import bootstrap_ci
 from alignkit.rewards import load_reward
@@ -50,8 +55,12 @@ def why_paid(phrase: str | None) -> str:
     return "operand list" if len(re.findall(r"\d+(?:\.\d+)?", last_side)) > 1 else "other"
 
 
-def read_rows(path: Path, completion_field: str, answer_field: str) -> list[dict]:
+def read_rows(path: Path, completion_field: str, answer_field: str, answers: dict | None = None) -> list[dict]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if rows and "samples" in rows[0]:  # a sample shard: one row per sample, completion under "completion"
+        rows = [{**row, completion_field: sample} for row in rows for sample in row["samples"]]
+    if answers is not None:
+        rows = [{**row, answer_field: answers[row["prompt"]]} for row in rows]
     missing = [f for f in (completion_field, answer_field) if rows and f not in rows[0]]
     if missing:
         sys.exit(f"error: {path}: rows have no field(s) {missing}; fields: {sorted(rows[0])}")
@@ -59,7 +68,7 @@ def read_rows(path: Path, completion_field: str, answer_field: str) -> list[dict
 
 
 def regrade(path: Path, old: tuple, new: tuple, args: argparse.Namespace) -> collections.Counter:
-    rows = read_rows(path, args.completion_field, args.answer_field)
+    rows = read_rows(path, args.completion_field, args.answer_field, args.answers)
     texts = [str(row[args.completion_field]) for row in rows]
     golds = [row[args.answer_field] for row in rows]
     old_scores = [s or 0.0 for s in old[0](texts, answer=golds)]
@@ -92,7 +101,15 @@ def main() -> None:
     parser.add_argument("--completion-field", default="completion")
     parser.add_argument("--answer-field", default="answer")
     parser.add_argument("--show", type=int, default=3, help="examples printed per file")
+    parser.add_argument("--answers-from", help="a recipe data spec (YAML) whose problems give each prompt's gold")
     args = parser.parse_args()
+    args.answers = None
+    if args.answers_from:
+        from alignkit.config import DataSpec
+        from alignkit.data import load_dataset
+
+        problems = load_dataset(DataSpec.model_validate(yaml.safe_load(args.answers_from)), "problems")
+        args.answers = {row["prompt"]: row["answer"] for row in problems}
     old = old_verifier(args.old_rev)
     new = load_reward("reward/math.py:answer_match"), load_reward("reward/math.py:extract_answer")
     total: collections.Counter = collections.Counter()

@@ -90,3 +90,13 @@ def test_environment_wandb_mode_wins_unless_the_recipe_sets_one(monkeypatch, env
         monkeypatch.setenv("WANDB_MODE", env)
     spec = TrackingSpec(wandb={"mode": recipe_mode} if recipe_mode else {})
     assert wandb_mode(spec) == expected
+
+
+def test_wandb_online_without_login_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    recipe = tmp_path / "leak.yaml"
+    recipe.write_text(RECIPE.replace("wandb: {project: alignkit-test}", "wandb: {project: alignkit-test, mode: online}"))
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert main(["run", str(recipe), "--output-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "W&B could not start a run in online mode" in err and "WANDB_MODE=offline" in err

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from alignkit import shards as shards_module
 from alignkit.config import DataSpec
 from alignkit.constitution import load_constitution
 from alignkit.data import load_dataset
@@ -161,7 +162,7 @@ def test_killed_run_resumes_without_duplicate_or_missing_rows(tmp_path, monkeypa
     expected = read_rows(reference.stage("cai-revise").run_dir / "data.jsonl")
 
     engine = scripted(monkeypatch)
-    real_write, written = cai_revise._write_shard, []
+    real_write, written = shards_module.write, []
 
     def crash_after_two(shard_dir, j, rows, meta):
         if len(written) == 2:
@@ -169,7 +170,7 @@ def test_killed_run_resumes_without_duplicate_or_missing_rows(tmp_path, monkeypa
         real_write(shard_dir, j, rows, meta)
         written.append(j)
 
-    monkeypatch.setattr(cai_revise, "_write_shard", crash_after_two)
+    monkeypatch.setattr(shards_module, "write", crash_after_two)
     recipe = recipe_at(tmp_path / "run")
     with pytest.raises(RuntimeError, match="injected crash"):
         run_recipe(recipe, echo=lambda *_: None)
@@ -177,7 +178,7 @@ def test_killed_run_resumes_without_duplicate_or_missing_rows(tmp_path, monkeypa
     assert sorted(p.name for p in shards.glob("shard-*.jsonl")) == ["shard-00000.jsonl", "shard-00001.jsonl"]
     (shards / "shard-00002.meta.json").write_text('{"prompts": 99}')  # counts without rows: not trusted
 
-    monkeypatch.setattr(cai_revise, "_write_shard", real_write)
+    monkeypatch.setattr(shards_module, "write", real_write)
     engine.calls.clear()
     (outcome,) = run_recipe(recipe, echo=lambda *_: None)
     assert outcome.action == "resumed" and len(engine.calls) == 2 * 5  # shards 2 and 3 only

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from alignkit import shards as shards_module
 from alignkit.config import DataSpec
 from alignkit.data import check_steps, load_dataset
 from alignkit.data.arith import (
@@ -188,7 +189,7 @@ def test_killed_run_resumes_without_duplicate_or_missing_rows(tmp_path, monkeypa
     expected = read_rows(reference.stage("label").run_dir / "data.jsonl")
 
     policy, _ = fake_samplers(monkeypatch)
-    real_write, written = label._write_shard, []
+    real_write, written = shards_module.write, []
 
     def crash_after_two(shard_dir, j, rows, meta):
         if len(written) == 2:
@@ -196,7 +197,7 @@ def test_killed_run_resumes_without_duplicate_or_missing_rows(tmp_path, monkeypa
         real_write(shard_dir, j, rows, meta)
         written.append(j)
 
-    monkeypatch.setattr(label, "_write_shard", crash_after_two)
+    monkeypatch.setattr(shards_module, "write", crash_after_two)
     recipe = recipe_at(tmp_path / "run")
     with pytest.raises(RuntimeError, match="injected crash"):
         run_recipe(recipe, echo=lambda *_: None)
@@ -206,7 +207,7 @@ def test_killed_run_resumes_without_duplicate_or_missing_rows(tmp_path, monkeypa
     (shards / ".shard-00002.jsonl.999.tmp").write_text('{"half": ')
     (shards / "shard-00002.meta.json").write_text('{"problems": 99}')
 
-    monkeypatch.setattr(label, "_write_shard", real_write)
+    monkeypatch.setattr(shards_module, "write", real_write)
     policy.calls.clear()
     (outcome,) = run_recipe(recipe, echo=lambda *_: None)
     assert outcome.action == "resumed"

@@ -178,7 +178,7 @@ def _label_shards(todo: list[int], prompts: list[Any], policy: Policy, judge: An
     for j in todo:
         rows, meta = label_shard(prompts[j * size:(j + 1) * size], j * size, policy, judge, constitution, config,
                                  seed=config.seed * 1_000_003 + j)
-        _write_shard(shard_dir, j, rows, meta)
+        shards.write(shard_dir, j, rows, meta)
         kept, done = kept + sum(r["kept"] for r in rows), done + len(rows)
         bar.update(len(rows))
         bar.set_postfix(kept=f"{kept}/{done}", judge_tok_s=f"{meta['judge_tokens'] / max(meta['judge_s'], 1e-9):.0f}")
@@ -220,9 +220,6 @@ def label_shard(prompts: list[Any], first_index: int, policy: Policy, judge: Any
             "judge_tokens": judge.tokens - tokens_before}
     return rows, meta
 
-
-# Tests patch this name to crash after a shard.
-_write_shard = shards.write
 
 
 def merge_shards(shard_dir: Path, n_shards: int, n_prompts: int, size: int,

@@ -287,15 +287,12 @@ def _revise_shards(todo: list[int], prompts: list, reviser: Reviser, constitutio
         rows, meta = revise_shard(prompts[j * size:(j + 1) * size], j * size, reviser, constitution, config,
                                   seed=config.seed * 1_000_003 + j * 1009)
         meta["seconds"] = round(time.perf_counter() - started, 3)
-        _write_shard(shard_dir, j, rows, meta)
+        shards.write(shard_dir, j, rows, meta)
         tokens, busy_s = tokens + meta["tokens"], busy_s + meta["seconds"]
         bar.update(meta["prompts"])
         bar.set_postfix(tok_per_s=f"{tokens / max(busy_s, 1e-9):.1f}")
     bar.close()
 
-
-# Tests patch this name to crash after a shard.
-_write_shard = shards.write
 
 
 def _merge(shard_dir: Path, n_shards: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

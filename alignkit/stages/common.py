@@ -122,6 +122,53 @@ def trl_args(config_class: type, config: TrainStageConfig, ctx, **stage_args: An
     return config_class(**args)
 
 
+def train_metrics(trainer, result, seconds: float, *, logged: tuple[str, ...] = ("loss",)) -> dict[str, Any]:
+    """What every TRL-trained stage reports: loss over the whole run (the same after a resume as without one),
+    steps, time, tokens/s, and the first and last logged value of each ``logged`` key (``rewards/margins``
+    is reported as ``first_logged_reward_margins``)."""
+    state = trainer.state
+    history = [entry for entry in state.log_history if "loss" in entry]
+    tokens = max((entry.get("num_tokens", 0) for entry in state.log_history), default=0)
+    first_step = getattr(trainer, "_initial_global_step", 0)  # > 0 when resumed from a checkpoint
+    metrics: dict[str, Any] = {
+        "train_loss": whole_run_loss(history, result.training_loss, state.global_step, first_step),
+        "train_steps": state.global_step,
+        "train_seconds": round(seconds, 2),
+        "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 and tokens else None,
+    }
+    for key in logged:
+        if history and key in history[0]:
+            name = key.replace("rewards/", "reward_")
+            metrics[f"first_logged_{name}"] = history[0][key]
+            metrics[f"last_logged_{name}"] = history[-1][key]
+    return metrics
+
+
+def whole_run_loss(history: list[dict[str, Any]], run_loss: float, steps: int, first_step: int) -> float:
+    """Mean loss per step over a whole run that this process resumed at ``first_step``.
+
+    The Trainer's ``training_loss`` averages only the steps this process ran; the steps before the resume
+    are in the restored log (each entry the mean over its window of steps). Exact when checkpoints fall on
+    logging steps; otherwise the unlogged steps before the resume are left out of the mean.
+
+    >>> log = [{"step": 4, "loss": 2.0}, {"step": 8, "loss": 1.0}, {"step": 12, "loss": 0.5}]
+    >>> round(whole_run_loss(log, 0.5, 12, 8), 4), whole_run_loss(log, 0.75, 12, 0)   # (8 + 4 + 2) / 12
+    (1.1667, 0.75)
+    >>> round(whole_run_loss(log, 0.0, 12, 12), 4)   # killed after the last checkpoint: nothing left to run
+    1.1667
+    """
+    if first_step <= 0:
+        return run_loss
+    before, last = 0.0, 0
+    for entry in history:
+        if entry["step"] > first_step:
+            break
+        before += entry["loss"] * (entry["step"] - last)
+        last = entry["step"]
+    counted = last + max(steps - first_step, 0)  # resumed at the very end: only the logged steps count
+    return (before + run_loss * max(steps - first_step, 0)) / counted if counted else run_loss
+
+
 def restore_trainable_dtype(trainer, config: TrainStageConfig) -> None:
     """Undo TRL's bf16 cast of the trainable parameters of a quantized model when the model computes in another dtype.
 
@@ -218,16 +265,24 @@ def save_trained_model(trainer, tokenizer, ctx, *, merged_dtype: str = "auto") -
     return artifacts
 
 
-def measure_accuracy(model, tokenizer, problems, config, ctx, when: str) -> float:
-    """Greedy exact match on held-out problems (``config.accuracy_max_new_tokens``, ``config.chat``).
+def measure_accuracy(model, tokenizer, problems, config, ctx, when: str, *, backend: str = "hf",
+                     reuse: bool = False) -> float:
+    """Greedy exact match on held-out problems (``config.accuracy_max_new_tokens``, ``config.chat``): the one
+    accuracy check of every training stage.
 
-    Writes ``accuracy_<when>.jsonl`` (one row per problem) in the stage folder and prints the figure.
+    Writes ``accuracy_<when>.jsonl`` (one row per problem) in the stage folder and prints the figure;
+    ``reuse`` reads that file back instead when it exists (a resumed stage measured it before the crash).
     """
     from ..artifacts import write_jsonl_atomic
+    from ..data.loading import read_jsonl
     from ..evaluation import greedy_accuracy
 
+    path = ctx.run_dir / f"accuracy_{when}.jsonl"
+    if reuse and path.is_file():
+        rows = read_jsonl(path)
+        return sum(bool(row["correct"]) for row in rows) / max(len(rows), 1)
     report = greedy_accuracy(model, tokenizer, problems, max_new_tokens=config.accuracy_max_new_tokens,
-                             chat=config.chat, progress=ctx.is_main)
+                             chat=config.chat, progress=ctx.is_main, backend=backend)
     if ctx.is_main:
         write_jsonl_atomic(ctx.run_dir / f"accuracy_{when}.jsonl", report["samples"])
         print(f"[alignkit] {ctx.name}: greedy accuracy {when} training = {report['accuracy']:.3f} "

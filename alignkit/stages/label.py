@@ -197,7 +197,7 @@ def _label_shards(todo, problems, policy, completer, reward, config, shard_dir: 
         rows, meta = label_shard(problems[j * size:(j + 1) * size], j * size, policy, completer, reward, config,
                                  seed=config.seed * 1_000_003 + j)
         meta["seconds"] = round(time.perf_counter() - started, 3)
-        _write_shard(shard_dir, j, rows, meta)
+        shards.write(shard_dir, j, rows, meta)
         done_completions, busy_s = done_completions + meta["completions"], busy_s + meta["seconds"]
         bar.update(meta["problems"])
         bar.set_postfix(compl_per_s=f"{done_completions / max(busy_s, 1e-9):.1f}")
@@ -299,9 +299,6 @@ def _row(solution: dict[str, Any], outcomes: list[list[bool]], correct: bool, co
 
 # ----------------------------------------------------------------------------------------- shards, merging
 
-
-# Tests patch this name to crash after a shard.
-_write_shard = shards.write
 
 
 def merge_shards(shard_dir: Path, n_shards: int, out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -66,7 +66,7 @@ from ..config import DataSpec, Spec
 from ..errors import DataError, ModelError, RecipeError
 from ..generation import GenerationSpec
 from ..rewards import RewardSpec
-from .common import TrainStageConfig
+from .common import TrainStageConfig, measure_accuracy
 
 
 class PRMRewardSpec(Spec):
@@ -403,18 +403,8 @@ def _summary(history: list[dict[str, Any]], start: int, seconds: float) -> dict[
 
 
 def _accuracy(models: Any, problems: Any, config: Config, ctx, when: str, *, reuse: bool) -> float:
-    """Greedy exact-match of the policy; ``accuracy_<when>.jsonl`` in the stage folder (reused on resume)."""
-    from ..evaluation import greedy_accuracy
-
-    path = ctx.run_dir / f"accuracy_{when}.jsonl"
-    if reuse and path.is_file():
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return sum(row["correct"] for row in rows) / max(len(rows), 1)
-    report = greedy_accuracy(models.policy, models.tokenizer, problems, max_new_tokens=config.accuracy_max_new_tokens,
-                             chat=config.chat, progress=ctx.is_main, backend=config.generation.backend)
-    if ctx.is_main:
-        path.write_text("".join(json.dumps(sample) + "\n" for sample in report["samples"]))
-        print(f"[alignkit] {ctx.name}: greedy accuracy {when} training = {report['accuracy']:.3f} "
-              f"on {report['n']} held-out problems")
-    ctx.wait()
-    return report["accuracy"]
+    """The policy's greedy exact match (the shared check, sampled with this stage's generation backend)."""
+    accuracy = measure_accuracy(models.policy, models.tokenizer, problems, config, ctx, when,
+                                backend=config.generation.backend, reuse=reuse)
+    ctx.wait()  # the file is written by the main process; a resume on any rank reads it back
+    return accuracy

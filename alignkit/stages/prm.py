@@ -64,6 +64,7 @@ from .common import (
     last_checkpoint,
     save_trained_model,
     stop_on_nonfinite,
+    train_metrics,
     trl_args,
 )
 
@@ -161,12 +162,8 @@ def run(config: Config, ctx: Any) -> Any:
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last_checkpoint(ctx.run_dir))
     seconds = time.perf_counter() - started
-    metrics.update(train_loss=result.training_loss, train_steps=trainer.state.global_step,
-                   train_seconds=round(seconds, 2),
+    metrics.update(train_metrics(trainer, result, seconds),
                    examples_per_second=round(result.metrics.get("train_samples_per_second", 0.0), 2))
-    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    if logged:
-        metrics.update(first_logged_loss=logged[0], last_logged_loss=logged[-1])
     artifacts = save_trained_model(trainer, tokenizer, ctx)
     if ctx.is_main:
         for folder in artifacts.values():

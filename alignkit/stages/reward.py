@@ -43,7 +43,7 @@ from ..config import DataSpec
 from ..errors import RecipeError
 from .common import (
     TrainStageConfig, check_trl_passthrough, last_checkpoint, restore_trainable_dtype, save_trained_model,
-    stop_on_nonfinite, trl_args,
+    stop_on_nonfinite, train_metrics, trl_args,
 )
 
 
@@ -157,20 +157,9 @@ def _held_out(model, tokenizer, pairs, config: Config, ctx, when: str) -> dict[s
 
 def _train_metrics(trainer, result, seconds: float) -> dict[str, Any]:
     """Loss, steps, throughput and TRL's logged training accuracy/margin, first vs last logged step."""
-    history = [entry for entry in trainer.state.log_history if "loss" in entry]
-    tokens = max((entry.get("num_tokens", 0) for entry in trainer.state.log_history), default=0)
+    metrics = train_metrics(trainer, result, seconds, logged=("loss", "accuracy", "margin"))
     # approximate: counts full batches, and steps done before a resume as if timed in this run
     pairs_seen = trainer.state.global_step * trainer.args.per_device_train_batch_size \
         * trainer.args.gradient_accumulation_steps * trainer.args.world_size
-    metrics: dict[str, Any] = {
-        "train_loss": result.training_loss,
-        "train_steps": trainer.state.global_step,
-        "train_seconds": round(seconds, 2),
-        "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 and tokens else None,
-        "pairs_per_second": round(pairs_seen / seconds, 2) if seconds > 0 else None,
-    }
-    for key in ("loss", "accuracy", "margin"):
-        if history and key in history[0]:
-            metrics[f"first_logged_{key}"] = history[0][key]
-            metrics[f"last_logged_{key}"] = history[-1][key]
+    metrics["pairs_per_second"] = round(pairs_seen / seconds, 2) if seconds > 0 else None
     return metrics

@@ -230,15 +230,18 @@ def _run_stage(recipe: Recipe, stage: PlannedStage, state, is_main: bool, group:
 
 
 def _maybe_push(recipe: Recipe, stage: PlannedStage, manifest: Manifest, echo) -> None:
-    from .hub import export_stage, push_folder
+    """Export (and push) ``stage`` if ``hub:`` asks for it: hub.stage or the last stage, or each model stage."""
+    from .hub import export_decision, export_stage, push_folder
 
-    last = stage.index == len(recipe.stages) - 1
-    if "model" not in manifest.artifacts or not (recipe.hub.push == "each" or last):
+    repo_id, message = export_decision(recipe, stage, manifest)
+    if repo_id is None:
+        if message:
+            echo(f"[alignkit] {message}")
         return
-    folder = export_stage(recipe, stage, manifest)
+    folder = export_stage(recipe, stage, manifest, repo_id=repo_id)
     echo(f"[alignkit] {stage.name}: exported to {folder}")
     if recipe.hub.push != "never":
-        url = push_folder(folder, recipe.hub)
+        url = push_folder(folder, recipe.hub, repo_id=repo_id)
         echo(f"[alignkit] {stage.name}: pushed to {url}")
 
 

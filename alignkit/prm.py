@@ -382,9 +382,25 @@ def read_prm_config(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / PRM_CONFIG
     defaults = {"separator": DEFAULT_SEPARATOR, "chat": True, "aggregation": "min",
                 "train_on_last_step_only": False, "head": "token-cls-2"}
-    if not path.is_file():
+    if not Path(folder).expanduser().is_dir():  # a Hub id (an exported PRM): fetch the file when it has one
+        path = _hub_prm_config(str(folder))
+    if path is None or not path.is_file():
         return defaults
     return {**defaults, **json.loads(path.read_text())}
+
+
+def _hub_prm_config(repo_id: str) -> Path | None:
+    """The ``alignkit_prm.json`` of a Hub model repository (from the cache when offline), or None."""
+    from .models import _HUB_ID
+
+    if not _HUB_ID.match(repo_id):
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(repo_id, PRM_CONFIG))
+    except Exception:  # no such file or repo, offline and not cached: the defaults apply
+        return None
 
 
 class PRMScorer:

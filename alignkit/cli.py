@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("recipe")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a field, e.g. stages.sft.lr=1e-4 (repeatable)")
-    run.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the resolved plan, check the first rows of each local dataset, and exit")
     run.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun this stage and all after it")
     run.add_argument("--output-dir", help="root for run folders (default: runs/)")
     run.set_defaults(handler=_run)
@@ -109,12 +110,22 @@ def _run(args) -> int:
     from .pipeline import format_summary, plan_actions, run_recipe
     from .recipe import load_recipe
 
+    from .data.check import check_recipe_data
+
     shipped.reset()
     recipe = load_recipe(find_recipe(args.recipe), args.overrides, output_dir=args.output_dir)
+    if args.from_stage is not None:
+        recipe.stage(args.from_stage)  # an unknown name: one line, before any data is read
+    actions = plan_actions(recipe, args.from_stage)
+    # the first rows of every local dataset a stage to run reads, checked against that stage's format: a bad
+    # file in stage 3 is one line now, not after stage 1 trained (and before any model is loaded)
+    lines = check_recipe_data([stage for stage, action in actions if action != "skip"])
     if args.dry_run:
-        print(describe_plan(recipe, plan_actions(recipe, args.from_stage)))
+        print(describe_plan(recipe, actions))
         for line in shipped.describe_used():  # which recipe/reward/suite files came from alignkit itself
             print(line)
+        if lines:
+            print("data check:\n" + "\n".join(lines))
         return 0
     outcomes = run_recipe(recipe, from_stage=args.from_stage)
     from accelerate import PartialState

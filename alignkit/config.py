@@ -54,7 +54,9 @@ class DataSpec(Spec):
     """Where a stage's data comes from.
 
     ``source`` is a built-in generator (``arith``), a named adapter over a file or Hub dataset
-    (``gsm8k``, ``hh``), a local file (.jsonl/.json/.parquet/.csv, optionally .gz), or a Hub dataset id.
+    (``gsm8k``, ``hh``), a local file (.jsonl/.json/.parquet/.csv, optionally .gz), a ``save_to_disk``
+    folder, or a Hub dataset id. A list of specs is a mixture (``source: mixture``, ``mixture: [...]``),
+    each part's rows repeated ``weight`` times. Every accepted row format: docs/data.md.
     """
 
     source: str = Field(..., description="Built-in name, local file path, or Hub dataset id.")
@@ -64,7 +66,10 @@ class DataSpec(Spec):
     path: str | None = Field(
         None, description="For named adapters: the local file or Hub id to read (e.g. gsm8k's train.jsonl)."
     )
-    split: str = Field("train", description="Split to read from a Hub dataset.")
+    split: str = Field("train", description="Split to read from a Hub dataset or a saved DatasetDict folder.")
+    subset: str | None = Field(None, description="Hub dataset config/subset name (datasets' `name`).")
+    data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
+        None, description="Hub dataset: only these files (datasets' `data_files`, e.g. 'data/train-*.parquet').")
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="Map alignkit column names to the dataset's, e.g. {prompt: question, completion: answer}.",
@@ -79,12 +84,35 @@ class DataSpec(Spec):
     eval_size: int | float | None = Field(
         None, description="Hold out this many rows (or this fraction) for evaluation."
     )
+    weight: float = Field(
+        1.0, gt=0, description="In a mixture: how many times this part's rows are used (2: each twice; 0.5: a "
+        "seeded half).")
+    mixture: list[DataSpec] | None = Field(
+        None, min_length=1, description="The parts of a mixture (`data: [{source: a, weight: 2}, {source: b}]`); "
+        "their rows are pooled (then shuffled if `shuffle`, cut at `limit`).")
 
     @model_validator(mode="before")
     @classmethod
     def _accept_plain_string(cls, value: Any) -> Any:
-        # `data: arith` is shorthand for `data: {source: arith}`.
-        return {"source": value} if isinstance(value, str) else value
+        # `data: arith` is shorthand for `data: {source: arith}`; `data: [a, b]` for a mixture of a and b.
+        if isinstance(value, str):
+            return {"source": value}
+        if isinstance(value, (list, tuple)):
+            return {"source": "mixture", "mixture": list(value)}
+        if isinstance(value, dict) and "mixture" in value and "source" not in value:
+            return {**value, "source": "mixture"}
+        return value
+
+    @model_validator(mode="after")
+    def _mixture_fields(self) -> DataSpec:
+        if (self.source == "mixture") != (self.mixture is not None):
+            raise ValueError("`source: mixture` and `mixture: [...]` go together (a list of data specs)")
+        if self.mixture is not None:
+            own = sorted(set(self.model_fields_set) - {"source", "mixture", "limit", "shuffle", "seed", "eval_size"})
+            if own:
+                raise ValueError(f"a mixture takes only limit, shuffle, seed and eval_size itself; put {own} on its "
+                                 "parts")
+        return self
 
 
 class WandbSpec(Spec):
@@ -105,9 +133,14 @@ class HubSpec(Spec):
     repo_id: str = Field(..., description="Target repository, 'user/name'.")
     private: bool = Field(True, description="Create the repository private.")
     push: Literal["final", "each", "never"] = Field(
-        "final", description="Push the last stage's model (final), every stage's (each), or only export."
+        "final", description="Push the exported stage's model to repo_id (final), every stage that writes a "
+        "model to its own repo '<repo_id>-<stage>' (each), or only export into <stage>/export (never)."
     )
-    merge_adapter: bool = Field(True, description="Merge LoRA into the base weights before exporting.")
+    stage: str | None = Field(
+        None, description="Name of the stage to export (final/never); default: the last stage. Not with push: each."
+    )
+    merge_adapter: bool = Field(True, description="Merge LoRA into the base weights before exporting; false "
+                                "exports the adapter, pointed at a Hub base or with its base in base/.")
 
 
 def torch_dtype(name: str):

@@ -181,7 +181,25 @@ def parse_recipe(raw: Any, *, file: str | None, base_dir: Path, output_dir: str 
     for index, stage_raw in enumerate(stages_raw):
         planned.append(_plan_stage(index, stage_raw, defaults, planned, root, file, base_dir))
     _check_defaults_used(defaults, planned, file)
+    _check_hub_stage(hub, planned, file)
     return Recipe(name, str(raw.get("description") or ""), file, root, tracking, hub, tuple(planned))
+
+
+def _check_hub_stage(hub: HubSpec | None, planned: list[PlannedStage], file) -> None:
+    """``hub.stage`` names a stage of this recipe that writes a model, and is not combined with ``push: each``."""
+    if hub is None or hub.stage is None:
+        return
+    if hub.push == "each":
+        raise RecipeError("push: each exports every stage that writes a model; hub.stage picks one: drop one of them",
+                          file=file, field="hub.stage")
+    model_stages = [stage.name for stage in planned if "model" in stage.outputs]
+    stage = next((s for s in planned if s.name == hub.stage), None)
+    if stage is None:
+        raise RecipeError(f"no stage named {hub.stage!r}; stages that write a model: {model_stages}",
+                          file=file, field="hub.stage")
+    if "model" not in stage.outputs:
+        raise RecipeError(f"stage {hub.stage!r} ({stage.kind}) writes no model to export; stages that do: "
+                          f"{model_stages}", file=file, field="hub.stage")
 
 
 def _plan_stage(index, stage_raw, defaults, earlier, root, file, base_dir) -> PlannedStage:
@@ -328,15 +346,28 @@ def _check_local_paths(config, resolved, merged, file, field, base_dir: Path):
         updates["model"] = _existing(model, base_dir, file, f"{field}.model", "model folder")
     for key, spec in config:
         if isinstance(spec, DataSpec):
-            raw = merged.get(key) if isinstance(merged.get(key), dict) else {"source": merged.get(key)}
-            data_updates = {}
-            for attr in ("source", "path"):
-                text = getattr(spec, attr)
-                if text and _looks_like_path(text) and "${" not in str(raw.get(attr, "")):
-                    data_updates[attr] = _existing(text, base_dir, file, f"{field}.{key}.{attr}", "data file")
-            if data_updates:
-                updates[key] = spec.model_copy(update=data_updates)
+            checked = _check_data_paths(spec, merged.get(key), file, f"{field}.{key}", base_dir)
+            if checked is not spec:
+                updates[key] = checked
     return config.model_copy(update=updates) if updates else config
+
+
+def _check_data_paths(spec: DataSpec, raw: Any, file, field: str, base_dir: Path) -> DataSpec:
+    """``spec`` with its local paths (and those of its mixture parts) resolved; the same object if none moved."""
+    if spec.mixture is not None:
+        raw_parts = raw.get("mixture") if isinstance(raw, dict) else raw
+        raw_parts = raw_parts if isinstance(raw_parts, list) else [None] * len(spec.mixture)
+        parts = [_check_data_paths(part, raw_part, file, f"{field}[{i}]", base_dir)
+                 for i, (part, raw_part) in enumerate(zip(spec.mixture, raw_parts))]
+        return spec.model_copy(update={"mixture": parts}) if any(a is not b for a, b in zip(parts, spec.mixture)) \
+            else spec
+    raw = raw if isinstance(raw, dict) else {"source": raw}
+    data_updates = {}
+    for attr in ("source", "path"):
+        text = getattr(spec, attr)
+        if text and _looks_like_path(text) and "${" not in str(raw.get(attr, "")):
+            data_updates[attr] = _existing(text, base_dir, file, f"{field}.{attr}", "data file")
+    return spec.model_copy(update=data_updates) if data_updates else spec
 
 
 def _existing(text: str, base_dir: Path, file, field: str, what: str) -> str:

@@ -68,6 +68,12 @@ CASES = [
          ["huge.jsonl", "line 2", "over the"],
          files={"huge.jsonl": JSONL_OK + json.dumps({"prompt": "x" * (5 << 20), "completion": "y"}).encode()},
          dry_run=False),
+    Case("dry-run: bad row in a later stage's data",
+         sft("").replace("    max_steps: 2\n", "    max_steps: 2\n  - kind: dpo\n    model: {model}\n"
+                         "    data: {source: {tmp}/pairs.jsonl}\n", 1),
+         ["data check: dpo.data (preference)", "row 1 of", "pairs.jsonl", "'rejected' must be"],
+         files={"pairs.jsonl": b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n'
+                               b'{"prompt": "p", "chosen": "a", "rejected": 3}\n'}),
     Case("grade: data not UTF-8", None, ["bad.jsonl", "UTF-8"],
          args=["grade", "{tmp}/bad.jsonl", "--reward", "reward/math.py:answer_match"],
          files={"bad.jsonl": b'{"completion": "The answer is 2.", "answer": "2"}\n{"completion": "\xff"}\n'}),
@@ -97,3 +103,20 @@ def test_bad_input_is_one_line_and_exit_2(case: Case, tmp_path: Path, tiny_model
     assert err.startswith("alignkit: error:") and all(part in err for part in case.expect), err
     if case.recipe is not None and not case.files:
         assert not (tmp_path / "runs").exists()  # refused before anything was written
+
+
+def test_bad_data_in_a_later_stage_is_refused_before_anything_runs(tmp_path: Path, tiny_model_dir: Path,
+                                                                   capsys) -> None:
+    (tmp_path / "later.jsonl").write_bytes(JSONL_OK + b'{"prompt": "2 + 2 = ?"}\n')  # row 2: no completion
+    recipe = tmp_path / "two.yaml"
+    recipe.write_text(sft("").replace("{model}", str(tiny_model_dir)) + textwrap.indent(textwrap.dedent(f"""\
+          - kind: sft
+            name: second
+            model: {tiny_model_dir}
+            data: {{source: {tmp_path}/later.jsonl}}
+            max_steps: 2
+        """), "  "))
+    assert main(["run", str(recipe), "--output-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "later.jsonl" in err and "second" in err, err
+    assert not (tmp_path / "runs").exists()  # the first stage never started

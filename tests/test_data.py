@@ -275,6 +275,133 @@ def test_hub_failure_becomes_data_error(monkeypatch):
         load_dataset(DataSpec(source="someone/some-set"), "sft")
 
 
+# ---- TRL's conversational and implicit-prompt rows, save_to_disk folders, Hub subsets ---------------------
+
+
+def chat(*turns: str) -> list[dict[str, str]]:
+    """Alternating user/assistant messages."""
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+
+
+def test_messages_rows_load_as_sft_conversations(tmp_path):
+    rows = [{"messages": chat("Hi", "Hello!", "2+2?", "4"), "id": 1}, {"messages": chat("Q", "A")}]
+    ds = load_dataset(DataSpec(source=str(write_jsonl(tmp_path / "chat.jsonl", rows))), "sft")
+    assert ds.column_names == ["messages"] and ds[0]["messages"] == rows[0]["messages"]
+    bad = [rows[1], {"messages": chat("only a question")}]
+    with pytest.raises(DataError, match=r"row 1 of .*bad.jsonl: column 'messages' has no non-empty assistant"):
+        load_dataset(DataSpec(source=str(write_jsonl(tmp_path / "bad.jsonl", bad))), "sft")
+    with pytest.raises(DataError, match=r"row 0 of .*: column 'messages' must be a non-empty list"):
+        load_dataset(DataSpec(source=str(write_jsonl(tmp_path / "s.jsonl", [{"messages": "hi"}]))), "sft")
+    # prompt/completion as message lists (TRL's conversational prompt-completion form) are kept as they are
+    pc = [{"prompt": chat("Q"), "completion": [{"role": "assistant", "content": "A"}]}]
+    ds = load_dataset(DataSpec(source=str(write_jsonl(tmp_path / "pc.jsonl", pc))), "sft")
+    assert ds[0]["prompt"] == chat("Q") and ds[0]["completion"][0]["content"] == "A"
+    # UltraChat-style rows carry a `prompt` string next to `messages`: the conversation is what trains
+    ultra = [{"prompt": "Hi", "prompt_id": "x", "messages": chat("Hi", "Hello!")}]
+    assert load_dataset(DataSpec(source=str(write_jsonl(tmp_path / "u.jsonl", ultra))), "sft").column_names == [
+        "messages"]
+    mixed = [{"prompt": "Q", "completion": "A"}, {"prompt": chat("Q"), "completion": "A"}]
+    with pytest.raises(DataError, match="rows disagree on a column's type"):
+        load_dataset(DataSpec(source=str(write_jsonl(tmp_path / "mixed.jsonl", mixed))), "sft")
+
+
+def test_implicit_prompt_preference_rows(tmp_path):
+    rows = [{"chosen": chat("Sky?", "Blue.", "Sure?", "Yes."), "rejected": chat("Sky?", "Blue.", "Sure?", "No.")},
+            {"chosen": chat("Sun?", "Hot."), "rejected": chat("Sun?", "Cold.")}]
+    path = str(write_jsonl(tmp_path / "implicit.jsonl", rows))
+    ds = load_dataset(DataSpec(source=path), "preference")
+    assert ds[0]["prompt"] == chat("Sky?", "Blue.", "Sure?")
+    assert ds[0]["chosen"] == [{"role": "assistant", "content": "Yes."}]
+    assert ds[1]["rejected"] == [{"role": "assistant", "content": "Cold."}]
+    assert load_dataset(DataSpec(source=path), "prompts")["prompt"] == [chat("Sky?", "Blue.", "Sure?"), chat("Sun?")]
+    # UltraFeedback-binarized style: a string prompt next to whole conversations -> the shared turns (as TRL)
+    uf = [{"prompt": "Sun?", "chosen": chat("Sun?", "Hot."), "rejected": chat("Sun?", "Cold.")},
+          {"prompt": "Moon?", "chosen": [{"role": "assistant", "content": "Grey."}],
+           "rejected": [{"role": "assistant", "content": "Pink."}]}]
+    ds = load_dataset(DataSpec(source=str(write_jsonl(tmp_path / "uf.jsonl", uf[:1]))), "preference")
+    assert ds[0]["prompt"] == chat("Sun?") and ds[0]["chosen"] == [{"role": "assistant", "content": "Hot."}]
+    ds = load_dataset(DataSpec(source=str(write_jsonl(tmp_path / "uf2.jsonl", uf[1:]))), "preference")
+    assert ds[0]["prompt"] == "Moon?"  # replies-only conversations: the string prompt stays
+    for row, message in [
+        ({"chosen": chat("A", "x"), "rejected": chat("B", "y")}, "share no first turns"),
+        ({"chosen": chat("A", "x"), "rejected": chat("A", "x")}, "are the same conversation"),
+        ({"chosen": "A x", "rejected": "A y"}, "must both be whole conversations"),
+    ]:
+        with pytest.raises(DataError, match=rf"row 1 of .*bad.jsonl: .*{message}"):
+            load_dataset(DataSpec(source=str(write_jsonl(tmp_path / "bad.jsonl", [rows[1], row]))), "preference")
+
+
+def test_save_to_disk_folders(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    one = Dataset.from_list([{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(4)])
+    one.save_to_disk(str(tmp_path / "one"))
+    assert load_dataset(DataSpec(source=str(tmp_path / "one")), "sft")["prompt"] == ["q0", "q1", "q2", "q3"]
+    DatasetDict({"train": one, "test": one.select([0])}).save_to_disk(str(tmp_path / "dict"))
+    assert len(load_dataset(DataSpec(source=str(tmp_path / "dict"), split="test"), "sft")) == 1
+    with pytest.raises(DataError, match=r"dict: saved DatasetDict has no split 'dev'; its splits are \['test', 'train'\]"):
+        load_dataset(DataSpec(source=str(tmp_path / "dict"), split="dev"), "sft")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DataError, match="is a directory, not a data file"):
+        load_dataset(DataSpec(source=str(tmp_path / "plain")), "sft")
+
+
+def test_hub_subset_and_data_files_reach_datasets(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake(name, config=None, split=None, **kwargs):
+        calls.append((name, config, split, kwargs))
+        return datasets.Dataset.from_list([{"prompt": "q", "completion": "a"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    load_dataset(DataSpec(source="someone/set", subset="en", split="dev", data_files="data/dev-*.parquet"), "sft")
+    load_dataset(DataSpec(source="someone/set"), "sft")
+    assert calls == [("someone/set", "en", "dev", {"data_files": "data/dev-*.parquet"}),
+                     ("someone/set", None, "train", {})]
+
+
+def test_mixture_weights_and_checks(tmp_path):
+    a = str(write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "completion": "x"} for i in range(4)]))
+    b = str(write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"b{i}", "completion": "y"} for i in range(4)]))
+    mix = DataSpec.model_validate([{"source": a, "weight": 2}, {"source": b, "weight": 0.5}])
+    prompts = load_dataset(mix, "sft")["prompt"]
+    assert sorted(p for p in prompts if p[0] == "a") == sorted([f"a{i}" for i in range(4)] * 2)
+    assert len([p for p in prompts if p[0] == "b"]) == 2 and len(set(prompts)) == 6
+    shuffled = DataSpec(source="mixture", mixture=[DataSpec(source=a), DataSpec(source=b)], shuffle=True, limit=5)
+    assert len(load_dataset(shuffled, "sft")) == 5
+    implicit = str(write_jsonl(tmp_path / "i.jsonl", [{"chosen": chat("Q", "good"), "rejected": chat("Q", "bad")}]))
+    explicit = str(write_jsonl(tmp_path / "e.jsonl", [{"prompt": chat("R"), "chosen": [{"role": "assistant",
+                                                      "content": "c"}], "rejected": [{"role": "assistant", "content": "r"}]}]))
+    assert load_dataset(DataSpec.model_validate([implicit, explicit]), "preference")["prompt"] == [chat("Q"), chat("R")]
+    for bad, words in [({"source": "mixture"}, "go together"), ({"mixture": [a], "columns": {"prompt": "q"}},
+                       r"put \['columns'\] on its parts")]:
+        with pytest.raises(ValueError, match=words):
+            DataSpec.model_validate(bad)
+    with pytest.raises(DataError, match=r"row 0 of .*bad.jsonl"):
+        load_dataset(DataSpec.model_validate([a, str(write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p",
+                                                                                         "completion": 3}]))]), "sft")
+
+
+def test_mixture_parts_paths_resolve_from_the_recipe_folder(tmp_path, monkeypatch):
+    from alignkit.errors import RecipeError
+    from alignkit.recipe import load_recipe
+    from alignkit.registry import STAGES
+
+    monkeypatch.setitem(STAGES, "echo", "echo_stage")
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"prompt": "p", "completion": "c"}])
+    (folder / "r.yaml").write_text("name: m\nstages:\n  - kind: echo\n    data: [{source: ./a.jsonl, weight: 2}, arith]\n")
+    monkeypatch.chdir(tmp_path)
+    spec = load_recipe(folder / "r.yaml").stage("echo").config.data
+    assert spec.mixture[0].source == str(folder / "a.jsonl") and spec.mixture[0].weight == 2
+    (folder / "r.yaml").write_text("name: m\nstages:\n  - kind: echo\n    data: {mixture: [arith, ./no.jsonl]}\n")
+    with pytest.raises(RecipeError, match="no.jsonl"):
+        load_recipe(folder / "r.yaml")
+
+
 # ---- split_eval and laziness ---------------------------------------------------------------------------
 
 
@@ -306,3 +433,37 @@ def test_docstring_examples():
     for module in (alignkit.data, adapters, arith, formats):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__
+
+
+def test_dry_run_checks_the_first_rows_of_every_local_dataset(tmp_path, tiny_model_dir, capsys):
+    from datasets import Dataset
+
+    from alignkit.cli import main
+
+    chats = str(write_jsonl(tmp_path / "chat.jsonl", [{"messages": chat("Q", "A")}] * 3))
+    pairs = str(write_jsonl(tmp_path / "pairs.jsonl", [{"chosen": chat("Q", "good"), "rejected": chat("Q", "bad")}]))
+    Dataset.from_list([{"prompt": "p", "chosen": "c", "rejected": "r"}]).save_to_disk(str(tmp_path / "saved"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+name: dry
+tracking: {{report_to: none}}
+defaults: {{model: {tiny_model_dir}}}
+stages:
+  - kind: sft
+    data: [{{source: {chats}, weight: 2}}, someone/hub-set]
+  - kind: reward
+    data: {{source: {tmp_path / 'saved'}}}
+  - kind: dpo
+    model: ${{sft.model}}
+    data: {{source: {pairs}}}
+""")
+    assert main(["run", str(recipe), "--dry-run", "--output-dir", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert "sft.data: part 0: ok (first 3 rows as 'sft'); part 1: skipped (Hub dataset)" in out
+    assert "reward.data: ok (first 1 rows as 'preference')" in out and "dpo.data: ok" in out
+    write_jsonl(tmp_path / "pairs.jsonl", [{"chosen": chat("Q", "good"), "rejected": chat("Q", "bad")},
+                                          {"chosen": chat("Q", "same"), "rejected": chat("Q", "same")}])
+    assert main(["run", str(recipe), "--dry-run", "--output-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "data check: dpo.data (preference): row 1 of" in err and "same conversation" in err
+    assert not (tmp_path / "runs").exists()

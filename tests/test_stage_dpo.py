@@ -298,3 +298,16 @@ def test_dpo_two_processes_offline_then_on_policy(tmp_path, tiny_model_dir):
     assert m["pair_prompts"] == 8 and m["pairs_made"] == len(pairs) == m["train_pairs"] >= 2
     assert m["train_steps"] == 1 and proc.stdout.count("prompts gave a pair") == 1
     assert (root / "onpolicy" / "model" / "config.json").is_file()
+
+
+def test_dpo_on_implicit_prompt_rows(tmp_path, tiny_model_dir):
+    """TRL's implicit-prompt form: chosen/rejected are whole conversations; their shared turns are the prompt."""
+    rows = [{"chosen": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["chosen"]}],
+             "rejected": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["rejected"]}]}
+            for p in PAIRS[:8]]
+    data = tmp_path / "implicit.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    body = PREFERENCE_RECIPE.format(model=tiny_model_dir, data=data).replace("max_steps: 6", "max_steps: 2")
+    recipe = load_recipe(write_recipe(tmp_path, body), output_dir=str(tmp_path / "runs"))
+    metrics = run_recipe(recipe, echo=quiet)[0].metrics
+    assert metrics["train_pairs"] == 8 and metrics["train_steps"] == 2

@@ -275,3 +275,20 @@ def test_reward_stage_two_processes(tmp_path, tiny_model_dir):
     assert metrics["pairs_per_second"] * metrics["train_seconds"] == pytest.approx(64, rel=0.1)
     scorer = RewardModelScorer(manifest.artifacts["model"])
     assert len(scorer(["a reply"], prompts=["a prompt"])) == 1
+
+
+def test_reward_stage_on_implicit_prompt_rows(tmp_path, tiny_model_dir):
+    """TRL's implicit-prompt form: chosen/rejected are whole conversations; their shared turns are the prompt."""
+    def chat(prompt, reply):
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
+
+    rows = [{"chosen": chat(r["prompt"], r["chosen"]), "rejected": chat(r["prompt"], r["rejected"])}
+            for r in marker_pairs(16)]
+    data = tmp_path / "implicit.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    body = RECIPE.format(model=tiny_model_dir, data=data).replace("eval_size: 48", "eval_size: 4") \
+        .replace("max_steps: 8", "max_steps: 2")
+    recipe_file = tmp_path / "rm.yaml"
+    recipe_file.write_text(textwrap.dedent(body))
+    metrics = run_recipe(load_recipe(recipe_file, output_dir=str(tmp_path / "runs")), echo=quiet)[0].metrics
+    assert metrics["train_pairs"] == 12 and metrics["eval_pairs"] == 4 and metrics["train_steps"] == 2

@@ -3,15 +3,20 @@
 =============  =============================================================================================
 format         columns
 =============  =============================================================================================
-``sft``        ``prompt``, ``completion``: strings (or, from a generic file, TRL conversational message lists)
+``sft``        ``prompt``, ``completion``: strings (or, from a generic file, TRL conversational message lists);
+               or ``messages`` alone: a whole conversation (TRL's conversational language-modeling form),
+               trained on its assistant turns only
 ``problems``   ``prompt`` (str), ``answer`` (str, normalised: no commas), ``steps`` (list[str], may be
                empty); arith adds ``values`` (list[int], running value after each step)
 ``preference`` ``prompt``, ``chosen``, ``rejected``: strings, or TRL's conversational form (HH): prompt a
-               list of {role, content} messages, chosen/rejected ``[{"role": "assistant", ...}]``
+               list of {role, content} messages, chosen/rejected ``[{"role": "assistant", ...}]``; without
+               ``prompt``, chosen/rejected are whole conversations and their shared first turns are the prompt
+               (TRL's implicit-prompt form, split with ``trl.data_utils.extract_prompt``)
 ``stepwise``   ``prompt`` (str), ``completions`` (list[str]), ``labels`` (list[bool]), optional
                ``soft_labels`` (list[float] in [0, 1]): TRL's stepwise supervision format
 ``text``       ``text`` (str)
-``prompts``    ``prompt``: a string or a message list (requests to answer: red-team prompts, HH prompts)
+``prompts``    ``prompt``: a string or a message list (requests to answer: red-team prompts, HH prompts); or
+               implicit-prompt preference rows, whose shared first turns are the prompt
 =============  =============================================================================================
 
 Only these columns are kept: extra columns would make TRL guess differently (e.g. a stray ``text`` column
@@ -53,9 +58,14 @@ def normalise_answer(answer: Any) -> str:
 
 
 def missing_columns(columns: list[str], fmt: str) -> list[str]:
-    """Columns ``fmt`` needs that ``columns`` lacks (``text`` can be built from prompt + completion)."""
+    """Columns ``fmt`` needs that ``columns`` lacks (``text`` can be built from prompt + completion, ``sft``
+    can be a ``messages`` conversation, a preference or prompt can be implicit in ``chosen``/``rejected``)."""
     required = FORMATS[fmt][0]
     if fmt == "text" and "text" not in columns and {"prompt", "completion"} <= set(columns):
+        return []
+    if fmt == "sft" and "messages" in columns and "completion" not in columns:
+        return []
+    if fmt in ("preference", "prompts") and "prompt" not in columns and {"chosen", "rejected"} <= set(columns):
         return []
     return [c for c in required if c not in columns]
 
@@ -80,6 +90,33 @@ def _text_or_messages(row: dict[str, Any], column: str) -> str | None:
         f"column {column!r} must be a non-empty string or a list of {{role, content}} messages, "
         f"got {value!r:.80}"
     )
+
+
+def _conversation(record: dict[str, Any]) -> str | None:
+    """Problem with a ``messages`` conversation (a message list with at least one assistant turn); None if fine."""
+    value = record["messages"]
+    if not _is_messages(value):
+        return f"column 'messages' must be a non-empty list of {{role, content}} messages, got {value!r:.80}"
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in value):
+        return "column 'messages' has no non-empty assistant turn to train on"
+    return None
+
+
+def _implicit_prompt(record: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """An implicit-prompt preference record (chosen/rejected whole conversations) -> (explicit record, None),
+    or (None, problem). The prompt is the turns both conversations share (``trl.data_utils.extract_prompt``)."""
+    chosen, rejected = record["chosen"], record["rejected"]
+    if not (_is_messages(chosen) and _is_messages(rejected)):
+        return None, ("without a 'prompt' column, 'chosen' and 'rejected' must both be whole conversations "
+                      f"(lists of {{role, content}} messages), got {chosen!r:.60} / {rejected!r:.60}")
+    from trl.data_utils import extract_prompt
+
+    split = extract_prompt({"chosen": chosen, "rejected": rejected})
+    if not split["prompt"]:
+        return None, "'chosen' and 'rejected' share no first turns, so there is no prompt to extract"
+    if not split["chosen"] or not split["rejected"] or split["chosen"] == split["rejected"]:
+        return None, "'chosen' and 'rejected' are the same conversation (no differing reply after the shared prompt)"
+    return {**record, **split}, None
 
 
 def _string(row: dict[str, Any], column: str) -> str | None:
@@ -135,6 +172,21 @@ def to_format(record: dict[str, Any], fmt: str, where: str) -> dict[str, Any]:
     required, optional = FORMATS[fmt]
     if fmt == "text" and "text" not in record:
         record = {"text": f"{record['prompt']}\n{record['completion']}"}
+    if fmt == "sft" and "messages" in record and "completion" not in record:  # a stray `prompt` (ultrachat) is dropped
+        problem = _conversation(record)
+        if problem:
+            raise DataError(f"{where}: {problem} (format {fmt!r})")
+        return {"messages": [{"role": m["role"], "content": m["content"]} for m in record["messages"]]}
+    if fmt in ("preference", "prompts") and "prompt" not in record and "chosen" in record and "rejected" in record:
+        record, problem = _implicit_prompt(record)
+        if problem:
+            raise DataError(f"{where}: {problem} (format {fmt!r})")
+    elif fmt == "preference" and isinstance(record.get("prompt"), str) and _is_messages(record["chosen"]):
+        # a string prompt next to whole conversations (UltraFeedback-binarized): the conversations' shared turns
+        # are the prompt, as TRL's maybe_extract_prompt does; replies-only conversations keep the string prompt
+        explicit, _ = _implicit_prompt(record)
+        if explicit is not None:
+            record = explicit
     row = {c: record[c] for c in required}
     row.update({c: record[c] for c in optional if record.get(c) is not None})
     if fmt == "sft":

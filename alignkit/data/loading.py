@@ -3,8 +3,9 @@
 Order of work (each step names the DataSpec field it serves):
 
 1. read rows: the ``arith`` generator or the built-in ``redteam`` prompts; a named source (``gsm8k``, ``hh``, ``math-shepherd``, ``prm800k``)
-   from ``path`` or its Hub id; a local file (.jsonl/.json/.parquet/.csv, optionally .gz); else a Hub id
-   (with ``split``).
+   from ``path`` or its Hub id; a local file (.jsonl/.json/.parquet/.csv, optionally .gz); a
+   ``datasets.save_to_disk`` folder (a Dataset, or a DatasetDict read at ``split``); else a Hub id (with
+   ``split``, and optionally ``subset`` and ``data_files``).
 2. rename ``columns`` (ours -> theirs) to our names; pick the adapter (``adapter``, ``auto`` detects it
    from the columns and first row).
 3. visit rows in a seeded random order if ``shuffle``, convert each, view it as ``fmt`` and check it,
@@ -40,8 +41,9 @@ _ARITH_FORMATS = ("sft", "problems", "text", "stepwise", "preference", "prompts"
 MAX_ROW_CHARS = 4 << 20  # one example this long is truncated to max_length anyway; refused, not half-loaded
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The rows of a .jsonl (or .jsonl.gz) file: the one JSONL reader; each bad line is one DataError."""
+def read_jsonl(path: Path, head: int | None = None) -> list[dict[str, Any]]:
+    """The rows of a .jsonl (or .jsonl.gz) file (only the first ``head`` if given): the one JSONL reader; each
+    bad line is one DataError."""
     if not path.exists():
         raise DataError(f"{path}: no such file")
     if path.is_dir():
@@ -62,6 +64,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             if not isinstance(row, dict):
                 raise DataError(f"{path}: line {number} is a JSON {type(row).__name__}, expected an object")
             rows.append(row)
+            if head is not None and len(rows) >= head:
+                break
     return rows
 
 
@@ -83,7 +87,8 @@ def read_file(path: str | Path) -> Any:
     """Rows of a local .jsonl/.json/.parquet/.csv file (each optionally .gz): a list of dicts or a Dataset."""
     path = Path(path)
     if path.is_dir():
-        raise DataError(f"{path}: is a directory, not a data file (.jsonl, .json, .parquet or .csv)")
+        raise DataError(f"{path}: is a directory, not a data file (.jsonl, .json, .parquet or .csv) nor a "
+                        "datasets.save_to_disk folder")
     suffixes = [s for s in path.suffixes if s != ".gz"]
     kind = suffixes[-1] if suffixes else ""
     if kind == ".jsonl":
@@ -99,17 +104,40 @@ def read_file(path: str | Path) -> Any:
         raise DataError(f"{path}: could not read as {kind[1:]} ({type(err).__name__}: {err})") from None
 
 
-def read_hub(name: str, config: str | None, split: str) -> Any:
-    """A Hub dataset split; DataError (likely offline) if it cannot be loaded."""
+def read_hub(name: str, config: str | None, split: str, data_files: Any = None) -> Any:
+    """A Hub dataset split (``config``: its subset name); DataError (likely offline) if it cannot be loaded."""
+    import datasets
+
+    kwargs = {"data_files": data_files} if data_files is not None else {}
+    try:
+        return datasets.load_dataset(name, config, split=split, **kwargs)
+    except Exception as err:  # network, auth, missing split: all mean "use a local file"
+        subset = f", subset {config!r}" if config else ""
+        raise DataError(
+            f"could not load Hub dataset {name!r} (split {split!r}{subset}): {type(err).__name__}: {err}. "
+            "Offline? Pass a local file (`path:` for named sources, or a file path as `source:`)."
+        ) from None
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """Whether ``path`` is a folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    return path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists())
+
+
+def read_saved(path: Path, split: str) -> Any:
+    """A ``save_to_disk`` folder: the Dataset itself, or split ``split`` of a DatasetDict."""
     import datasets
 
     try:
-        return datasets.load_dataset(name, config, split=split)
-    except Exception as err:  # network, auth, missing split: all mean "use a local file"
-        raise DataError(
-            f"could not load Hub dataset {name!r} (split {split!r}): {type(err).__name__}: {err}. "
-            "Offline? Pass a local file (`path:` for named sources, or a file path as `source:`)."
-        ) from None
+        saved = datasets.load_from_disk(str(path))
+    except Exception as err:  # a damaged or partly copied folder
+        raise DataError(f"{path}: could not read the saved dataset ({type(err).__name__}: {err})") from None
+    if isinstance(saved, datasets.DatasetDict):
+        if split not in saved:
+            raise DataError(f"{path}: saved DatasetDict has no split {split!r}; its splits are {sorted(saved)} "
+                            "(set `split:`)")
+        return saved[split]
+    return saved
 
 
 def _columns(table: Any) -> list[str]:
@@ -144,21 +172,24 @@ def _read_source(spec: DataSpec) -> tuple[Any, str, str | None]:
     named = ADAPTERS.get(spec.source)
     if named is not None:
         if spec.path is not None:
-            return _read_local_or_hub(spec.path, spec.split), spec.path, named.name
+            return _read_local_or_hub(spec.path, spec.split, spec), spec.path, named.name
         if named.hub is None:
             raise DataError(f"source {spec.source!r} is not on the Hub: pass `path:` to a local file")
-        return read_hub(named.hub[0], named.hub[1], spec.split), named.hub[0], named.name
+        return read_hub(named.hub[0], spec.subset or named.hub[1], spec.split, spec.data_files), named.hub[0], \
+            named.name
     if spec.path is not None:
         raise DataError(f"`path:` is only for named sources {sorted(ADAPTERS)}; put the file in `source:`")
-    return _read_local_or_hub(spec.source, spec.split), spec.source, None
+    return _read_local_or_hub(spec.source, spec.split, spec), spec.source, None
 
 
-def _read_local_or_hub(location: str, split: str) -> Any:
+def _read_local_or_hub(location: str, split: str, spec: DataSpec | None = None) -> Any:
+    if is_saved_dataset(Path(location)):
+        return read_saved(Path(location), split)
     if Path(location).exists():
         return read_file(location)
     if Path(location).suffix in (".jsonl", ".json", ".parquet", ".csv", ".gz"):
         raise DataError(f"file not found: {location}")
-    return read_hub(location, None, split)
+    return read_hub(location, spec.subset if spec else None, split, spec.data_files if spec else None)
 
 
 def _pick_adapter(spec: DataSpec, forced: str | None, columns: list[str], first: dict[str, Any]) -> str:
@@ -267,6 +298,12 @@ def load_dataset(spec: DataSpec, fmt: str):
     columns needed and found), a malformed row (naming its index), and an empty result.
     """
     check_format(fmt)
+    rows = _mixture_rows(spec, fmt) if spec.mixture is not None else _rows(spec, fmt)
+    return _to_dataset(rows, fmt)
+
+
+def _rows(spec: DataSpec, fmt: str) -> list[dict[str, Any]]:
+    """The checked rows of one (non-mixture) spec."""
     if spec.source == "arith":
         rows, where = _arith_rows(spec, fmt), "arith"
     elif spec.source == "redteam":
@@ -276,18 +313,46 @@ def load_dataset(spec: DataSpec, fmt: str):
         rows = _convert(table, spec, fmt, where, forced)
     if not rows:
         raise DataError(f"{where}: no rows left for format {fmt!r} (after skipping unusable rows)")
-    return _to_dataset(rows, fmt)
+    return rows
+
+
+def _mixture_rows(spec: DataSpec, fmt: str) -> list[dict[str, Any]]:
+    """A mixture: each part's rows used ``weight`` times (the whole part ``int(weight)`` times, plus a seeded
+    sample for the fraction), pooled in order, then shuffled (if ``shuffle``) and cut at ``limit``."""
+    pooled: list[dict[str, Any]] = []
+    for index, part in enumerate(spec.mixture):
+        rows = _mixture_rows(part, fmt) if part.mixture is not None else _rows(part, fmt)
+        whole, fraction = divmod(part.weight, 1.0)
+        extra = random.Random(spec.seed * 1_000_003 + index).sample(rows, round(fraction * len(rows)))
+        used = rows * int(whole) + extra
+        if not used:
+            raise DataError(f"mixture part {index} ({part.source}): weight {part.weight} keeps none of its "
+                            f"{len(rows)} rows")
+        pooled += used
+    return [pooled[i] for i in _order(len(pooled), spec)][: spec.limit]
 
 
 def _to_dataset(rows: list[dict[str, Any]], fmt: str):
-    from datasets import Dataset
-
+    if fmt == "sft" and any("messages" in r for r in rows):
+        if not all("messages" in r for r in rows):
+            raise DataError("sft rows mix `messages` conversations with prompt/completion rows; use one form")
+        return _from_dict({"messages": [r["messages"] for r in rows]})
     columns = list(FORMATS[fmt][0]) + [c for c in FORMATS[fmt][1] if any(c in r for r in rows)]
     if any(c not in r for r in rows for c in columns):
         optional = [c for c in columns if c in FORMATS[fmt][1]]
         raise DataError(f"optional columns {optional} are present in some rows but not all (format {fmt!r})")
     data = {c: [r[c] for r in rows] for c in columns}
-    return Dataset.from_dict(data, features=features(fmt, columns))
+    return _from_dict(data, features(fmt, columns))
+
+
+def _from_dict(data: dict[str, list[Any]], features: Any = None):
+    from datasets import Dataset
+
+    try:
+        return Dataset.from_dict(data, features=features)
+    except (TypeError, ValueError) as err:  # pyarrow's ArrowInvalid/ArrowTypeError are ValueError/TypeError
+        raise DataError(f"rows disagree on a column's type (e.g. string prompts next to message-list prompts, "
+                        f"perhaps across a mixture's parts): {type(err).__name__}: {str(err)[:200]}") from None
 
 
 def split_eval(ds: Any, eval_size: int | float | None, seed: int):

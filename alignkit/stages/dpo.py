@@ -54,8 +54,8 @@ from ..errors import DataError, RecipeError
 from ..generation import GenerationSpec
 from ..rewards import RewardSpec
 from .common import (
-    TrainStageConfig, check_trl_passthrough, last_checkpoint, measure_accuracy, restore_trainable_dtype,
-    save_trained_model, stop_on_nonfinite, trl_args,
+    TrainStageConfig, check_trl_passthrough, fit, last_checkpoint, measure_accuracy, restore_trainable_dtype,
+    save_trained_model, stop_on_nonfinite, train_metrics, trl_args,
 )
 
 
@@ -138,8 +138,8 @@ def run(config: Config, ctx) -> Any:
         metrics.update(pair_metrics)
     else:
         pairs = [dict(row) for row in load_dataset(config.data, "preference")]
-    trainer, train_metrics = _train(model, tokenizer, pairs, config, ctx)
-    metrics.update(train_metrics)
+    trainer, trained = _train(model, tokenizer, pairs, config, ctx)
+    metrics.update(trained)
     artifacts = save_trained_model(trainer, tokenizer, ctx)
     if config.pairs is not None and ctx.is_main:
         artifacts["pairs"] = str(ctx.run_dir / "pairs.jsonl")
@@ -175,7 +175,7 @@ def _train(model, tokenizer, pairs: list[dict[str, Any]], config: Config, ctx) -
     restore_trainable_dtype(trainer, config)  # QLoRA: keep the adapters in the model's dtype (TRL makes them bf16)
     stop_on_nonfinite(trainer, ctx)  # a nan/inf loss or grad norm fails the stage at that step
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(ctx.run_dir))
+    result = fit(trainer, last_checkpoint(ctx.run_dir))
     metrics = {"train_pairs": len(train_data), **_train_metrics(trainer, result, time.perf_counter() - started)}
     return trainer, metrics
 
@@ -262,11 +262,16 @@ def _training_rows(pairs: list[dict[str, Any]], tokenizer, *, chat: bool):
 
     use_chat = chat and bool(getattr(tokenizer, "chat_template", None))
 
+    def reply(value: Any) -> list[dict[str, Any]]:
+        if isinstance(value, list) and len(value) > 1:  # several turns left after an implicit prompt: kept whole
+            return value
+        return [{"role": "assistant", "content": completion_text(value)}]
+
     def convert(row: dict[str, Any]) -> dict[str, Any]:
         chosen, rejected = completion_text(row["chosen"]), completion_text(row["rejected"])
         if use_chat:
-            return {"prompt": as_messages(row["prompt"]), "chosen": [{"role": "assistant", "content": chosen}],
-                    "rejected": [{"role": "assistant", "content": rejected}]}
+            return {"prompt": as_messages(row["prompt"]), "chosen": reply(row["chosen"]),
+                    "rejected": reply(row["rejected"])}
         return {"prompt": render_prompt(tokenizer, row["prompt"], chat=False), "chosen": chosen, "rejected": rejected}
 
     return Dataset.from_list([convert(row) for row in pairs])
@@ -274,17 +279,4 @@ def _training_rows(pairs: list[dict[str, Any]], tokenizer, *, chat: bool):
 
 def _train_metrics(trainer, result, seconds: float) -> dict[str, Any]:
     """Loss, steps, throughput, and TRL's implicit-reward margin/accuracy at the first vs last logged step."""
-    history = [entry for entry in trainer.state.log_history if "loss" in entry]
-    tokens = max((entry.get("num_tokens", 0) for entry in trainer.state.log_history), default=0)
-    metrics: dict[str, Any] = {
-        "train_loss": result.training_loss,
-        "train_steps": trainer.state.global_step,
-        "train_seconds": round(seconds, 2),
-        "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 and tokens else None,
-    }
-    for key in ("loss", "rewards/margins", "rewards/accuracies"):
-        if history and key in history[0]:
-            name = key.replace("rewards/", "reward_")
-            metrics[f"first_logged_{name}"] = history[0][key]
-            metrics[f"last_logged_{name}"] = history[-1][key]
-    return metrics
+    return train_metrics(trainer, result, seconds, logged=("loss", "rewards/margins", "rewards/accuracies"))

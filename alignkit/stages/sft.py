@@ -8,7 +8,8 @@ Recipe example::
       data: {source: arith, params: {n: 400, steps: 2}}
       accuracy_data: {source: arith, seed: 1, params: {n: 64, steps: 2}}   # held out: other seed
 
-What it does, in order: load data (``sft`` format: prompt/completion), load the model (quantized if asked)
+What it does, in order: load data (``sft`` format: prompt/completion, or ``messages`` conversations: see
+docs/data.md), load the model (quantized if asked)
 and tokenizer, measure greedy accuracy on ``accuracy_data`` (if given), train with TRL (LoRA via
 ``peft_config``; completion-only loss; resumes from the last checkpoint in the stage folder), save the
 adapter and a merged model, measure accuracy again. Outputs: ``${<name>.model}`` (merged model folder),
@@ -19,6 +20,9 @@ Departures from plain TRL:
    sampling and evaluation use later; models without a chat template fall back to plain text.
 2. ``packing`` defaults to off: TRL's padding-free packing keeps examples apart only with
    flash-attention kernels; with SDPA/eager on CPU packed examples would attend to each other.
+3. ``messages`` conversations are tokenized here, with the model's chat template, into ``input_ids`` and an
+   ``assistant_masks`` column marking every assistant turn (with its end-of-turn token): TRL's own
+   ``assistant_only_loss`` needs ``{% generation %}`` markers, which ChatML/SmolLM2 templates lack.
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ from typing import Any
 from pydantic import Field
 
 from ..config import DataSpec
+from ..errors import DataError
 from .common import (
-    TrainStageConfig, check_trl_passthrough, last_checkpoint, measure_accuracy, restore_trainable_dtype,
-    save_trained_model, stop_on_nonfinite, trl_args,
+    TrainStageConfig, check_trl_passthrough, fit, last_checkpoint, measure_accuracy, restore_trainable_dtype,
+    save_trained_model, stop_on_nonfinite, train_metrics, trl_args,
 )
 
 
@@ -66,9 +71,13 @@ def run(config: Config, ctx) -> Any:
     from ..models import load_model, load_tokenizer, lora_config
     from ..pipeline import StageResult
 
-    train_data = _as_training_rows(load_dataset(config.data, "sft"), chat=config.chat)
+    rows = load_dataset(config.data, "sft")
     problems = load_dataset(config.accuracy_data, "problems") if config.accuracy_data else None
     tokenizer = load_tokenizer(config.model, padding_side="right")
+    if "messages" in rows.column_names:
+        train_data = _assistant_masked(rows, tokenizer, chat=config.chat, mask=config.completion_only_loss)
+    else:
+        train_data = _as_training_rows(rows, chat=config.chat)
     model = load_model(config.model, quantization=config.quantization, dtype=config.dtype,
                        attn_implementation=config.attn_implementation, trainable=True)
     metrics: dict[str, Any] = {"train_examples": len(train_data)}
@@ -92,9 +101,9 @@ def run(config: Config, ctx) -> Any:
     restore_trainable_dtype(trainer, config)  # QLoRA: keep the adapters in the model's dtype (TRL makes them bf16)
     stop_on_nonfinite(trainer, ctx)  # a nan/inf loss or grad norm fails the stage at that step
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(ctx.run_dir))
+    result = fit(trainer, last_checkpoint(ctx.run_dir))
     train_seconds = time.perf_counter() - started
-    metrics.update(_train_metrics(trainer, result, train_seconds))
+    metrics.update(train_metrics(trainer, result, train_seconds))
     artifacts = save_trained_model(trainer, tokenizer, ctx)
 
     if problems is not None:
@@ -123,16 +132,35 @@ def _as_messages(value, role: str) -> list[dict[str, str]]:
     return value if isinstance(value, list) else [{"role": role, "content": value}]
 
 
-def _train_metrics(trainer, result, seconds: float) -> dict[str, Any]:
-    history = [entry for entry in trainer.state.log_history if "loss" in entry]
-    tokens = max((entry.get("num_tokens", 0) for entry in trainer.state.log_history), default=0)
-    metrics = {
-        "train_loss": result.training_loss,
-        "train_steps": trainer.state.global_step,
-        "train_seconds": round(seconds, 2),
-        "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 and tokens else None,
-    }
-    if history:
-        metrics["first_logged_loss"] = history[0]["loss"]
-        metrics["last_logged_loss"] = history[-1]["loss"]
-    return metrics
+def _assistant_masked(dataset, tokenizer, *, chat: bool, mask: bool):
+    """``messages`` conversations -> pre-tokenized rows: ``input_ids`` (the chat template's rendering) and,
+    when ``mask``, ``assistant_masks`` (1 on each assistant turn's tokens, end-of-turn included), from which
+    TRL builds labels with the loss on assistant turns only (and truncates to ``max_length``)."""
+    if not chat or not getattr(tokenizer, "chat_template", None):
+        raise DataError("`messages` conversations need the model's chat template (`chat: true` and a tokenizer "
+                        "with a chat_template); give prompt/completion rows instead")
+
+    def ids(messages, generation_prompt: bool) -> list[int]:
+        if not messages:
+            return []
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode(row, index: int):
+        messages = row["messages"]
+        full = ids(messages, False)
+        if not mask:
+            return {"input_ids": full}
+        assistant = [0] * len(full)
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before, through = ids(messages[:i], True), ids(messages[: i + 1], False)
+            if through != full[: len(through)] or before != through[: len(before)]:
+                raise DataError(f"row {index}: the model's chat template does not render this conversation's "
+                                f"turn {i} as a prefix of the whole, so its assistant tokens cannot be masked; "
+                                "give prompt/completion rows instead")
+            assistant[len(before): len(through)] = [1] * (len(through) - len(before))
+        return {"input_ids": full, "assistant_masks": assistant}
+
+    return dataset.map(encode, with_indices=True, remove_columns=dataset.column_names)

@@ -110,6 +110,10 @@ def test_sft_resumes_from_last_checkpoint(tmp_path, tiny_model_dir, monkeypatch)
     # the resumed run logged only steps after 12: no second pass over the first half
     steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
     assert steps[0] == 4 and steps[-1] == 24 and len(steps) == len(set(steps))
+    # the manifest's train_loss is the whole run's (logged every 4 steps), not the mean after the resume only
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert manifest.metrics["train_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+    assert manifest.metrics["train_loss"] != pytest.approx(sum(losses[3:]) / 3, rel=1e-3)
 
 
 def test_two_process_accelerate_run(tmp_path, tiny_model_dir):
@@ -193,3 +197,105 @@ def test_nan_weights_are_never_saved(tmp_path, tiny_model_dir, monkeypatch):
     with pytest.raises(ModelError, match=r"^sft: trained model: tensor \S+ has \d+ nan/inf values of \d+; not writing"):
         run_recipe(recipe, echo=lambda *_: None)
     _failed(recipe)
+
+
+# ---- other data forms (docs/data.md): 2-step runs ------------------------------------------------------
+
+CHATS = [[{"role": "user", "content": f"What is {i} + 1?"}, {"role": "assistant", "content": f"{i + 1}"},
+          {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes."}] for i in range(8)]
+
+
+def two_step_recipe(tmp_path: Path, model: Path, data: str) -> Path:
+    path = tmp_path / "sft-data.yaml"
+    path.write_text(textwrap.dedent(f"""
+        name: tiny-sft-data
+        tracking: {{report_to: none}}
+        stages:
+          - kind: sft
+            model: {model}
+            data: {data}
+            max_steps: 2
+            batch_size: 4
+            max_length: 96
+            logging_steps: 1
+    """))
+    return path
+
+
+def test_sft_on_messages_jsonl_trains_on_assistant_turns(tmp_path, tiny_model_dir):
+    from datasets import Dataset
+
+    from alignkit.models import load_tokenizer
+    from alignkit.stages.sft import _assistant_masked
+
+    tokenizer = load_tokenizer(str(tiny_model_dir), padding_side="right")
+    row = _assistant_masked(Dataset.from_dict({"messages": CHATS[:1]}), tokenizer, chat=True, mask=True)[0]
+    trained = [t for t, m in zip(row["input_ids"], row["assistant_masks"]) if m]
+    assert tokenizer.decode(trained) == "1<|im_end|>\nYes.<|im_end|>\n"  # both assistant turns, nothing else
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CHATS))
+    recipe = load_recipe(two_step_recipe(tmp_path, tiny_model_dir, f"{{source: {data}}}"),
+                         output_dir=str(tmp_path / "runs"))
+    run_recipe(recipe, echo=lambda *_: None)
+    manifest = Manifest.read(recipe.stage("sft").run_dir)
+    assert manifest.status == "done" and manifest.metrics["train_steps"] == 2
+    assert manifest.metrics["train_examples"] == 8
+
+
+def test_sft_on_a_save_to_disk_folder(tmp_path, tiny_model_dir):
+    from datasets import Dataset, DatasetDict
+
+    rows = [{"prompt": f"What is {i} + 1?", "completion": f"{i + 1}"} for i in range(8)]
+    DatasetDict({"train": Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "saved"))
+    recipe = load_recipe(two_step_recipe(tmp_path, tiny_model_dir, f"{{source: {tmp_path / 'saved'}, split: train}}"),
+                         output_dir=str(tmp_path / "runs"))
+    run_recipe(recipe, echo=lambda *_: None)
+    manifest = Manifest.read(recipe.stage("sft").run_dir)
+    assert manifest.status == "done" and manifest.metrics["train_steps"] == 2
+
+
+def test_kill_right_after_the_final_checkpoint_resumes_to_the_same_record(tmp_path, tiny_model_dir, monkeypatch):
+    """A kill between the last checkpoint and the model save: the rerun takes no extra step and reports the
+    uninterrupted run's metrics (an earlier version took a 25th step of 24 and halved the loss record)."""
+    from transformers import TrainerCallback
+    from trl import SFTTrainer
+
+    class CrashAtTheEnd(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == 24:
+                raise KeyboardInterrupt
+
+    class CrashingTrainer(SFTTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.add_callback(CrashAtTheEnd())
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    whole = run_recipe(load_recipe(sft_recipe(tmp_path / "a", tiny_model_dir), output_dir=str(tmp_path / "a")),
+                       echo=lambda *_: None)[0].metrics
+    monkeypatch.setattr("trl.SFTTrainer", CrashingTrainer)
+    recipe = load_recipe(sft_recipe(tmp_path / "b", tiny_model_dir), output_dir=str(tmp_path / "b"))
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, echo=lambda *_: None)
+    monkeypatch.setattr("trl.SFTTrainer", SFTTrainer)
+    resumed = run_recipe(recipe, echo=lambda *_: None)[0].metrics
+    assert resumed["train_steps"] == whole["train_steps"] == 24
+    for key in ("train_loss", "first_logged_loss", "last_logged_loss"):
+        assert resumed[key] == pytest.approx(whole[key], rel=1e-4), key
+
+
+@pytest.mark.e2e
+def test_smollm2_template_masks_every_assistant_turn(smollm2_dir):
+    """SmolLM2's template (default system turn, no generation markers) still masks assistant turns only."""
+    from datasets import Dataset
+
+    from alignkit.models import load_tokenizer
+    from alignkit.stages.sft import _assistant_masked
+
+    tokenizer = load_tokenizer(str(smollm2_dir), padding_side="right")
+    row = _assistant_masked(Dataset.from_dict({"messages": CHATS[:1]}), tokenizer, chat=True, mask=True)[0]
+    assert "<|im_start|>system" in tokenizer.decode(row["input_ids"])
+    assert tokenizer.decode([t for t, m in zip(row["input_ids"], row["assistant_masks"]) if m]) == \
+        "1<|im_end|>\nYes.<|im_end|>\n"

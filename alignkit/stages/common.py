@@ -122,6 +122,36 @@ def trl_args(config_class: type, config: TrainStageConfig, ctx, **stage_args: An
     return config_class(**args)
 
 
+class _PastTheEnd(Exception):
+    """Raised by :class:`_NoStepPastTheEnd` to leave ``Trainer.train`` before a step beyond ``max_steps``."""
+
+
+def _no_step_past_the_end():
+    from transformers import TrainerCallback
+
+    class NoStepPastTheEnd(TrainerCallback):
+        """transformers 5.24, resumed from the final checkpoint of a run that ends mid-epoch, checks the step
+        budget only after a step and so takes one more: stop before that step starts (no forward has run)."""
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if 0 < state.max_steps <= state.global_step:
+                raise _PastTheEnd
+
+    return NoStepPastTheEnd()
+
+
+def fit(trainer, checkpoint: str | None):
+    """``trainer.train`` resumed from ``checkpoint``; resumed at the final checkpoint it trains no further, so a
+    kill between the last checkpoint and the model save costs nothing and changes nothing."""
+    from transformers.trainer_utils import TrainOutput
+
+    trainer.add_callback(_no_step_past_the_end())
+    try:
+        return trainer.train(resume_from_checkpoint=checkpoint)
+    except _PastTheEnd:  # the weights and optimizer are the checkpoint's; the loss record is in the state
+        return TrainOutput(trainer.state.global_step, 0.0, {})
+
+
 def train_metrics(trainer, result, seconds: float, *, logged: tuple[str, ...] = ("loss",)) -> dict[str, Any]:
     """What every TRL-trained stage reports: loss over the whole run (the same after a resume as without one),
     steps, time, tokens/s, and the first and last logged value of each ``logged`` key (``rewards/margins``

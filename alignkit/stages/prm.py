@@ -61,6 +61,7 @@ from ..errors import DataError, RecipeError
 from .common import (
     TrainStageConfig,
     check_trl_passthrough,
+    fit,
     last_checkpoint,
     save_trained_model,
     stop_on_nonfinite,
@@ -160,7 +161,7 @@ def run(config: Config, ctx: Any) -> Any:
         trainer = Trainer(**trainer_args)
     stop_on_nonfinite(trainer, ctx)  # a nan/inf loss or grad norm fails the stage at that step
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(ctx.run_dir))
+    result = fit(trainer, last_checkpoint(ctx.run_dir))
     seconds = time.perf_counter() - started
     metrics.update(train_metrics(trainer, result, seconds),
                    examples_per_second=round(result.metrics.get("train_samples_per_second", 0.0), 2))

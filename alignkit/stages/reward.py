@@ -42,7 +42,7 @@ from pydantic import Field
 from ..config import DataSpec
 from ..errors import RecipeError
 from .common import (
-    TrainStageConfig, check_trl_passthrough, last_checkpoint, restore_trainable_dtype, save_trained_model,
+    TrainStageConfig, check_trl_passthrough, fit, last_checkpoint, restore_trainable_dtype, save_trained_model,
     stop_on_nonfinite, train_metrics, trl_args,
 )
 
@@ -107,7 +107,7 @@ def run(config: Config, ctx) -> Any:
     restore_trainable_dtype(trainer, config)  # QLoRA on CPU: TRL's bf16 score head would meet float32 inputs
     stop_on_nonfinite(trainer, ctx)  # a nan/inf loss or grad norm fails the stage at that step
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(ctx.run_dir))
+    result = fit(trainer, last_checkpoint(ctx.run_dir))
     metrics.update(_train_metrics(trainer, result, time.perf_counter() - started))
     artifacts = save_trained_model(trainer, tokenizer, ctx)
 

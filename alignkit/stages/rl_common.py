@@ -27,7 +27,7 @@ from ..config import DataSpec
 from ..errors import DataError, RecipeError
 from ..rewards import RewardSpec, bind_reward, is_model_reward, load_reward
 from .common import (
-    TrainStageConfig, check_trl_passthrough, last_checkpoint, measure_accuracy, restore_trainable_dtype,
+    TrainStageConfig, check_trl_passthrough, fit, last_checkpoint, measure_accuracy, restore_trainable_dtype,
     save_trained_model, stop_on_nonfinite,
 )
 
@@ -172,7 +172,7 @@ def train_with_rewards(config: RLStageConfig, ctx, trainer_class: type, args: An
     stop_on_nonfinite(trainer, ctx)  # a nan/inf loss or grad norm fails the stage at that step
     checkpoint = last_checkpoint(ctx.run_dir)
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)
+    fit(trainer, checkpoint)
     seconds = time.perf_counter() - started
 
     # 4. Save adapter + merged model, then accuracy after.

@@ -409,7 +409,7 @@ def train_grpo(model, tokenizer, rows: list[dict[str, Any]], config: Config, ctx
 
     from ..models import lora_config
     from ..rewards import load_rewards
-    from .common import last_checkpoint, restore_trainable_dtype, save_trained_model, stop_on_nonfinite, trl_args
+    from .common import fit, last_checkpoint, restore_trainable_dtype, save_trained_model, stop_on_nonfinite, trl_args
     from .rl_common import (
         HackingWatch,
         check_prompt_lengths,
@@ -435,7 +435,7 @@ def train_grpo(model, tokenizer, rows: list[dict[str, Any]], config: Config, ctx
     stop_on_nonfinite(trainer, ctx)  # a nan/inf loss or grad norm fails the stage at that step
     checkpoint = last_checkpoint(ctx.run_dir)
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)
+    fit(trainer, checkpoint)
     seconds = time.perf_counter() - started
     artifacts = save_trained_model(trainer, tokenizer, ctx)
     metrics = {"train_prompts": len(dataset), "longest_prompt_tokens": longest,

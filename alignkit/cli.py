@@ -144,9 +144,8 @@ def describe_plan(recipe, actions) -> str:
         config = stage.config
         lines.append(f"{stage.index + 1}. {stage.name} ({stage.kind}) [{words[action]}]  hash {stage.hash}")
         if getattr(config, "model", None):
-            extras = [f"{k}={v.model_dump(exclude_defaults=True)}" for k in ("quantization", "lora")
-                      if (v := getattr(config, k, None)) is not None]
-            lines.append(f"   model: {config.model}" + (f"  ({', '.join(extras)})" if extras else ""))
+            lines.append(f"   model: {config.model}")
+            lines += [f"   {line}" for line in _training_lines(config)]
         for key, value in config:
             if hasattr(value, "source"):
                 lines.append(f"   {key}: {value.source}" + (f" {value.params}" if value.params else ""))
@@ -154,7 +153,48 @@ def describe_plan(recipe, actions) -> str:
             lines.append(f"   -> {key}: {value}")
     if recipe.hub:
         lines.append(f"hub: {recipe.hub.repo_id} (push: {recipe.hub.push}, private: {recipe.hub.private})")
+    lines.append(_tracking_line(recipe.tracking))
     return "\n".join(lines)
+
+
+def _training_lines(config) -> list[str]:
+    """What to check before a long run: lr, length, effective batch, the full LoRA block, quantization here."""
+    import os
+
+    lines = []
+    if getattr(config, "lr", None) is not None:
+        length = (f"max_steps {config.max_steps}" if getattr(config, "max_steps", -1) > 0
+                  else f"epochs {getattr(config, 'epochs', '?')}")
+        batch, accum = getattr(config, "batch_size", None), getattr(config, "grad_accum", 1) or 1
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        effective = f", batch {batch} x grad_accum {accum} x {processes} process(es) = {batch * accum * processes}" \
+            if isinstance(batch, int) else ""
+        lines.append(f"lr {config.lr:g}, {length}{effective}")
+    if getattr(config, "lora", None) is not None:
+        lines.append(f"lora: {config.lora.model_dump()}")
+    quant = getattr(config, "quantization", None)
+    if quant is not None:
+        applies = "applies"
+        if quant.cuda_only:
+            import torch
+
+            applies = "applies: CUDA is available" if torch.cuda.is_available() else \
+                "not applied here: cuda_only and no CUDA, so it loads unquantized"
+        lines.append(f"quantization: {quant.bits}-bit {quant.quant_type if quant.bits == 4 else ''}".rstrip()
+                     + f" ({applies})")
+    return lines
+
+
+def _tracking_line(tracking) -> str:
+    import os
+
+    from .tracking import wandb_mode
+
+    if tracking.report_to != "wandb":
+        return f"tracking: {tracking.report_to}"
+    source = ("recipe" if tracking.wandb.mode is not None
+              else "environment's WANDB_MODE" if os.environ.get("WANDB_MODE") else "default")
+    return f"tracking: wandb, mode {wandb_mode(tracking)} (from the {source}), project {tracking.wandb.project}"
 
 
 def _recipes(args) -> int:

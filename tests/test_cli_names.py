@@ -62,3 +62,12 @@ def test_unknown_recipe_name_lists_the_shipped_ones(capsys):
 def test_shipped_name_still_resolves(tmp_path, capsys):
     assert main(["run", "quickstart", "--dry-run", "--output-dir", str(tmp_path)]) == 0
     assert "recipe quickstart" in capsys.readouterr().out
+
+
+def test_dry_run_shows_what_to_check_before_a_long_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert main(["run", "rlvr-arith", "--dry-run", "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "lr 0.0001, max_steps 24, batch 8 x grad_accum 4 x 1 process(es) = 32" in out  # the grpo stage
+    assert "lr 0.001, epochs 1.0" in out and "'target_modules': 'all-linear'" in out
+    assert "quantization: 4-bit nf4 (" in out and "tracking: wandb, mode offline (from the recipe)" in out

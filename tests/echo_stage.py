@@ -32,12 +32,14 @@ def run(config: Config, ctx) -> StageResult:
     while config.hold and not Path(config.hold).exists():
         time.sleep(0.05)
     runs_file = ctx.run_dir.parent / f"{ctx.name}.runs"  # outside the stage folder: survives a rerun
-    runs_file.write_text(str(int(runs_file.read_text()) + 1 if runs_file.exists() else 1))
+    if ctx.is_main:  # ranks of one launch would race on the read-modify-write (one read it half-written)
+        runs_file.write_text(str(int(runs_file.read_text()) + 1 if runs_file.exists() else 1))
     text = config.message * config.repeat
     if config.upstream:
         text = Path(config.upstream).read_text() + "|" + text
     if config.fail:
         raise RuntimeError("planned failure")
-    (ctx.run_dir / "out.txt").write_text(text)
+    if ctx.is_main:  # one writer: another rank may be reading it as an upstream
+        (ctx.run_dir / "out.txt").write_text(text)
     ctx.log({"echo/length": len(text)})
     return StageResult(metrics={"length": len(text)}, artifacts={"file": str(ctx.run_dir / "out.txt")})

@@ -37,7 +37,9 @@ from alignkit.data import check_steps, load_dataset
 from alignkit.labels import true_step_labels
 from alignkit.metrics import Pool, aggregate_steps, best_of_n, bootstrap_ci, pairwise_ranking, selection_curve
 from alignkit.prm import PRMScorer, split_steps, step_metrics
-from alignkit.rewards import load_reward
+from alignkit.rewards import call_reward, load_reward
+
+MATH = "reward/math.py:answer_match"
 
 AGGREGATIONS = ("min", "prod", "last", "mean")
 
@@ -196,12 +198,12 @@ def main() -> None:
     problems = list(load_dataset(spec, "problems"))
     texts, gen_s = sample_solutions(policy, problems, args.n, args.seed, out.parent / "bench_samples.jsonl",
                                     args.max_new_tokens, args.temperature, args.batch_size)
-    answer_match = load_reward("reward/math.py:answer_match")
+    answer_match = load_reward(MATH)
     extract = load_reward("reward/math.py:extract_answer")
     normalise = load_reward("reward/math.py:normalise_answer")
     steps = [[split_steps(t) for t in sols] for sols in texts]
-    correct = [[bool(s) for s in answer_match(sols, answer=[p["answer"]] * len(sols))]
-               for p, sols in zip(problems, texts)]
+    correct = [[bool(s) for s in call_reward(answer_match, MATH, sols, {"answer": [p["answer"]] * len(sols)})]
+               for p, sols in zip(problems, texts)]  # checked: a NaN or "no" is an error, not a right answer
     answers = [[normalise(extract(t)) for t in sols] for sols in texts]
     truth = [[true_step_labels(check_steps(p["prompt"], s), len(s)) for s in sols] for p, sols in zip(problems, steps)]
 

@@ -114,9 +114,7 @@ def _run(args) -> int:
 
     shipped.reset()
     recipe = load_recipe(find_recipe(args.recipe), args.overrides, output_dir=args.output_dir)
-    if args.from_stage is not None:
-        recipe.stage(args.from_stage)  # an unknown name: one line, before any data is read
-    actions = plan_actions(recipe, args.from_stage)
+    actions = plan_actions(recipe, args.from_stage)  # an unknown --from stage: one line, before any data is read
     # the first rows of every local dataset a stage to run reads, checked against that stage's format: a bad
     # file in stage 3 is one line now, not after stage 1 trained (and before any model is loaded)
     lines = check_recipe_data([stage for stage, action in actions if action != "skip"])

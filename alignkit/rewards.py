@@ -159,7 +159,8 @@ def checked(fn: RewardFn, program: str) -> CheckedReward:
 
 
 def callable_name(fn: Any) -> str:
-    """A reward's name as TRL logs it: the function's (through ``functools.partial``), else the class's."""
+    """A reward's name as TRL logs it (TRL 1.16's ``get_callable_name`` rule, without importing TRL): the
+    function's (through ``functools.partial``), else the class's."""
     while isinstance(fn, functools.partial):
         fn = fn.func
     return getattr(fn, "__name__", type(fn).__name__)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import re
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from alignkit.data.loading import read_jsonl
 from alignkit.metrics import bootstrap_ci
 from alignkit.rewards import load_reward
 
@@ -56,7 +56,7 @@ def why_paid(phrase: str | None) -> str:
 
 
 def read_rows(path: Path, completion_field: str, answer_field: str, answers: dict | None = None) -> list[dict]:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(path)
     if rows and "samples" in rows[0]:  # a sample shard: one row per sample, completion under "completion"
         rows = [{**row, completion_field: sample} for row in rows for sample in row["samples"]]
     if answers is not None:

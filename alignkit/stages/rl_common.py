@@ -15,7 +15,6 @@ Every batch's reward-hacking signals (:mod:`alignkit.hacking`) are logged beside
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -263,10 +262,10 @@ class _RewardTap:
     """One reward function of a :class:`HackingWatch`: called as TRL calls it, named as TRL names it."""
 
     def __init__(self, watch: HackingWatch, index: int, fn: Any):
-        from trl.trainer.utils import get_callable_name
+        from ..rewards import callable_name
 
         self.watch, self.index, self.fn = watch, index, fn
-        self.__name__ = get_callable_name(fn)  # TRL logs rewards/<__name__>/mean
+        self.__name__ = callable_name(fn)  # TRL logs rewards/<__name__>/mean
 
     def __call__(self, completions: list, **kwargs: Any) -> list:
         scores = list(self.fn(completions=completions, **kwargs))

@@ -11,7 +11,7 @@
     alignkit eval eval/arith.yaml --model runs/quickstart/sft/model
 
 Shipped names (``quickstart``, ``reward/math.py``, suite ``gsm8k``) resolve from the clone or the installed
-package when the working folder has no such file (:mod:`alignkit.shipped`); ``--dry-run`` says which was used.
+package when the working folder has no such file (:mod:`alignkit.run.shipped`); ``--dry-run`` says which was used.
 User mistakes print one message and exit with status 2; Ctrl-C exits 130 and a rerun resumes.
 """
 
@@ -23,8 +23,8 @@ import signal
 import sys
 from pathlib import Path
 
-from . import shipped
-from .errors import AlignkitError, RecipeError
+from alignkit.run import shipped
+from alignkit.core.errors import AlignkitError, RecipeError
 
 RECIPES_DIR = shipped.shipped_dir("recipes")  # the shipped recipes: the clone's recipes/, or the package's copy
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from alignkit import __version__
 
     parser = argparse.ArgumentParser(prog="alignkit", description="Post-train language models from recipes.")
     parser.add_argument("--version", action="version", version=f"alignkit {__version__}")
@@ -107,10 +107,10 @@ def find_recipe(name: str) -> Path:
 
 
 def _run(args) -> int:
-    from .pipeline import format_summary, plan_actions, run_recipe
-    from .recipe import load_recipe
+    from alignkit.run.pipeline import format_summary, plan_actions, run_recipe
+    from alignkit.run.recipe import load_recipe
 
-    from .data.check import check_recipe_data
+    from alignkit.data.check import check_recipe_data
 
     shipped.reset()
     recipe = load_recipe(find_recipe(args.recipe), args.overrides, output_dir=args.output_dir)
@@ -186,7 +186,7 @@ def _training_lines(config) -> list[str]:
 def _tracking_line(tracking) -> str:
     import os
 
-    from .tracking import wandb_mode
+    from alignkit.core.tracking import wandb_mode
 
     if tracking.report_to != "wandb":
         return f"tracking: {tracking.report_to}"
@@ -215,7 +215,7 @@ def _recipes(args) -> int:
 
 
 def _init(args) -> int:
-    from .starter import write_starter
+    from alignkit.run.starter import write_starter
 
     written = write_starter(args.dir)
     print(f"alignkit: wrote a starter project in {args.dir}: "
@@ -225,13 +225,13 @@ def _init(args) -> int:
 
 
 def _eval(argv: list[str]) -> int:
-    from .stages.eval import eval_main
+    from alignkit.stages.eval import eval_main
 
     return eval_main(argv)
 
 
 def _grade(argv: list[str]) -> int:
-    from .rewards import grade_main
+    from alignkit.rewards.grading import grade_main
 
     return grade_main(argv)
 

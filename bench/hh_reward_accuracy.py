@@ -56,8 +56,8 @@ def recipe(seed: int, args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from alignkit.pipeline import run_recipe
-    from alignkit.recipe import load_recipe
+    from alignkit.run.pipeline import run_recipe
+    from alignkit.run.recipe import load_recipe
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=HH_FILE)

@@ -2,7 +2,7 @@
 
 The judge (default: SmolLM2-135M-Instruct, the ``smollm2-135m-instruct`` alias) answers a principle's comparison
 question from the harmless constitution (one drawn per pair, as ``cai-label`` does) about each pair, in both
-presentation orders, through :mod:`alignkit.judges`. Every number comes from the same forward passes:
+presentation orders, through :mod:`alignkit.cai.judges`. Every number comes from the same forward passes:
 
 - ``swapped``: P(human-chosen preferred) averaged over both orders (what ``cai-label`` uses);
 - ``one order``: one order per pair, chosen shown first or second by a seeded coin (what a judge without
@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from alignkit.metrics import bootstrap_ci
+from alignkit.maths.selection import bootstrap_ci
 
 HH_FILE = Path(__file__).resolve().parents[1].parent / "shared/data/hh-rlhf/harmless-base-dev.jsonl.gz"
 
@@ -43,11 +43,11 @@ def shorter(chosen: str, rejected: str) -> float:
 
 
 def load_items(args: argparse.Namespace) -> list:
-    from alignkit.config import DataSpec
-    from alignkit.constitution import load_constitution
+    from alignkit.core.config import DataSpec
+    from alignkit.cai.constitution import load_constitution
     from alignkit.data import load_dataset
-    from alignkit.judges import Comparison
-    from alignkit.rewards import completion_text
+    from alignkit.cai.judges import Comparison
+    from alignkit.rewards.values import completion_text
 
     spec = DataSpec(source="hh", path=str(args.data), shuffle=True, seed=args.seed, limit=args.pairs)
     constitution = load_constitution(args.constitution)
@@ -90,7 +90,7 @@ def report(result: dict, threshold: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from alignkit.judges import HFJudge, compare, keep
+    from alignkit.cai.judges import HFJudge, compare, keep
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=HH_FILE)

@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from alignkit.metrics import bootstrap_ci, sign_test
+from alignkit.maths.selection import bootstrap_ci, sign_test
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -112,8 +112,8 @@ def build_prompts(preset: dict, policy_dir: Path, n: int) -> list[dict]:
     """``n`` prompts: raw text for our stage and the exact token ids TRL gets (same tokens by construction)."""
     import random
 
-    from alignkit.models import load_tokenizer
-    from alignkit.prompts import render_prompt
+    from alignkit.modeling.models import load_tokenizer
+    from alignkit.data.prompts import render_prompt
 
     tokenizer = load_tokenizer(str(policy_dir))
     rng = random.Random(0)
@@ -152,10 +152,10 @@ def run_ours(s: dict) -> dict:
     """Our stage's pieces, as ``alignkit.stages.ppo.run`` wires them (no checkpoints, no accuracy checks)."""
     import torch
 
-    from alignkit.models import load_tokenizer
+    from alignkit.modeling.models import load_tokenizer
     from alignkit.ppo import RewardSources, ppo_step
-    from alignkit.reward_model import reward_from_specs
-    from alignkit.rewards import RewardSpec
+    from alignkit.rewards.programs import combine_rewards
+    from alignkit.rewards.programs import RewardSpec
     from alignkit.stages.ppo import Config, _build_models, _kl_controller, _optimizer
 
     rows = [{"prompt": r["prompt"]} for r in s["prompts"]]
@@ -169,7 +169,7 @@ def run_ours(s: dict) -> dict:
     tokenizer = load_tokenizer(config.model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models, groups = _build_models(config, tokenizer, device)
-    sources = RewardSources(reward_from_specs([RewardSpec(program=f"model:{s['reward_model']}")]))
+    sources = RewardSources(combine_rewards([RewardSpec(program=f"model:{s['reward_model']}")]))
     optimizer, scheduler = _optimizer(config, groups, config.max_steps)
     kl = _kl_controller(config)
     rss_start, times, scores, kls = current_rss_gib(), [], [], []

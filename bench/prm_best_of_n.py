@@ -4,7 +4,7 @@ The evidence for recipes/math-shepherd.yaml: on held-out arith problems (a seed 
 reward models never saw) the SFT policy samples N solutions per problem; each is checked against the gold
 answer and, step by step, against the exact arith checker. The PRM scores every step (aggregated by min,
 the paper's choice, and prod/last/mean for comparison), the ORM its last step. Selection accuracy vs N is
-computed with alignkit.metrics.selection_curve from the one pool of N samples per problem, so every method
+computed with alignkit.maths.selection.selection_curve from the one pool of N samples per problem, so every method
 sees the same generations. A bootstrap over problems gives a 95% interval for "PRM minus ORM" at the
 largest N.
 
@@ -32,12 +32,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from alignkit.config import DataSpec
+from alignkit.core.config import DataSpec
 from alignkit.data import check_steps, load_dataset
-from alignkit.labels import true_step_labels
-from alignkit.metrics import Pool, aggregate_steps, best_of_n, bootstrap_ci, pairwise_ranking, selection_curve
-from alignkit.prm import PRMScorer, split_steps, step_metrics
-from alignkit.rewards import call_reward, load_reward
+from alignkit.maths.labels import true_step_labels
+from alignkit.maths.selection import Pool, aggregate_steps, best_of_n, bootstrap_ci, pairwise_ranking, selection_curve
+from alignkit.rewards.prm import PRMScorer, split_steps, step_metrics
+from alignkit.rewards.programs import load_reward
+from alignkit.rewards.values import call_reward
 
 MATH = "reward/math.py:answer_match"
 
@@ -54,8 +55,8 @@ def sample_solutions(policy: str, problems: list[dict[str, Any]], n: int, seed: 
         if cached["key"] == key:
             return cached["texts"], cached["seconds"]
     from alignkit.generation import SamplingParams, make_engine
-    from alignkit.models import load_model, load_tokenizer
-    from alignkit.prompts import render_prompt
+    from alignkit.modeling.models import load_model, load_tokenizer
+    from alignkit.data.prompts import render_prompt
 
     tokenizer, model = load_tokenizer(policy), load_model(policy)
     engine = make_engine("fast", model=model, tokenizer=tokenizer, batch_size=batch_size)

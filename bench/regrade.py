@@ -27,8 +27,8 @@ from pathlib import Path
 import yaml
 
 from alignkit.data.loading import read_jsonl
-from alignkit.metrics import bootstrap_ci
-from alignkit.rewards import load_reward
+from alignkit.maths.selection import bootstrap_ci
+from alignkit.rewards.programs import load_reward
 
 _OPERATOR_RE = re.compile(r"[-+*/^×÷]|\\(?:cdot|times|div|sqrt|frac)|\bsquared\b")
 
@@ -105,7 +105,7 @@ def main() -> None:
     args = parser.parse_args()
     args.answers = None
     if args.answers_from:
-        from alignkit.config import DataSpec
+        from alignkit.core.config import DataSpec
         from alignkit.data import load_dataset
 
         problems = load_dataset(DataSpec.model_validate(yaml.safe_load(args.answers_from)), "problems")

@@ -25,10 +25,10 @@ import time
 
 import torch
 
-from alignkit.metrics import Pool, pairwise_ranking, selection_curve
-from alignkit.models import load_model, load_tokenizer
-from alignkit.prompts import render_prompt
-from alignkit.rewards import load_reward
+from alignkit.maths.selection import Pool, pairwise_ranking, selection_curve
+from alignkit.modeling.models import load_model, load_tokenizer
+from alignkit.data.prompts import render_prompt
+from alignkit.rewards.programs import load_reward
 
 RESULT = re.compile(r"(?:= |answer is )(-?\d+)")
 

@@ -38,7 +38,7 @@ SIDES = ("trl", "alignkit")
 
 def rows(stage: str, n: int) -> list[dict[str, Any]]:
     """The same training rows for both sides: built-in arith problems (sft) or gold vs corrupted (dpo)."""
-    from alignkit.config import DataSpec
+    from alignkit.core.config import DataSpec
     from alignkit.data import load_dataset
 
     fmt = "sft" if stage == "sft" else "preference"
@@ -60,7 +60,7 @@ def conversational(stage: str, data: list[dict[str, Any]]) -> list[dict[str, Any
 
 
 def peak_memory_gib() -> float:
-    from alignkit.perf import peak_memory_gib as peak
+    from alignkit.core.perf import peak_memory_gib as peak
 
     return round(peak(), 3)
 
@@ -73,7 +73,7 @@ def run_trl(args: argparse.Namespace, stage: str) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-    from alignkit.models import resolve_model
+    from alignkit.modeling.models import resolve_model
 
     path = resolve_model(args.model)
     cuda = torch.cuda.is_available()
@@ -114,9 +114,9 @@ def run_alignkit(args: argparse.Namespace, stage: str, preset: str) -> dict[str,
     """A one-stage recipe through alignkit's pipeline; the figures are the stage's own manifest metrics."""
     import yaml
 
-    from alignkit.artifacts import Manifest
-    from alignkit.pipeline import run_recipe
-    from alignkit.recipe import load_recipe
+    from alignkit.core.artifacts import Manifest
+    from alignkit.run.pipeline import run_recipe
+    from alignkit.run.recipe import load_recipe
 
     work = Path(tempfile.mkdtemp(prefix="bench-alignkit-"))
     data = work / "data.jsonl"

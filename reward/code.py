@@ -81,8 +81,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from alignkit.errors import AlignkitError, RecipeError
-from alignkit.rewards import completion_text
+from alignkit.core.errors import AlignkitError, RecipeError
+from alignkit.rewards.values import completion_text
 
 logger = logging.getLogger("alignkit.reward.code")
 

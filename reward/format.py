@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from alignkit.rewards import completion_text
+from alignkit.rewards.values import completion_text
 
 ANSWER_LINE_RE = re.compile(r"The answer is -?\d+(?:\.\d+)?\.")
 FULL, ANSWER_ONLY, NONE = 1.0, 0.5, 0.0

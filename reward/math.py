@@ -56,7 +56,7 @@ import threading
 from fractions import Fraction
 from typing import Any
 
-from alignkit.rewards import completion_text
+from alignkit.rewards.values import completion_text
 
 logger = logging.getLogger("alignkit.reward.math")
 

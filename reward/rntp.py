@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from alignkit.rewards import completion_text
-from alignkit.rntp import (
+from alignkit.rewards.values import completion_text
+from alignkit.maths.rntp import (
     boxed_prediction,
     continuation_match,
     first_token_text,
@@ -100,7 +100,7 @@ def _scorer(path: str) -> tuple[Any, Any]:
     if path not in _SCORERS:
         import torch
 
-        from alignkit.models import load_model, load_tokenizer
+        from alignkit.modeling.models import load_model, load_tokenizer
 
         model = load_model(path, dtype="auto")
         model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
@@ -109,7 +109,7 @@ def _scorer(path: str) -> tuple[Any, Any]:
 
 
 def _render(tokenizer: Any, prompt: Any) -> str:
-    from alignkit.prompts import render_prompt
+    from alignkit.data.prompts import render_prompt
 
     return prompt if isinstance(prompt, str) else render_prompt(tokenizer, prompt, chat=True)
 

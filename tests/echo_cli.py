@@ -5,7 +5,7 @@ folder (tests/) on ``sys.path``, so ``echo_stage`` imports."""
 import sys
 
 from alignkit.cli import main
-from alignkit.registry import STAGES
+from alignkit.core.stage import STAGES
 
 STAGES["echo"] = "echo_stage"
 sys.exit(main())

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from pydantic import Field
 
-from alignkit.config import DataSpec
-from alignkit.pipeline import StageResult
-from alignkit.registry import StageConfig
+from alignkit.core.config import DataSpec
+from alignkit.core.stage import StageResult
+from alignkit.core.stage import StageConfig
 
 
 class Config(StageConfig):

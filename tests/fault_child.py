@@ -10,7 +10,7 @@ import time
 
 from transformers import Trainer, TrainerCallback
 
-from alignkit import shards
+from alignkit.core import shards
 from alignkit.cli import main
 
 SIGNAL, WHERE, N = getattr(signal, f"SIG{sys.argv[1]}"), sys.argv[2], int(sys.argv[3])

@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from alignkit.config import DataSpec
+from alignkit.core.config import DataSpec
 from alignkit.data import arith_text, check_steps, load_dataset
 from alignkit.data.arith import ArithParams, corrupt, generate, parse_params
-from alignkit.errors import DataError
+from alignkit.core.errors import DataError
 
 MIA = (
     "Mia has 12 marbles. She gets 7 more, then gives away 5, then triples them. "

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from alignkit.constitution import (
+from alignkit.cai.constitution import (
     CONSTITUTIONS_DIR,
     Constitution,
     load_constitution,
     shipped_constitutions,
 )
-from alignkit.errors import RecipeError
+from alignkit.core.errors import RecipeError
 
 GOOD = """\
 name: mine

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from alignkit.config import DataSpec
+from alignkit.core.config import DataSpec
 from alignkit.data import load_dataset, split_eval
 from alignkit.data.adapters import (
     Prm800kParams,
@@ -21,7 +21,7 @@ from alignkit.data.adapters import (
     rated_steps,
     split_transcript,
 )
-from alignkit.errors import DataError
+from alignkit.core.errors import DataError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 GSM8K = DATA / "gsm8k" / "train.jsonl"
@@ -385,9 +385,9 @@ def test_mixture_weights_and_checks(tmp_path):
 
 
 def test_mixture_parts_paths_resolve_from_the_recipe_folder(tmp_path, monkeypatch):
-    from alignkit.errors import RecipeError
-    from alignkit.recipe import load_recipe
-    from alignkit.registry import STAGES
+    from alignkit.core.errors import RecipeError
+    from alignkit.run.recipe import load_recipe
+    from alignkit.core.stage import STAGES
 
     monkeypatch.setitem(STAGES, "echo", "echo_stage")
     folder = tmp_path / "recipes"

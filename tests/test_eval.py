@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from alignkit.errors import RecipeError
-from alignkit.evalreport import method_title
-from alignkit.evalsuite import (
+from alignkit.core.errors import RecipeError
+from alignkit.evaluation.report import method_title
+from alignkit.evaluation.suite import (
     CORRECT_KEY,
     Suite,
     first_error,
@@ -296,9 +296,9 @@ shard_size: 2
 
 
 def test_stage_in_a_recipe_and_the_cli(tmp_path, tiny_model_dir, tiny_seqcls_dir, tiny_tokencls_dir):
-    from alignkit.artifacts import Manifest
-    from alignkit.pipeline import run_recipe
-    from alignkit.recipe import load_recipe
+    from alignkit.core.artifacts import Manifest
+    from alignkit.run.pipeline import run_recipe
+    from alignkit.run.recipe import load_recipe
 
     (tmp_path / "tiny.yaml").write_text(textwrap.dedent(TINY_SUITE))
     recipe_file = tmp_path / "recipe.yaml"
@@ -345,7 +345,7 @@ def test_gsm8k_grader_agrees_with_every_reference_solution():
     (the answer field itself: <<...>> annotations, "#### N" last)."""
     from alignkit.data.adapters import gsm8k_row
     from alignkit.data.loading import read_file
-    from alignkit.rewards import load_reward
+    from alignkit.rewards.programs import load_reward
 
     answer_match = load_reward("reward/math.py:answer_match")
     rows = read_file(GSM8K_TRAIN)
@@ -374,7 +374,8 @@ def test_smollm2_on_arith_writes_report_and_plot(tmp_path, smollm2_dir):
 def test_docstring_examples():
     import doctest
 
-    from alignkit import evalreport, evalsuite
+    from alignkit.evaluation import report as evalreport
+    from alignkit.evaluation import suite as evalsuite
 
     for module in (evalsuite, evalreport):
         result = doctest.testmod(module)

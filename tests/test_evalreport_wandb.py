@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import doctest
 
-import alignkit.evalreport as evalreport
-from alignkit.config import TrackingSpec
-from alignkit.tracking import Tracker
+import alignkit.evaluation.report as evalreport
+from alignkit.core.config import TrackingSpec
+from alignkit.core.tracking import Tracker
 
 
 def test_uniform_columns_docstring():

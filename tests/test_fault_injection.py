@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from alignkit.artifacts import Manifest
+from alignkit.core.artifacts import Manifest
 
 CHILD = Path(__file__).with_name("fault_child.py")
 TIMING = {"train_seconds", "tokens_per_second", "peak_memory_gib", "completions_per_second", "seconds",

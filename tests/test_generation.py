@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignkit.errors import RecipeError
-from alignkit.generation import GenerationError, GenerationSpec, SamplingParams, engine_from_spec, make_engine
+from alignkit.core.errors import RecipeError
+from alignkit.generation import GenerationError, SamplingParams, generation_spec, make_engine
 from alignkit.generation import fast as fast_module
 from alignkit.generation.engine import finish_completion
 from alignkit.generation.hf import plan_calls
@@ -111,8 +111,8 @@ def test_token_id_prompts_and_small_prefill_budget_give_the_same_rows(sharp, pro
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     assert _ids(engine.generate(ids, params, progress=False)) == expected
     # A 64-token prefill budget admits about one prompt per prefill forward.
-    spec = GenerationSpec(backend="fast", batch_size=8, max_prefill_tokens=64)
-    small = engine_from_spec(spec, model=model, tokenizer=tok)
+    spec = generation_spec(backend="fast", batch_size=8, max_prefill_tokens=64)
+    small = spec.build(model=model, tokenizer=tok)
     assert small.max_prefill_tokens == 64 and _ids(small.generate(prompts, params, progress=False)) == expected
 
 
@@ -435,10 +435,15 @@ def test_plan_calls_splits_rows_by_batch_size():
 def test_specs_reject_mistakes():
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match="generation.base_url is required"):
-        GenerationSpec(backend="openai", model_name="m")
+    with pytest.raises(ValidationError, match="base_url\n  Field required"):
+        generation_spec(backend="openai", model_name="m")
     with pytest.raises(ValidationError, match="extra"):
-        GenerationSpec(batchsize=3)
+        generation_spec(batchsize=3)
+    with pytest.raises(ValidationError, match="extra"):  # an option of another backend is not silently ignored
+        generation_spec(backend="hf", max_prefill_tokens=64)
+    with pytest.raises(ValidationError, match="backend must be one of"):
+        generation_spec(backend="vllm")
+    assert generation_spec(batch_size=8).backend == "fast"  # the default backend when the block names none
     with pytest.raises(ValidationError):
         SamplingParams(stop=[""])
     with pytest.raises(ValidationError):
@@ -498,7 +503,7 @@ def stub():
 
 
 def _openai(stub):
-    spec = GenerationSpec(
+    spec = generation_spec(
         backend="openai",
         base_url=f"http://127.0.0.1:{stub.server_address[1]}/v1/",
         model_name="policy",
@@ -506,7 +511,7 @@ def _openai(stub):
         api_key_env="ALIGNKIT_TEST_KEY",
         max_retries=2,
     )
-    engine = engine_from_spec(spec)
+    engine = spec.build()
     engine.backoff_s = 0.01
     return engine
 
@@ -590,3 +595,38 @@ def test_fast_returns_samples_in_admission_order_not_by_length(sharp, prompts, m
     again = make_engine("fast", model=model, tokenizer=tok, batch_size=64).generate(prompts[:3], params,
                                                                                    progress=False)
     assert _ids(again) == _ids(fast)  # seeded and ordered: the same samples in the same places
+
+
+def test_generation_block_errors_name_the_recipe_field(tmp_path):
+    """A recipe's generation block is one spec per backend: mistakes are one line naming the field as the
+    recipe spells it (no union tag), with the backend an option belongs to."""
+    from alignkit.core.errors import RecipeError
+    from alignkit.run.recipe import load_recipe
+
+    def error(block: str) -> str:
+        path = tmp_path / "r.yaml"
+        path.write_text("name: r\nstages:\n  - kind: label\n    model: m\n    data: {source: arith}\n"
+                        f"    generation: {block}\n")
+        with pytest.raises(RecipeError) as info:
+            load_recipe(path)
+        return str(info.value)
+
+    assert "stages.label.generation.base_url: Field required" in error("{backend: openai, model_name: m}")
+    message = error("{backend: hf, max_prefill_tokens: 8}")
+    assert "stages.label.generation.max_prefill_tokens: unknown field" in message
+    assert "option of backend fast" in message and "allowed fields: ['backend', 'batch_size']" in message
+    assert "did you mean `batch_size`" in error("{backend: fast, batchsize: 8}")
+    assert "must be one of ['hf', 'fast', 'openai']" in error("{backend: vllm}")
+
+
+def test_each_spec_builds_its_own_engine(sharp):
+    from alignkit.generation import FastSpec, HFSpec
+    from alignkit.generation.fast import FastEngine
+    from alignkit.generation.hf import HFEngine
+
+    model, tok = sharp
+    assert isinstance(HFSpec(batch_size=2).build(model=model, tokenizer=tok), HFEngine)
+    fast = FastSpec(batch_size=2, max_prefill_tokens=32).build(model=model, tokenizer=tok)
+    assert isinstance(fast, FastEngine) and fast.max_prefill_tokens == 32
+    with pytest.raises(Exception, match="needs a loaded model"):
+        HFSpec().build()

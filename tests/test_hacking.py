@@ -1,4 +1,4 @@
-"""Reward-hacking signals (alignkit.hacking): each signal on hand-worked batches, the verifier's own answer
+"""Reward-hacking signals (alignkit.rewards.hacking): each signal on hand-worked batches, the verifier's own answer
 reading, and the tap that logs them from inside TRL's reward calls (HackingWatch)."""
 
 from __future__ import annotations
@@ -8,15 +8,15 @@ import functools
 
 import pytest
 
-import alignkit.hacking
-from alignkit.hacking import hacking_signals, math_signals, repeated_ngram_frac
-from alignkit.rewards import weighted_total
-from alignkit.rewards import completion_text
+import alignkit.rewards.hacking
+from alignkit.rewards.hacking import hacking_signals, math_signals, repeated_ngram_frac
+from alignkit.rewards.programs import weighted_total
+from alignkit.rewards.values import completion_text
 from alignkit.stages.rl_common import HackingWatch
 
 
 def test_docstring_examples():
-    assert doctest.testmod(alignkit.hacking).failed == 0
+    assert doctest.testmod(alignkit.rewards.hacking).failed == 0
 
 
 def test_repeated_ngram_frac_by_hand():
@@ -79,9 +79,9 @@ def test_empty_batch_and_mismatched_lengths():
 
 
 def test_math_tools_are_the_verifiers():
-    from alignkit.rewards import load_reward
+    from alignkit.rewards.programs import load_reward
 
-    extract, plain = alignkit.hacking.math_answer_tools()
+    extract, plain = alignkit.rewards.hacking.math_answer_tools()
     assert extract is load_reward("reward/math.py:extract_answer")
     assert plain is load_reward("reward/math.py:plain_number")
 

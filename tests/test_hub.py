@@ -7,13 +7,14 @@ import textwrap
 
 import pytest
 
-from alignkit.artifacts import Manifest
-from alignkit.config import HubSpec
-from alignkit.errors import AlignkitError
-from alignkit.hub import export_stage, push_folder
-from alignkit.pipeline import StageResult, run_recipe
-from alignkit.recipe import load_recipe
-from alignkit.registry import STAGES
+from alignkit.core.artifacts import Manifest
+from alignkit.core.config import HubSpec
+from alignkit.core.errors import AlignkitError
+from alignkit.run.hub import export_stage, push_folder
+from alignkit.core.stage import StageResult
+from alignkit.run.pipeline import run_recipe
+from alignkit.run.recipe import load_recipe
+from alignkit.core.stage import STAGES
 
 TOKEN = "hf_" + "Zz9Yy8Xx7Ww6Vv5Uu4Tt3Ss2"
 
@@ -177,7 +178,7 @@ def test_reward_model_export_loads_with_its_card_snippet(tmp_path, monkeypatch, 
 
 
 def test_prm_export_loads_with_its_card_snippet(tmp_path, monkeypatch, tiny_tokencls_dir):
-    from alignkit.prm import write_prm_config
+    from alignkit.rewards.prm import write_prm_config
 
     def train(config, ctx):
         artifacts = _copy_trainer(tiny_tokencls_dir)(config, ctx)
@@ -242,7 +243,7 @@ def test_adapter_on_the_alias_points_at_its_hub_id(tmp_path, monkeypatch, tiny_m
     it with AutoPeftModel (no network here: the Hub model is not fetched)."""
     import json
 
-    from alignkit.hub import SMOLLM2_HUB_ID, portable_base
+    from alignkit.run.hub import SMOLLM2_HUB_ID, portable_base
 
     monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
     alias_dir = tmp_path / "cache" / "models" / "smollm2-135m-instruct"
@@ -289,7 +290,7 @@ def test_last_stage_without_a_model_says_nothing_was_exported(tmp_path, monkeypa
 
 def test_unknown_hub_stage_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     from alignkit.cli import main
-    from alignkit.errors import RecipeError
+    from alignkit.core.errors import RecipeError
 
     monkeypatch.setitem(STAGES, "echo", "echo_stage")
     path = tmp_path / "r.yaml"

@@ -17,9 +17,9 @@ import urllib.request
 
 import pytest
 
-from alignkit import judges
-from alignkit.errors import GenerationError, RecipeError
-from alignkit.judges import (
+from alignkit.cai import judges
+from alignkit.core.errors import GenerationError, RecipeError
+from alignkit.cai.judges import (
     Comparison,
     HFJudge,
     HTTPJudge,
@@ -141,7 +141,7 @@ def test_judge_spec_rejects_bad_combinations():
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from alignkit.models import load_model, load_tokenizer
+    from alignkit.modeling.models import load_model, load_tokenizer
 
     return load_model(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
 
@@ -150,7 +150,7 @@ def _oracle_p(model, tokenizer, item: Comparison, label_ids) -> float:
     """The naive version: one unpadded forward, softmax over the whole vocabulary, sum each label's tokens."""
     import torch
 
-    from alignkit.prompts import render_prompt
+    from alignkit.data.prompts import render_prompt
 
     ids = tokenizer(render_prompt(tokenizer, judges.judge_messages(item)), add_special_tokens=False)["input_ids"]
     with torch.no_grad():

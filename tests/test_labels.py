@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from alignkit.labels import StepLabels, label_agreement, soft_label_agreement, step_labels, true_step_labels
+from alignkit.maths.labels import StepLabels, label_agreement, soft_label_agreement, step_labels, true_step_labels
 
 
 # ---- hand-worked tables -------------------------------------------------------------------------------
@@ -149,7 +149,7 @@ def test_agreement_with_truth_grows_with_n():
 def test_docstring_examples():
     import doctest
 
-    import alignkit.labels
+    import alignkit.maths.labels
 
-    result = doctest.testmod(alignkit.labels)
+    result = doctest.testmod(alignkit.maths.labels)
     assert result.attempted >= 1 and result.failed == 0

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from alignkit.metrics import (
+from alignkit.maths.selection import (
     Pool,
     aggregate_steps,
     best_of_n,
@@ -180,9 +180,9 @@ def test_selection_curve_errors():
 def test_docstring_examples():
     import doctest
 
-    import alignkit.metrics
+    import alignkit.maths.selection
 
-    result = doctest.testmod(alignkit.metrics)
+    result = doctest.testmod(alignkit.maths.selection)
     assert result.attempted >= 5 and result.failed == 0
 
 

@@ -1,4 +1,4 @@
-"""alignkit.models: name resolution, loading per task, LoRA, merging, 4-bit on CPU, the SmolLM2 alias."""
+"""alignkit.modeling.models: name resolution, loading per task, LoRA, merging, 4-bit on CPU, the SmolLM2 alias."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignkit import models
-from alignkit.config import LoraSpec, QuantSpec
-from alignkit.errors import ModelError
-from alignkit.models import (
+from alignkit.modeling import models
+from alignkit.core.config import LoraSpec, QuantSpec
+from alignkit.core.errors import ModelError
+from alignkit.modeling.models import (
     adapter_num_labels,
     apply_lora,
     is_adapter_dir,
@@ -203,7 +203,7 @@ def test_merge_adapter_round_trip(tiny_model_dir: Path, tmp_path: Path, task: st
 
 def test_merge_refuses_non_finite_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
     """A diverged adapter (nan in one LoRA matrix) is never merged into a model folder."""
-    from alignkit.models import check_finite_weights
+    from alignkit.modeling.models import check_finite_weights
 
     peft_model = apply_lora(load_model(str(tiny_model_dir)), LoraSpec(r=4), "causal-lm")
     _randomize_lora(peft_model)

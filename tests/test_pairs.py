@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from alignkit.pairs import make_pairs, pair_rows, score_samples, select_pair, shard_path
+from alignkit.data.pairs import make_pairs, pair_rows, score_samples, select_pair, shard_path
 
 
 @pytest.mark.parametrize(
@@ -129,6 +129,6 @@ def test_stats_without_any_pair(tmp_path):
 def test_docstring_examples():
     import doctest
 
-    import alignkit.pairs
+    import alignkit.data.pairs
 
-    assert doctest.testmod(alignkit.pairs).failed == 0
+    assert doctest.testmod(alignkit.data.pairs).failed == 0

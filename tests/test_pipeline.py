@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from alignkit.artifacts import Manifest
+from alignkit.core.artifacts import Manifest
 from alignkit.cli import main
-from alignkit.pipeline import format_summary, plan_actions, run_recipe
-from alignkit.recipe import load_recipe
-from alignkit.registry import STAGES
-from alignkit.tracking import read_offline_run
+from alignkit.run.pipeline import format_summary, plan_actions, run_recipe
+from alignkit.run.recipe import load_recipe
+from alignkit.core.stage import STAGES
+from alignkit.core.tracking import read_offline_run
 
 RECIPE = """
 name: chain
@@ -175,7 +175,7 @@ def test_cli_lists_recipes_and_dispatches_grade(tmp_path, capsys):
     assert main(["grade", str(rows), "--reward", "reward/math.py:answer_match", "--answer-field", "gold"]) == 2
 
 
-# --- one live run per run folder (alignkit.runlock) ---------------------------------------------------------
+# --- one live run per run folder (alignkit.core.runlock) ---------------------------------------------------------
 
 ECHO_CLI = Path(__file__).parent / "echo_cli.py"  # the CLI with the echo kind registered, in its own process
 
@@ -243,8 +243,8 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path, recipe_file):
 
 
 def test_the_lock_is_held_for_the_run_and_released_after(tmp_path, recipe_file):
-    from alignkit.errors import RunFolderBusy
-    from alignkit.runlock import RunLock
+    from alignkit.core.errors import RunFolderBusy
+    from alignkit.core.runlock import RunLock
 
     recipe = load_recipe(recipe_file, output_dir=str(tmp_path / "runs"))
     with RunLock(recipe.root):  # another holder (a second open of the file: flock conflicts even in-process)

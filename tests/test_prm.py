@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from alignkit.prm import (
+from alignkit.rewards.prm import (
     IGNORE,
     PRMScorer,
     encode_steps,
@@ -102,7 +102,7 @@ def test_multi_token_separators_exist_in_the_tested_tokenizers():
 @pytest.mark.e2e
 @pytest.mark.parametrize("separator", SEPARATORS)
 def test_labels_land_on_separator_tokens_smollm2(smollm2_dir, separator):
-    from alignkit.models import load_tokenizer
+    from alignkit.modeling.models import load_tokenizer
 
     check_alignment(load_tokenizer(str(smollm2_dir)), separator)
 
@@ -112,7 +112,7 @@ def test_searching_the_merged_text_would_miss_the_separator(smollm2_dir):
     # Why encode_steps tokenizes piece by piece: SmolLM2 spells "\n\n" alone as one token (1116) but as
     # two "\n" tokens between steps ("19.\n\nSubtract"), so a search for the separator's ids in the merged
     # text finds only the final one: 1 of 3 step ends.
-    from alignkit.models import load_tokenizer
+    from alignkit.modeling.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(smollm2_dir))
     sep = separator_ids(tokenizer, "\n\n")
@@ -187,7 +187,7 @@ def test_solution_logits_by_hand():
                                   logsig(torch.tensor(5.0))])
     assert torch.allclose(solution_logits(logits, targets, "prod"), expected_prod)
     # the ordering matches aggregate_steps on p_good = sigmoid(z), which is what PRMScorer ranks by
-    from alignkit.metrics import aggregate_steps
+    from alignkit.maths.selection import aggregate_steps
     for how in ("min", "last", "prod"):
         by_prob = [aggregate_steps(torch.sigmoid(torch.tensor(z)).tolist(), how) for z in ([1.0, -2.0, 3.0], [5.0])]
         assert (by_prob[0] < by_prob[1]) == bool(solution_logits(logits, targets, how)[0] < solution_logits(
@@ -303,8 +303,8 @@ stages:
 
 
 def test_prm_stage_trains_saves_and_scores(tmp_path, tiny_model_dir):
-    from alignkit.pipeline import run_recipe
-    from alignkit.recipe import load_recipe
+    from alignkit.run.pipeline import run_recipe
+    from alignkit.run.recipe import load_recipe
 
     path = tmp_path / "prm.yaml"
     path.write_text(textwrap.dedent(RECIPE).replace("MODEL", str(tiny_model_dir)))
@@ -328,7 +328,7 @@ def test_prm_stage_trains_saves_and_scores(tmp_path, tiny_model_dir):
 
 
 def test_soft_labels_are_the_targets_and_need_the_column():
-    from alignkit.errors import DataError
+    from alignkit.core.errors import DataError
     from alignkit.stages import prm as stage
 
     config = stage.Config(model="m", data={"source": "arith"}, soft_labels=True)
@@ -462,8 +462,8 @@ stages:
 
 
 def test_prm_stage_with_ranking_loss_learns_to_order_a_prompts_solutions(tmp_path, tiny_model_dir):
-    from alignkit.pipeline import run_recipe
-    from alignkit.recipe import load_recipe
+    from alignkit.run.pipeline import run_recipe
+    from alignkit.run.recipe import load_recipe
 
     two_solutions_per_prompt(tmp_path / "rows.jsonl")
     path = tmp_path / "prm.yaml"
@@ -480,7 +480,7 @@ def test_prm_stage_with_ranking_loss_learns_to_order_a_prompts_solutions(tmp_pat
 
 
 def test_logprob_step_logits_by_hand():
-    from alignkit.prm import EncodedSteps, logprob_step_logits, pad_index, step_token_index
+    from alignkit.rewards.prm import EncodedSteps, logprob_step_logits, pad_index, step_token_index
 
     torch.manual_seed(0)
     lm_logits = torch.randn(1, 6, 5)
@@ -519,9 +519,9 @@ stages:
 def test_prm_stage_lm_logprob_head_trains_saves_and_scores_by_step_likelihood(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from alignkit.pipeline import run_recipe
-    from alignkit.recipe import load_recipe
-    from alignkit.prm import EncodedSteps, logprob_step_logits, pad_index, step_token_index
+    from alignkit.run.pipeline import run_recipe
+    from alignkit.run.recipe import load_recipe
+    from alignkit.rewards.prm import EncodedSteps, logprob_step_logits, pad_index, step_token_index
 
     path = tmp_path / "prm.yaml"
     path.write_text(LOGPROB_RECIPE.replace("MODEL", str(tiny_model_dir)))
@@ -551,7 +551,7 @@ def test_prm_stage_lm_logprob_head_trains_saves_and_scores_by_step_likelihood(tm
 def test_scorer_refuses_an_unknown_head(tmp_path, tiny_tokencls_dir):
     import shutil
 
-    from alignkit.errors import ModelError
+    from alignkit.core.errors import ModelError
 
     folder = tmp_path / "prm"
     shutil.copytree(tiny_tokencls_dir, folder)

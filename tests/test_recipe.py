@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from alignkit.errors import RecipeError
-from alignkit.recipe import apply_overrides, load_recipe
-from alignkit.registry import STAGES
+from alignkit.core.errors import RecipeError
+from alignkit.run.recipe import apply_overrides, load_recipe
+from alignkit.core.stage import STAGES
 
 GOOD = """
 name: demo

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from alignkit.errors import AlignkitError
-from alignkit.rewards import RewardSpec, bind_reward, load_reward
+from alignkit.core.errors import AlignkitError
+from alignkit.rewards.programs import RewardSpec, bind_reward, load_reward
 
 unit_tests = load_reward("reward/code.py:unit_tests")
 code = inspect.getmodule(unit_tests)
@@ -322,7 +322,7 @@ def _sandboxes() -> list[tuple[str, str]]:
 # Grades a json list of [completion, tests] with another interpreter inside the sandbox (fast deadline).
 GRADER = """
 import json, sys
-from alignkit.rewards import load_reward
+from alignkit.rewards.programs import load_reward
 rows = json.load(open(sys.argv[1]))
 scores = load_reward('reward/code.py:unit_tests')([c for c, t in rows], tests=[t for c, t in rows], timeout_s=2,
                                                  python=sys.argv[2])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from alignkit.rewards import load_reward
+from alignkit.rewards.programs import load_reward
 
 answer_match = load_reward("reward/math.py:answer_match")
 math_reward = inspect.getmodule(answer_match)

@@ -1,4 +1,4 @@
-"""alignkit.rewards (loader, specs, weighted sums, grading a file) and reward/format.py."""
+"""alignkit.rewards (loader, specs, weighted sums, value checks, grading a file) and reward/format.py."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 import alignkit.rewards as rewards
-from alignkit.errors import DataError, RecipeError, RewardError
-from alignkit.rewards import RewardSpec, combine_rewards, grade_file, grade_main, load_reward, load_rewards
+from alignkit.core.errors import DataError, RecipeError, RewardError
+from alignkit.rewards.programs import RewardSpec, combine_rewards, load_reward, load_rewards
+from alignkit.rewards.grading import grade_file, grade_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,7 +82,7 @@ def test_load_dotted_path() -> None:
     ("rw/toy.py:NOT_A_FUNCTION", "is a int, not a function"),
     ("rw/toy.py", "must look like"),
     ("no_such_package_xyz.mod:fn", "no module named 'no_such_package_xyz'"),
-    ("alignkit.rewards:nope", "has no function 'nope'"),
+    ("alignkit.rewards.programs:nope", "has no function 'nope'"),
 ])
 def test_load_errors_say_what_and_how(programs: Path, ref: str, message: str) -> None:
     with pytest.raises(RecipeError, match=message):
@@ -209,9 +210,9 @@ def test_step_format(text: str, score: float) -> None:
 def test_model_prefixes_load_trained_scorers(tmp_path, tiny_seqcls_dir, tiny_tokencls_dir, monkeypatch):
     """`model:<folder>` is an outcome reward model and `prm:<folder>` a process reward model, both as
     TRL-convention reward functions; scorer options come from the spec's kwargs."""
-    import alignkit.prm as prm
-    import alignkit.reward_model as reward_model
-    from alignkit.rewards import RewardSpec, bind_reward, is_model_reward
+    import alignkit.rewards.prm as prm
+    import alignkit.rewards.reward_model as reward_model
+    from alignkit.rewards.programs import RewardSpec, bind_reward, is_model_reward
 
     built = []
 
@@ -282,7 +283,7 @@ def _grade_cli(base: Path):
 
 
 def _eval_grader(base: Path):
-    from alignkit.evalsuite import Suite
+    from alignkit.evaluation.suite import Suite
     from alignkit.stages.eval import _grade
 
     suite = Suite.model_validate({"name": "t", "dataset": {"source": "arith"}, "grader": PLANNED_REF})
@@ -290,7 +291,7 @@ def _eval_grader(base: Path):
 
 
 def _eval_orm(base: Path):
-    from alignkit.evalsuite import score_pairs
+    from alignkit.evaluation.suite import score_pairs
 
     score_pairs([{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "c", "rejected": "d"}],
                 load_reward(PLANNED_REF, base_dir=base))
@@ -303,7 +304,7 @@ def _ppo(base: Path):
 
 
 def _pairs(base: Path):
-    from alignkit.pairs import score_samples
+    from alignkit.data.pairs import score_samples
 
     score_samples(load_reward(PLANNED_REF, base_dir=base), [{"prompt": "p", "answer": "1"}], [["a", "b"]])
 
@@ -424,7 +425,7 @@ def test_none_is_an_error_where_a_number_is_needed():
 
 
 def test_step_scores_are_checked(planned, programs):
-    from alignkit.evalsuite import score_steps
+    from alignkit.evaluation.suite import score_steps
     from alignkit.ppo.rewards import score_steps as ppo_score_steps
 
     check = rewards.check_step_scores
@@ -453,9 +454,9 @@ def test_step_scores_are_checked(planned, programs):
 
 def test_model_scorers_with_nan_name_their_folder(monkeypatch, tiny_tokencls_dir):
     """A broken reward model (NaN out of the forward) stops the run, named by its folder."""
-    import alignkit.prm as prm
-    import alignkit.reward_model as reward_model
-    from alignkit.rewards import bind_reward
+    import alignkit.rewards.prm as prm
+    import alignkit.rewards.reward_model as reward_model
+    from alignkit.rewards.programs import bind_reward
 
     class NaNScorer:
         def __init__(self, model_path, **kwargs):

@@ -13,9 +13,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from alignkit.errors import DataError, RecipeError
-from alignkit.rewards import load_reward
-from alignkit.rntp import (
+from alignkit.core.errors import DataError, RecipeError
+from alignkit.rewards.programs import load_reward
+from alignkit.maths.rntp import (
     boxed_prediction,
     bucket,
     bucketed_accuracy,
@@ -136,7 +136,7 @@ def test_buckets_hand_worked():
 
 
 def test_document_positions_rows_are_the_true_text(tiny_model_dir):
-    from alignkit.models import load_tokenizer
+    from alignkit.modeling.models import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir))
     doc = "Tom has 3 apples. He buys 4 more.\nAdd 4: 3 + 4 = 7.\nThe answer is 7."
@@ -179,7 +179,7 @@ def test_next_token_match_reward_program():
 def test_target_logps_equals_one_forward_per_row(tiny_model_dir):
     import torch
 
-    from alignkit.models import load_model
+    from alignkit.modeling.models import load_model
 
     model = load_model(str(tiny_model_dir)).eval()
     prefixes, targets = [[5, 6, 7, 8], [9, 10]], [[11, 12], [13, 14, 15]]
@@ -196,8 +196,8 @@ def test_greedy_next_tokens_match_one_context_at_a_time(tiny_model_dir):
     """Right-padded batches give each context's own argmax (padding after a row never reaches it)."""
     import torch
 
-    from alignkit.models import load_model, load_tokenizer
-    from alignkit.rntp import greedy_next_tokens
+    from alignkit.modeling.models import load_model, load_tokenizer
+    from alignkit.maths.rntp import greedy_next_tokens
 
     model, tok = load_model(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
     contexts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
@@ -209,7 +209,7 @@ def test_greedy_next_tokens_match_one_context_at_a_time(tiny_model_dir):
 
 
 def test_thought_gain_is_the_log_prob_difference(tiny_model_dir):
-    from alignkit.models import load_model, load_tokenizer
+    from alignkit.modeling.models import load_model, load_tokenizer
 
     fn = load_reward("reward/rntp.py:thought_gain")
     prompt = [{"role": "user", "content": "Text: 3 + 4 ="}]
@@ -257,9 +257,9 @@ ARITH_STAGE = """
 
 
 def test_stage_runs_evaluates_and_resumes(tmp_path, tiny_model_dir):
-    from alignkit.artifacts import Manifest
-    from alignkit.pipeline import run_recipe
-    from alignkit.recipe import load_recipe
+    from alignkit.core.artifacts import Manifest
+    from alignkit.run.pipeline import run_recipe
+    from alignkit.run.recipe import load_recipe
 
     stage = ARITH_STAGE + ("      accuracy_data: {source: arith, seed: 5, params: {n: 2, steps: 1}}\n"
                            "      accuracy_max_new_tokens: 4\n")
@@ -297,7 +297,7 @@ def test_stage_runs_evaluates_and_resumes(tmp_path, tiny_model_dir):
     shard = run_dir / "positions" / "train" / "shard-00001.jsonl"
     kept = (run_dir / "positions" / "train" / "shard-00000.jsonl").stat().st_mtime_ns
     shard.unlink()
-    from alignkit.models import load_tokenizer
+    from alignkit.modeling.models import load_tokenizer
     from alignkit.stages import rntp
 
     config = recipe.stages[0].config
@@ -310,9 +310,9 @@ def test_stage_runs_evaluates_and_resumes(tmp_path, tiny_model_dir):
 def test_dense_reward_trains_through_the_stage(tmp_path, tiny_model_dir):
     """reward: dense gives continuous rewards, so no group ties (frac_reward_zero_std 0), unlike the 0/1
     match reward on a model that never boxes anything (every group all-zero)."""
-    from alignkit.artifacts import Manifest
-    from alignkit.pipeline import run_recipe
-    from alignkit.recipe import load_recipe
+    from alignkit.core.artifacts import Manifest
+    from alignkit.run.pipeline import run_recipe
+    from alignkit.run.recipe import load_recipe
 
     stage = ARITH_STAGE.replace("      eval_data: {source: arith, seed: 9, params: {n: 6, steps: 1, max_operand: 9}}\n",
                                 "").replace("max_steps: 2", "max_steps: 1\n      reward: dense")
@@ -324,8 +324,8 @@ def test_dense_reward_trains_through_the_stage(tmp_path, tiny_model_dir):
 
 
 def test_prefilter_drops_groups_that_all_agree(tmp_path, tiny_model_dir, monkeypatch):
-    from alignkit.models import load_model, load_tokenizer
-    from alignkit.recipe import load_recipe
+    from alignkit.modeling.models import load_model, load_tokenizer
+    from alignkit.run.recipe import load_recipe
     from alignkit.stages import rntp
 
     recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir, ARITH_STAGE.replace(
@@ -356,7 +356,7 @@ def test_prefilter_drops_groups_that_all_agree(tmp_path, tiny_model_dir, monkeyp
     (["reward: dense", "prefilter_samples: 4"], "prefilter_samples", "dense rewards are continuous"),
 ])
 def test_config_mistakes_name_the_field(tmp_path, tiny_model_dir, bad, field, message):
-    from alignkit.recipe import load_recipe
+    from alignkit.run.recipe import load_recipe
 
     extra = "".join(f"      {line}\n" for line in bad)
     with pytest.raises(RecipeError, match=message) as err:
@@ -367,11 +367,11 @@ def test_config_mistakes_name_the_field(tmp_path, tiny_model_dir, bad, field, me
 @pytest.mark.skipif(not SHARED_GSM8K.is_file(), reason="../shared/data/gsm8k/train.jsonl is absent")
 def test_gsm8k_solution_text(tmp_path, tiny_model_dir):
     """Sampler, matcher and the whole stage on GSM8K solution text (tiny model: pipeline, not quality)."""
-    from alignkit.artifacts import Manifest
-    from alignkit.config import DataSpec
+    from alignkit.core.artifacts import Manifest
+    from alignkit.core.config import DataSpec
     from alignkit.data import load_dataset
-    from alignkit.pipeline import run_recipe
-    from alignkit.recipe import load_recipe
+    from alignkit.run.pipeline import run_recipe
+    from alignkit.run.recipe import load_recipe
 
     stage = f"""
         - kind: rntp
@@ -403,8 +403,8 @@ def test_smollm2_arith_positions(smollm2_dir):
     sampler's rows there start at the first digit; its greedy plain next token after "= " is mostly right
     (19 of 24 positions measured, 0.79), which is why arith results are not high-entropy positions for it."""
     from alignkit.data import arith_text
-    from alignkit.models import load_model, load_tokenizer
-    from alignkit.rntp import greedy_next_tokens, proxy_entropies
+    from alignkit.modeling.models import load_model, load_tokenizer
+    from alignkit.maths.rntp import greedy_next_tokens, proxy_entropies
 
     tok, model = load_tokenizer(str(smollm2_dir)), load_model(str(smollm2_dir)).eval()
     body, lengths = prefix_byte_lengths(functools.partial(tok.decode, clean_up_tokenization_spaces=False),

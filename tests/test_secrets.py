@@ -1,6 +1,6 @@
 """Credentials never reach what we write."""
 
-from alignkit.secrets import MASK, redact, redact_text
+from alignkit.core.secrets import MASK, redact, redact_text
 
 HF = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWx"
 WANDB = "0123456789abcdef" * 2 + "01234567"  # 40 hex characters, the shape of a W&B API key

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from alignkit import shipped
+from alignkit.run import shipped
 from alignkit.cli import find_recipe, main
-from alignkit.constitution import constitution_path
-from alignkit.evalsuite import find_suite
-from alignkit.starter import write_starter
+from alignkit.cai.constitution import constitution_path
+from alignkit.evaluation.suite import find_suite
+from alignkit.run.starter import write_starter
 
 REPO = Path(__file__).resolve().parents[1]
 GRADED = '{"completion": "The answer is 4.", "answer": "4"}\n{"completion": "5", "answer": "4"}\n'
@@ -102,9 +102,9 @@ def test_init_refuses_a_file(tmp_path):
 
 def test_starter_recipe_runs_on_a_tiny_model(tmp_path, tiny_model_dir, monkeypatch):
     """The written recipe as it is, on the tiny offline model instead of SmolLM2 (the only change)."""
-    from alignkit.artifacts import Manifest
-    from alignkit.pipeline import run_recipe
-    from alignkit.recipe import load_recipe
+    from alignkit.core.artifacts import Manifest
+    from alignkit.run.pipeline import run_recipe
+    from alignkit.run.recipe import load_recipe
 
     write_starter(tmp_path / "proj")
     monkeypatch.chdir(tmp_path / "proj")

@@ -7,9 +7,9 @@ import textwrap
 
 import pytest
 
-from alignkit.errors import RecipeError
-from alignkit.pipeline import run_recipe
-from alignkit.recipe import load_recipe
+from alignkit.core.errors import RecipeError
+from alignkit.run.pipeline import run_recipe
+from alignkit.run.recipe import load_recipe
 from alignkit.stages import cai_compare
 
 MODEL = ["Sorry, I can't help with that.", "Sure: step 1, find the lock.", "sorry, no", "same"]
@@ -59,14 +59,14 @@ class SorryJudge:
 
 
 def test_win_rates_match_a_hand_count(tmp_path, monkeypatch):
-    import alignkit.judges
-    import alignkit.reward_model
+    import alignkit.cai.judges
+    import alignkit.rewards.reward_model
 
     monkeypatch.setattr(cai_compare, "_answers",
                         lambda which, name, prompts, config, ctx: MODEL if which == "model" else BASELINE)
-    monkeypatch.setattr(alignkit.reward_model, "RewardModelScorer", SorryScorer)
+    monkeypatch.setattr(alignkit.rewards.reward_model, "RewardModelScorer", SorryScorer)
     asked = []
-    monkeypatch.setattr(alignkit.judges, "build_judge",
+    monkeypatch.setattr(alignkit.cai.judges, "build_judge",
                         lambda spec, default_model, **kw: asked.append(default_model) or SorryJudge())
     recipe = recipe_at(tmp_path)
     (outcome,) = run_recipe(recipe, echo=lambda *_: None)

@@ -10,14 +10,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from alignkit import shards as shards_module
-from alignkit.config import DataSpec
-from alignkit.constitution import load_constitution
+from alignkit.core import shards as shards_module
+from alignkit.core.config import DataSpec
+from alignkit.cai.constitution import load_constitution
 from alignkit.data import load_dataset
-from alignkit.errors import RecipeError
+from alignkit.core.errors import RecipeError
 from alignkit.generation import Completion
-from alignkit.pipeline import run_recipe
-from alignkit.recipe import load_recipe
+from alignkit.run.pipeline import run_recipe
+from alignkit.run.recipe import load_recipe
 from alignkit.stages import cai_label
 
 # prompt k -> its two responses: k % 5 picks identical, one empty, a tie for the judge, safe first, safe second

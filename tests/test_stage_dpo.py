@@ -8,10 +8,10 @@ import textwrap
 
 import pytest
 
-from alignkit.artifacts import Manifest
-from alignkit.errors import RecipeError
-from alignkit.pipeline import run_recipe
-from alignkit.recipe import load_recipe
+from alignkit.core.artifacts import Manifest
+from alignkit.core.errors import RecipeError
+from alignkit.run.pipeline import run_recipe
+from alignkit.run.recipe import load_recipe
 from helpers import QLORA, TrainedModelSpy, run_two_processes, write_recipe
 
 
@@ -58,7 +58,7 @@ stages:
 
 
 def test_dpo_raises_the_implicit_reward_margin(tmp_path, tiny_model_dir):
-    from alignkit.models import load_model, load_tokenizer
+    from alignkit.modeling.models import load_model, load_tokenizer
 
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in PAIRS))
@@ -204,7 +204,7 @@ def test_dpo_qlora_trains_on_4bit_weights(tmp_path, tiny_model_dir, monkeypatch)
     rises from 0, and the merged model is a plain float32 model."""
     import torch
 
-    from alignkit.models import is_quantized, load_model, model_summary
+    from alignkit.modeling.models import is_quantized, load_model, model_summary
 
     spy = TrainedModelSpy(monkeypatch, "alignkit.stages.dpo")
     recipe_file = write_recipe(tmp_path, PREFERENCE_RECIPE.format(model=tiny_model_dir, data=tmp_path / "pairs.jsonl"),

@@ -10,17 +10,17 @@ from types import SimpleNamespace
 
 import pytest
 
-from alignkit.artifacts import Manifest
-from alignkit.errors import DataError, RecipeError
-from alignkit.pipeline import run_recipe
-from alignkit.recipe import load_recipe
+from alignkit.core.artifacts import Manifest
+from alignkit.core.errors import DataError, RecipeError
+from alignkit.run.pipeline import run_recipe
+from alignkit.run.recipe import load_recipe
 from alignkit.stages.rl_common import check_prompt_lengths, prompt_rows, reward_metrics, throughput
 from helpers import QLORA, TrainedModelSpy, run_two_processes
 
 # A reward the tiny random model can learn in a few steps: the share of digits in the completion (~5% at
 # random init). A single target character ("7", ~1%) left most groups all-zero and was seed-dependent.
 REWARDS_PY = '''
-from alignkit.rewards import completion_text
+from alignkit.rewards.values import completion_text
 
 def digit_fraction(completions, **kwargs):
     texts = [completion_text(c) for c in completions]
@@ -68,7 +68,7 @@ HACK_FRACTIONS = ("hack/no_answer_frac", "hack/rewarded_not_plain_frac", "hack/r
 
 
 def assert_hacking_signals_logged(logged: list[dict], metrics: dict, max_tokens: int) -> None:
-    """Every logged step carries the reward-hacking signals (alignkit.hacking) in range, and the manifest their
+    """Every logged step carries the reward-hacking signals (alignkit.rewards.hacking) in range, and the manifest their
     first and last values. The tokens are TRL's own completion length: both are the batch's mean in tokens."""
     for entry in logged:
         assert 0 < entry["hack/completion_tokens"] <= max_tokens, entry
@@ -236,7 +236,7 @@ def test_throughput_counts_generation_batches():
 def test_prompt_rows_keep_answer_and_check_lengths(tiny_model_dir):
     from datasets import Dataset
 
-    from alignkit.models import load_tokenizer
+    from alignkit.modeling.models import load_tokenizer
     from alignkit.stages.grpo import Config
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
@@ -266,7 +266,7 @@ def test_grpo_qlora_trains_on_4bit_weights(tmp_path, steerable_model_dir, monkey
     last 2: 0.12 -> 0.73, 0.15 -> 0.55, 0.08 -> 0.15, 0.06 -> 0.15; the bar is +0.05."""
     import torch
 
-    from alignkit.models import is_quantized, load_model, model_summary
+    from alignkit.modeling.models import is_quantized, load_model, model_summary
 
     spy = TrainedModelSpy(monkeypatch, "alignkit.stages.rl_common")
     manifest, logged = run_stage(tmp_path, steerable_model_dir, f"""

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from alignkit import shards as shards_module
-from alignkit.config import DataSpec
+from alignkit.core import shards as shards_module
+from alignkit.core.config import DataSpec
 from alignkit.data import check_steps, load_dataset
 from alignkit.data.arith import (
     answer_line,
@@ -22,10 +22,10 @@ from alignkit.data.arith import (
     step_line,
 )
 from alignkit.generation import Completion
-from alignkit.labels import step_labels, true_step_labels
-from alignkit.pipeline import run_recipe
-from alignkit.prm import split_steps
-from alignkit.recipe import load_recipe
+from alignkit.maths.labels import step_labels, true_step_labels
+from alignkit.run.pipeline import run_recipe
+from alignkit.rewards.prm import split_steps
+from alignkit.run.recipe import load_recipe
 from alignkit.stages import label
 
 _RESULT_RE = re.compile(r"= (-?\d+)\.?$")
@@ -262,7 +262,7 @@ def test_given_solutions_are_labelled_without_a_policy(tmp_path, monkeypatch):
 
 
 def test_quality_check_on_needs_arith(tmp_path):
-    from alignkit.errors import RecipeError
+    from alignkit.core.errors import RecipeError
 
     text = RECIPE.replace("{source: arith, params: {n: 7, steps: [1, 3], max_operand: 9}}", "{source: gsm8k}")
     with pytest.raises(RecipeError, match="quality_check"):
@@ -304,7 +304,7 @@ def test_cut_off_solution_is_not_correct_and_its_orm_target_is_wrong():
     """A solution cut off by length: the rollouts from its last step reach the gold answer, so that step is
     labelled good, but the solution itself gives no answer. Its ORM target (train_on_last_step_only) is the
     solution's own correctness, as stages/prm.py says, not the last step's rollout label."""
-    from alignkit.rewards import load_reward
+    from alignkit.rewards.programs import load_reward
     from alignkit.stages import prm as prm_stage
     from alignkit.testing import make_tokenizer
 

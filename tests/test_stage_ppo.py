@@ -11,19 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignkit.artifacts import Manifest
-from alignkit.errors import RecipeError
-from alignkit.pipeline import run_recipe
+from alignkit.core.artifacts import Manifest
+from alignkit.core.errors import RecipeError
+from alignkit.run.pipeline import run_recipe
 from alignkit.ppo.rewards import kl_penalty, last_token_rewards, locate_steps, place_rewards, step_positions
 from alignkit.ppo.rollout import pack, step_prompt_indices
 from alignkit.ppo.update import advantages_and_returns, mini_batches
-from alignkit.recipe import load_recipe
+from alignkit.run.recipe import load_recipe
 from helpers import run_two_processes
 
 
 # Rewards the tiny model can learn: the number of digit characters in the response.
 REWARDS_PY = '''
-from alignkit.rewards import completion_text
+from alignkit.rewards.values import completion_text
 
 def digit_count(completions, **kwargs):
     return [float(sum(ch.isdigit() for ch in completion_text(c))) for c in completions]
@@ -187,7 +187,7 @@ def test_resume_continues_with_identical_state(tmp_path, tiny_model_dir, monkeyp
 def test_nan_loss_fails_the_stage_at_its_step(tmp_path, tiny_model_dir, monkeypatch):
     """A nan policy loss in step 2 stops the run there: manifest failed with the step, no checkpoint of that step,
     no model written."""
-    from alignkit.errors import TrainingDiverged
+    from alignkit.core.errors import TrainingDiverged
     from alignkit.ppo import loop, update
 
     calls, ppo_update, policy_loss = [], loop.ppo_update, update.ppo_policy_loss
@@ -308,8 +308,8 @@ def test_gradients_are_summed_over_processes(tmp_path):
 
 def _policy_after_one_update(model_dir: Path):
     """A LoRA policy whose adapter is no longer zero (one optimizer step on random advantages)."""
-    from alignkit.config import LoraSpec
-    from alignkit.models import apply_lora, load_model
+    from alignkit.core.config import LoraSpec
+    from alignkit.modeling.models import apply_lora, load_model
 
     torch.manual_seed(0)
     policy = apply_lora(load_model(str(model_dir)), LoraSpec(r=4, alpha=8, dropout=0.0), "causal-lm")
@@ -337,7 +337,7 @@ def _naive_logps(model, rollout, temperature: float = 1.0):
 
 
 def test_reference_is_the_adapter_disabled_policy(tiny_model_dir):
-    from alignkit.models import load_model, load_tokenizer
+    from alignkit.modeling.models import load_model, load_tokenizer
     from alignkit.ppo.logprobs import sequence_logps
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
@@ -369,7 +369,7 @@ def test_training_models_have_no_dropout_and_keep_checkpointing(tiny_model_dir):
 
 def test_chunked_logps_equal_naive_and_keep_no_vocab_tensors(tiny_model_dir):
     """Values and LoRA gradients equal the naive full-logits path; nothing of vocabulary size is saved."""
-    from alignkit.models import load_tokenizer
+    from alignkit.modeling.models import load_tokenizer
     from alignkit.ppo.logprobs import sequence_logps
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
@@ -417,7 +417,7 @@ def test_micro_step_frees_the_policy_graph_before_the_value_forward(tiny_model_d
 
     import alignkit.ppo.update as update
     from alignkit.maths import ppo_policy_loss, ppo_value_loss
-    from alignkit.models import load_tokenizer
+    from alignkit.modeling.models import load_tokenizer
     from alignkit.ppo.logprobs import sequence_logps, sequence_values
     from alignkit.stages.ppo import Config, _load_for_training
 
@@ -475,7 +475,7 @@ def test_micro_step_frees_the_policy_graph_before_the_value_forward(tiny_model_d
 
 
 def test_locate_steps_matches_prm_split():
-    from alignkit.prm import split_steps
+    from alignkit.rewards.prm import split_steps
 
     text = "Add 4: 3 + 4 = 7.\n\nThe answer is 7.\n"
     located = locate_steps(text, "\n")
@@ -500,7 +500,7 @@ def test_step_rewards_land_on_step_ends_with_merged_tokens():
 
 def test_fake_prm_scores_land_on_the_right_tokens(tiny_model_dir):
     """Real tokenizer (multi-byte characters split over byte tokens) and a fake PRM, through loop.score."""
-    from alignkit.models import load_tokenizer
+    from alignkit.modeling.models import load_tokenizer
     from alignkit.ppo.loop import RewardSources, score
 
     tokenizer = load_tokenizer(str(tiny_model_dir))

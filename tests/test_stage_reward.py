@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-import alignkit.reward_model
-from alignkit.errors import DataError, RecipeError
-from alignkit.pipeline import run_recipe
-from alignkit.recipe import load_recipe
-from alignkit.reward_model import RewardModelScorer, encode_pair, pairwise_stats, score_ids
+import alignkit.rewards.reward_model
+from alignkit.core.errors import DataError, RecipeError
+from alignkit.run.pipeline import run_recipe
+from alignkit.run.recipe import load_recipe
+from alignkit.rewards.reward_model import RewardModelScorer, encode_pair, pairwise_stats, score_ids
 from helpers import QLORA, TrainedModelSpy, run_two_processes, write_recipe
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-dev.jsonl.gz"
@@ -27,7 +27,7 @@ def quiet(*_):
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer(tiny_seqcls_dir):
-    from alignkit.models import load_tokenizer
+    from alignkit.modeling.models import load_tokenizer
 
     return load_tokenizer(str(tiny_seqcls_dir), padding_side="right")
 
@@ -65,13 +65,13 @@ def test_pairwise_stats_hand_worked():
     assert pairwise_stats([2.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, -1.0]) == {"accuracy": 0.5, "margin": 0.5, "n": 4}
     with pytest.raises(ValueError):
         pairwise_stats([1.0], [])
-    assert doctest.testmod(alignkit.reward_model).failed == 0
+    assert doctest.testmod(alignkit.rewards.reward_model).failed == 0
 
 
 def test_batched_scores_equal_one_by_one_forward(tiny_seqcls_dir, tiny_tokenizer):
     import torch
 
-    from alignkit.models import load_model
+    from alignkit.modeling.models import load_model
 
     model = load_model(str(tiny_seqcls_dir), task="seq-cls")
     seqs = [encode_pair(tiny_tokenizer, f"Question {i}: " + "more " * i, "step " * (5 - i), 256) for i in range(5)]
@@ -224,7 +224,7 @@ def test_reward_stage_qlora_trains_on_4bit_weights(tmp_path, tiny_model_dir, mon
     full-precision classifier that scores like the trained one."""
     import torch
 
-    from alignkit.models import is_quantized, load_model, model_summary
+    from alignkit.modeling.models import is_quantized, load_model, model_summary
 
     spy = TrainedModelSpy(monkeypatch, "alignkit.stages.reward")
     recipe = load_recipe(_marker_recipe(tmp_path, tiny_model_dir), [f"stages.rm.quantization={QLORA}"],
@@ -260,7 +260,7 @@ def test_reward_stage_two_processes(tmp_path, tiny_model_dir):
     """2 CPU processes (gloo): one manifest; held-out accuracy over all 48 pairs, not one rank's half."""
     recipe_path = _marker_recipe(tmp_path, tiny_model_dir)
     proc = run_two_processes(recipe_path, tmp_path / "runs", "stages.rm.max_steps=4")
-    from alignkit.artifacts import Manifest
+    from alignkit.core.artifacts import Manifest
 
     run_dir = tmp_path / "runs" / "rm-test" / "rm"
     manifest = Manifest.read(run_dir)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from alignkit.artifacts import Manifest
-from alignkit.pipeline import run_recipe
-from alignkit.recipe import load_recipe
-from alignkit.tracking import read_offline_run
+from alignkit.core.artifacts import Manifest
+from alignkit.run.pipeline import run_recipe
+from alignkit.run.recipe import load_recipe
+from alignkit.core.tracking import read_offline_run
 from helpers import run_two_processes
 
 
@@ -140,7 +140,7 @@ def _failed(recipe) -> Manifest:
 
 
 def test_huge_lr_fails_at_the_step_it_diverges(tmp_path, tiny_model_dir):
-    from alignkit.errors import TrainingDiverged
+    from alignkit.core.errors import TrainingDiverged
 
     # finite, so validation lets it through; the second step's forward overflows to nan
     recipe = load_recipe(sft_recipe(tmp_path, tiny_model_dir), [*DIVERGE, "stages.sft.lr=1e30"],
@@ -155,7 +155,7 @@ def test_nan_loss_stops_at_that_very_step(tmp_path, tiny_model_dir, monkeypatch)
     """Checked after every optimizer step, not only at logging steps (logging_steps is 4 here)."""
     from trl import SFTTrainer
 
-    from alignkit.errors import TrainingDiverged
+    from alignkit.core.errors import TrainingDiverged
 
     compute_loss = SFTTrainer.compute_loss
 
@@ -177,7 +177,7 @@ def test_nan_loss_stops_at_that_very_step(tmp_path, tiny_model_dir, monkeypatch)
 def test_nan_gradient_norm_is_caught_when_logged(tmp_path, tiny_model_dir, monkeypatch):
     from transformers import Trainer
 
-    from alignkit.errors import TrainingDiverged
+    from alignkit.core.errors import TrainingDiverged
 
     monkeypatch.setattr(Trainer, "_get_grad_norm", lambda self, model, grad_norm=None: float("inf"))
     recipe = load_recipe(sft_recipe(tmp_path, tiny_model_dir), [*DIVERGE, "stages.sft.logging_steps=1"],
@@ -189,7 +189,7 @@ def test_nan_gradient_norm_is_caught_when_logged(tmp_path, tiny_model_dir, monke
 
 def test_nan_weights_are_never_saved(tmp_path, tiny_model_dir, monkeypatch):
     """The last line of defence: with the training check off, the save refuses the nan model."""
-    from alignkit.errors import ModelError
+    from alignkit.core.errors import ModelError
 
     monkeypatch.setattr("alignkit.stages.sft.stop_on_nonfinite", lambda trainer, ctx: None)
     recipe = load_recipe(sft_recipe(tmp_path, tiny_model_dir), [*DIVERGE, "stages.sft.lr=1e30"],
@@ -225,7 +225,7 @@ def two_step_recipe(tmp_path: Path, model: Path, data: str) -> Path:
 def test_sft_on_messages_jsonl_trains_on_assistant_turns(tmp_path, tiny_model_dir):
     from datasets import Dataset
 
-    from alignkit.models import load_tokenizer
+    from alignkit.modeling.models import load_tokenizer
     from alignkit.stages.sft import _assistant_masked
 
     tokenizer = load_tokenizer(str(tiny_model_dir), padding_side="right")
@@ -291,7 +291,7 @@ def test_smollm2_template_masks_every_assistant_turn(smollm2_dir):
     """SmolLM2's template (default system turn, no generation markers) still masks assistant turns only."""
     from datasets import Dataset
 
-    from alignkit.models import load_tokenizer
+    from alignkit.modeling.models import load_tokenizer
     from alignkit.stages.sft import _assistant_masked
 
     tokenizer = load_tokenizer(str(smollm2_dir), padding_side="right")

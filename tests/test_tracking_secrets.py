@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from alignkit.cli import main
-from alignkit.config import TrackingSpec
-from alignkit.registry import STAGES
-from alignkit.tracking import wandb_mode
+from alignkit.core.config import TrackingSpec
+from alignkit.core.stage import STAGES
+from alignkit.core.tracking import wandb_mode
 
 TOKEN = "hf_" + "Zq8Xw2Vb4Nm6Lk1Jh3Gf5Ds7"  # Hugging Face token shape
 RECIPE = """\

@@ -112,7 +112,7 @@ def test_installed_wheel_works_from_an_empty_folder(venv, tmp_path):
     work.mkdir()
     started = time.monotonic()
 
-    where = json.loads(_run([python, "-c", "import alignkit, json, alignkit.shipped as s; "
+    where = json.loads(_run([python, "-c", "import alignkit, json, alignkit.run.shipped as s; "
                              "print(json.dumps([alignkit.__file__, str(s.shipped_root())]))"], work, env))
     package = Path(where[0]).parent
     assert REPO not in package.parents and package.parent.name == "site-packages", where

@@ -1,8 +1,8 @@
-"""alignkit's data layer: one call, :func:`load_dataset`, turns a :class:`~alignkit.config.DataSpec` into a
+"""alignkit's data layer: one call, :func:`load_dataset`, turns a :class:`~alignkit.core.config.DataSpec` into a
 ``datasets.Dataset`` in one of the canonical formats (``sft``, ``problems``, ``preference``, ``stepwise``,
 ``text``; see :mod:`alignkit.data.formats`).
 
->>> from alignkit.config import DataSpec
+>>> from alignkit.core.config import DataSpec
 >>> ds = load_dataset(DataSpec(source="arith", params={"n": 8}), "problems")
 >>> ds.column_names, len(ds)
 (['prompt', 'answer', 'steps', 'values'], 8)

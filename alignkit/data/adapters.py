@@ -25,8 +25,8 @@ from typing import Any, Callable, Literal
 
 from pydantic import Field, ValidationError
 
-from alignkit.config import Spec
-from alignkit.errors import DataError
+from alignkit.core.config import Spec
+from alignkit.core.errors import DataError
 
 
 class SkipRow(Exception):

@@ -37,8 +37,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from alignkit.config import Spec
-from alignkit.errors import DataError
+from alignkit.core.config import Spec
+from alignkit.core.errors import DataError
 
 Op = Literal["+", "-", "*"]
 

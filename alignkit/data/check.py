@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from alignkit.config import DataSpec
-from alignkit.errors import DataError
+from alignkit.core.config import DataSpec
+from alignkit.core.errors import DataError
 
 HEAD_ROWS = 100
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from alignkit.errors import DataError
+from alignkit.core.errors import DataError
 
 # format -> (required columns, optional columns kept when present)
 FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {

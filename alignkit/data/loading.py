@@ -26,11 +26,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from alignkit.config import DataSpec
+from alignkit.core.config import DataSpec
 from alignkit.data import arith, redteam
 from alignkit.data.adapters import ADAPTERS, Adapter, SkipRow, adapter_params, detect
 from alignkit.data.formats import FORMATS, check_format, features, missing_columns, to_format
-from alignkit.errors import DataError
+from alignkit.core.errors import DataError
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Stages (Math-Shepherd labelling, eval, DPO pair-making, PPO/GRPO rollouts, const
 ``engine.generate(prompts, params)`` and never touch ``model.generate`` themselves, so one recipe field,
 ``generation: {backend: fast, batch_size: 64}``, picks how every stage generates.
 
-Backends (see :func:`make_engine`):
+Backends (the ``generation:`` block picks one, :mod:`alignkit.generation.spec` builds it):
 
 - ``hf`` (:mod:`alignkit.generation.hf`): ``model.generate``; the reference the others are tested against.
 - ``fast`` (:mod:`alignkit.generation.fast`): our decode loop: each distinct prompt is prefilled once and
@@ -33,10 +33,10 @@ import dataclasses
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal, Protocol
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
-from alignkit.config import Spec
-from alignkit.errors import DataError, GenerationError, RecipeError  # noqa: F401 (GenerationError re-exported)
+from alignkit.core.config import Spec
+from alignkit.core.errors import DataError, GenerationError  # noqa: F401 (re-exported: backends raise it)
 
 Backend = Literal["hf", "fast", "openai"]
 FinishReason = Literal["eos", "stop", "length"]
@@ -87,112 +87,6 @@ class Engine(Protocol):
     ) -> list[list[Completion]]:
         """Return ``params.n`` completions for each prompt: ``result[prompt][sample]``."""
         ...
-
-
-class GenerationSpec(Spec):
-    """The ``generation:`` block of a stage config."""
-
-    backend: Backend = Field("fast", description="hf (model.generate), fast (our decode loop), openai (server).")
-    batch_size: int = Field(
-        64,
-        gt=0,
-        description="hf/fast: most sequences decoded together (KV memory grows with it); openai: concurrent requests.",
-    )
-    max_prefill_tokens: int = Field(
-        8192, gt=0, description="fast: most (padded) prompt tokens prefilled in one forward."
-    )
-    compile: bool = Field(False, description="fast: torch.compile the decode step (CUDA only; ignored on CPU).")
-    base_url: str | None = Field(None, description="openai: server root, e.g. http://127.0.0.1:8000/v1.")
-    model_name: str | None = Field(None, description="openai: the `model` field of each request.")
-    api_key_env: str = Field("OPENAI_API_KEY", description="openai: env var holding the API key (optional).")
-    timeout_s: float = Field(600.0, gt=0, description="openai: per-request timeout.")
-    max_retries: int = Field(4, ge=0, description="openai: retries on 5xx/429/connection errors.")
-    request_token_ids: bool = Field(
-        False, description="openai: ask for token ids (vLLM's return_token_ids) instead of re-tokenizing text."
-    )
-
-    @model_validator(mode="after")
-    def _openai_needs_server(self) -> GenerationSpec:
-        if self.backend == "openai":
-            for name in ("base_url", "model_name"):
-                if getattr(self, name) is None:
-                    raise ValueError(f"generation.{name} is required when generation.backend is 'openai'")
-        return self
-
-
-# Backend options make_engine takes besides its named arguments.
-_BACKEND_OPTIONS = {
-    "hf": set(),
-    "fast": {"max_prefill_tokens", "compile"},
-    "openai": {"api_key_env", "timeout_s", "max_retries", "backoff_s", "request_token_ids"},
-}
-
-
-def make_engine(
-    backend: Backend,
-    *,
-    model: Any = None,
-    tokenizer: Any = None,
-    base_url: str | None = None,
-    model_name: str | None = None,
-    batch_size: int = 64,
-    **opts: Any,
-) -> Engine:
-    """Build an engine. ``hf``/``fast`` need ``model`` and ``tokenizer``; ``openai`` needs ``base_url`` and
-    ``model_name`` (its ``tokenizer`` is optional: it fills ``token_ids`` when the server returns none).
-
-    ``opts`` are backend options (``max_prefill_tokens``, ``compile``, ``api_key_env``, ``timeout_s``...);
-    an option the backend does not take raises :class:`RecipeError` naming it.
-    """
-    if backend not in _BACKEND_OPTIONS:
-        raise RecipeError(
-            f"unknown backend {backend!r}; use one of {sorted(_BACKEND_OPTIONS)}", field="generation.backend"
-        )
-    unknown = set(opts) - _BACKEND_OPTIONS[backend]
-    if unknown:
-        raise RecipeError(
-            f"option(s) {sorted(unknown)} do not apply to backend {backend!r}; "
-            f"it takes {sorted(_BACKEND_OPTIONS[backend]) or 'none'}",
-            field=f"generation.{sorted(unknown)[0]}",
-        )
-    if backend == "openai":
-        from alignkit.generation.openai import OpenAIEngine
-
-        if base_url is None or model_name is None:
-            raise RecipeError("the openai backend needs base_url and model_name", field="generation.base_url")
-        return OpenAIEngine(base_url, model_name, tokenizer=tokenizer, batch_size=batch_size, **opts)
-    if model is None or tokenizer is None:
-        raise RecipeError(f"the {backend} backend needs a loaded model and tokenizer", field="generation.backend")
-    if backend == "hf":
-        from alignkit.generation.hf import HFEngine
-
-        return HFEngine(model, tokenizer, batch_size=batch_size)
-    from alignkit.generation.fast import FastEngine
-
-    return FastEngine(model, tokenizer, batch_size=batch_size, **opts)
-
-
-def engine_from_spec(spec: GenerationSpec, *, model: Any = None, tokenizer: Any = None) -> Engine:
-    """Build the engine a stage's ``generation:`` block describes."""
-    opts: dict[str, Any] = {}
-    if spec.backend == "fast":
-        opts = {"max_prefill_tokens": spec.max_prefill_tokens, "compile": spec.compile}
-    elif spec.backend == "openai":
-        opts = {
-            "api_key_env": spec.api_key_env,
-            "timeout_s": spec.timeout_s,
-            "max_retries": spec.max_retries,
-            "request_token_ids": spec.request_token_ids,
-        }
-    return make_engine(
-        spec.backend,
-        model=model,
-        tokenizer=tokenizer,
-        base_url=spec.base_url,
-        model_name=spec.model_name,
-        batch_size=spec.batch_size,
-        **opts,
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -145,7 +145,7 @@ def post_json(url: str, body: dict, *, api_key: str | None = None, timeout_s: fl
               backoff_s: float = 1.0) -> dict:
     """POST ``body`` as JSON and return the parsed answer, retrying 5xx/429/connection errors with exponential
     backoff; raises GenerationError when out of attempts or at once on another HTTP error. Shared with
-    :mod:`alignkit.judges`. The API key is sent as a bearer token and never put into a message."""
+    :mod:`alignkit.cai.judges`. The API key is sent as a bearer token and never put into a message."""
     data = json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
     if api_key:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from alignkit.errors import ModelError
+from alignkit.core.errors import ModelError
 
 # Config attributes of models whose logits are not just output_layer(hidden): our hidden-state path would
 # silently skip the extra step, so such models are refused (ModelError) instead.

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from alignkit.errors import TrainingDiverged
-from alignkit.hacking import math_signals
+from alignkit.core.errors import TrainingDiverged
+from alignkit.rewards.hacking import math_signals
 from alignkit.maths import masked_mean
-from alignkit.perf import peak_memory_gib, reset_peak_memory
+from alignkit.core.perf import peak_memory_gib, reset_peak_memory
 from alignkit.ppo.logprobs import sequence_logps, sequence_values
 from alignkit.ppo.rewards import (
     StepScorer,
@@ -117,7 +117,7 @@ def sample_step(models: PPOModels, data: Sequence[dict[str, Any]], step: int, co
                 device: torch.device) -> tuple[Rollout, int]:
     """Sample this process's share of step ``step``'s prompts (``samples_per_prompt`` responses each)."""
     from alignkit.generation import SamplingParams
-    from alignkit.prompts import render_prompt
+    from alignkit.data.prompts import render_prompt
 
     per_process = config.prompts_per_step
     chosen = step_prompt_indices(step, len(data), per_process * world_size(), config.seed)

@@ -8,7 +8,7 @@ Reward sources (any combination, summed):
 - **Sequence scores** (verifiers such as ``answer_match``, or an outcome reward model, ``model:<folder>``):
   one number per response, placed on its last token (EOS included), as in Ziegler et al. 2019.
 - **Step scores** (a PRM, Math-Shepherd step-by-step PPO, arXiv:2312.08935 sec. 3.3): the response text is
-  split into steps on the PRM's separator exactly as :func:`alignkit.prm.split_steps` does; step i's score
+  split into steps on the PRM's separator exactly as :func:`alignkit.rewards.prm.split_steps` does; step i's score
   goes on the token that completes the separator after step i, and the last step's (when no separator
   follows it) on the response's last token. 0 on every other token.
 - **KL penalty**: ``-beta * kl_t`` on every token, ``kl_t`` a per-token estimate of KL(pi || pi_ref).
@@ -23,11 +23,11 @@ import torch
 from torch import Tensor
 
 from alignkit.maths import kl_estimate
-from alignkit.rewards import call_reward, check_step_scores, reward_name
+from alignkit.rewards.values import call_reward, check_step_scores, reward_name
 
 
 class StepScorer(Protocol):
-    """What a per-step reward source offers (``alignkit.prm.PRMScorer`` meets it)."""
+    """What a per-step reward source offers (``alignkit.rewards.prm.PRMScorer`` meets it)."""
 
     separator: str
 

@@ -1,1 +1,1 @@
-"""Stage modules, one per kind (see :mod:`alignkit.registry`)."""
+"""Stage modules, one per kind (see :mod:`alignkit.core.stage`)."""

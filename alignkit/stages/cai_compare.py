@@ -6,7 +6,7 @@ models answer, and the harmlessness preference of the final model over the start
 - ``rm_win_rate``: the fraction of prompts where the reward model scores the final model's answer higher
   (a tie counts half), with the mean score margin;
 - ``judge_win_rate``: the judge's mean probability that the final model's answer is the better one under a
-  principle's comparison question (:func:`alignkit.judges.compare`, both presentation orders averaged), and
+  principle's comparison question (:func:`alignkit.cai.judges.compare`, both presentation orders averaged), and
   ``judge_majority``: the fraction of prompts where that probability is above one half (ties half).
 
 0.5 means no difference. Recipe example::
@@ -38,11 +38,12 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from ..config import DataSpec, QuantSpec
-from ..errors import RecipeError
-from ..generation import GenerationSpec
-from ..judges import JudgeSpec
-from ..registry import StageConfig
+from alignkit.core.config import DataSpec, QuantSpec
+from alignkit.core.errors import RecipeError
+from alignkit.generation import FastSpec, GenerationSpec
+from alignkit.cai.judges import JudgeSpec
+from alignkit.core.stage import StageConfig
+from alignkit.core.stage import StageContext, StageResult
 
 
 class Config(StageConfig):
@@ -61,7 +62,7 @@ class Config(StageConfig):
     max_new_tokens: int = Field(128, gt=0, description="Token budget of each answer.")
     temperature: float = Field(0.0, ge=0, description="Answer sampling temperature; 0 = greedy.")
     chat: bool = Field(True, description="Render prompts with the chat template.")
-    generation: GenerationSpec = Field(default_factory=GenerationSpec, description="Backend and batch size.")
+    generation: GenerationSpec = Field(default_factory=FastSpec, description="Backend and batch size.")
     seed: int = Field(0, description="Seed of the principle draws and of sampling.")
 
     @model_validator(mode="after")
@@ -76,7 +77,7 @@ def outputs(run_dir: Path) -> dict[str, str]:
 
 
 def check(config: Config, base_dir: Path) -> None:
-    from ..constitution import load_constitution
+    from alignkit.cai.constitution import load_constitution
 
     try:
         constitution = load_constitution(config.constitution, base_dir=base_dir)
@@ -89,12 +90,11 @@ def check(config: Config, base_dir: Path) -> None:
             raise RecipeError(str(err.args[0]), field="principle") from None
 
 
-def run(config: Config, ctx: Any) -> Any:
-    from ..artifacts import write_json_atomic
-    from ..constitution import load_constitution
-    from ..data import load_dataset
-    from ..pairs import write_jsonl_atomic
-    from ..pipeline import StageResult
+def run(config: Config, ctx: StageContext) -> StageResult:
+    from alignkit.core.artifacts import write_json_atomic
+    from alignkit.cai.constitution import load_constitution
+    from alignkit.data import load_dataset
+    from alignkit.data.pairs import write_jsonl_atomic
 
     prompts = [row["prompt"] for row in load_dataset(config.data, "prompts")]
     if not ctx.is_main:  # small enough for one process; the others wait
@@ -109,27 +109,24 @@ def run(config: Config, ctx: Any) -> Any:
     if config.reward_model is not None:
         metrics.update(_reward_model_scores(rows, config))
     if config.judge is not None:
-        constitution = load_constitution(config.constitution, base_dir=_recipe_dir(ctx))
+        constitution = load_constitution(config.constitution, base_dir=ctx.recipe_dir)
         metrics.update(_judge_scores(rows, constitution, config, ctx))
     write_jsonl_atomic(ctx.run_dir / "comparisons.jsonl", rows)
     write_json_atomic(ctx.run_dir / "metrics.json", metrics)
     print(f"[alignkit] {ctx.name}: final vs start model on {len(rows)} prompts: " + ", ".join(
         f"{k} {metrics[k]:.3f}" for k in ("rm_win_rate", "judge_win_rate", "judge_majority") if k in metrics))
-    ctx.log({f"compare/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    ctx.log_metrics(metrics)
     ctx.wait()
     return StageResult(metrics=metrics, artifacts={"comparisons": str(ctx.run_dir / "comparisons.jsonl")})
 
 
-def _recipe_dir(ctx: Any) -> Path | None:
-    return Path(ctx.recipe.file).parent if getattr(ctx.recipe, "file", None) else None
-
 
 def _answers(which: str, name: str, prompts: list[Any], config: Config, ctx: Any) -> list[str]:
     """One answer per prompt from ``name``; read back from answers-<which>.jsonl if a run made them already."""
-    from ..generation import SamplingParams, engine_from_spec
-    from ..models import is_quantized, load_model, load_tokenizer
-    from ..pairs import write_jsonl_atomic
-    from ..prompts import render_prompt
+    from alignkit.generation import SamplingParams
+    from alignkit.modeling.models import is_quantized, load_model, load_tokenizer
+    from alignkit.data.pairs import write_jsonl_atomic
+    from alignkit.data.prompts import render_prompt
 
     path = ctx.run_dir / f"answers-{which}.jsonl"
     if path.is_file():
@@ -141,7 +138,7 @@ def _answers(which: str, name: str, prompts: list[Any], config: Config, ctx: Any
     if not is_quantized(model):
         model.to(ctx.state.device)
     model.eval()
-    engine = engine_from_spec(config.generation, model=model, tokenizer=tokenizer)
+    engine = config.generation.build(model=model, tokenizer=tokenizer)
     params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed)
     outs = engine.generate([render_prompt(tokenizer, p, chat=config.chat) for p in prompts], params,
                            progress=ctx.is_main)
@@ -153,8 +150,8 @@ def _answers(which: str, name: str, prompts: list[Any], config: Config, ctx: Any
 
 
 def _reward_model_scores(rows: list[dict[str, Any]], config: Config) -> dict[str, float]:
-    from ..reward_model import RewardModelScorer
-    from ..rewards import call_reward
+    from alignkit.rewards.reward_model import RewardModelScorer
+    from alignkit.rewards.values import call_reward
 
     scorer = RewardModelScorer(config.reward_model)
     prompts = [r["prompt"] for r in rows]
@@ -167,7 +164,7 @@ def _reward_model_scores(rows: list[dict[str, Any]], config: Config) -> dict[str
 
 
 def _judge_scores(rows: list[dict[str, Any]], constitution: Any, config: Config, ctx: Any) -> dict[str, float]:
-    from ..judges import Comparison, build_judge, compare
+    from alignkit.cai.judges import Comparison, build_judge, compare
 
     rng = random.Random(config.seed)
     principles = [constitution.principle(config.principle) if config.principle else constitution.sample(rng)

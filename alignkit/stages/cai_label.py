@@ -6,7 +6,7 @@ Recipe example::
     - kind: cai-label
       model: ${revise.model}                   # the policy that writes the two responses
       data: {source: hh, path: ../shared/data/hh-rlhf/harmless-base-dev.jsonl.gz}   # prompts (`prompts` format)
-      constitution: harmless                   # a shipped name or a YAML path (alignkit.constitution)
+      constitution: harmless                   # a shipped name or a YAML path (alignkit.cai.constitution)
       judge: {backend: hf}                     # default: the policy judges itself; or
       # judge: {backend: http, api: systemone, base_url: http://127.0.0.1:8000/v1, model_name: my-judge}
       threshold: 0.55                          # drop pairs the judge is less sure about than this
@@ -16,7 +16,7 @@ What it does, per shard of ``shard_size`` prompts:
 
 1. Sample: the policy writes two responses per prompt (one ``generate`` call with ``n = 2``, seeded per shard).
 2. Judge: a principle is drawn per prompt from the constitution (seeded by the prompt's index, so a rerun
-   draws the same one) and the judge (:mod:`alignkit.judges`) answers its comparison question about the two
+   draws the same one) and the judge (:mod:`alignkit.cai.judges`) answers its comparison question about the two
    responses, in both presentation orders (``swap``), all pairs of the shard in one batch.
 3. Keep: ``p_first`` = P(the first response is preferred), ``confidence = max(p, 1 - p)``; the pair is kept
    when ``confidence >= threshold`` (never an exact tie), with the preferred response as ``chosen``.
@@ -52,12 +52,13 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from .. import shards
-from ..config import DataSpec, QuantSpec
-from ..errors import DataError, RecipeError
-from ..generation import GenerationSpec
-from ..judges import JudgeSpec
-from ..registry import StageConfig
+from alignkit.core import shards
+from alignkit.core.config import DataSpec, QuantSpec
+from alignkit.core.errors import DataError, RecipeError
+from alignkit.generation import HFSpec, GenerationSpec
+from alignkit.cai.judges import JudgeSpec
+from alignkit.core.stage import StageConfig
+from alignkit.core.stage import StageContext, StageResult
 
 
 class Config(StageConfig):
@@ -67,7 +68,7 @@ class Config(StageConfig):
     quantization: QuantSpec | None = Field(None, description="bitsandbytes quantization of local models.")
     data: DataSpec = Field(..., description="Prompts (`prompts` format: a string or a conversation each).")
     constitution: str = Field("harmless", description="Shipped constitution name or a YAML path.")
-    judge: JudgeSpec = Field(default_factory=JudgeSpec, description="Who judges and how (alignkit.judges).")
+    judge: JudgeSpec = Field(default_factory=JudgeSpec, description="Who judges and how (alignkit.cai.judges).")
     swap: bool = Field(True, description="Judge both presentation orders and average (cancels position bias).")
     threshold: float = Field(0.55, ge=0.5, le=1.0, description="Keep pairs with max(p, 1 - p) at least this.")
     chat: bool = Field(True, description="Render prompts with the policy's chat template.")
@@ -75,7 +76,7 @@ class Config(StageConfig):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     max_new_tokens: int = Field(256, gt=0, description="Token budget of a response.")
     generation: GenerationSpec = Field(
-        default_factory=lambda: GenerationSpec(backend="hf"), description="Sampling backend and batch size.")
+        default_factory=HFSpec, description="Sampling backend and batch size.")
     shard_size: int = Field(16, gt=0, description="Prompts per shard (the unit of resumption).")
     seed: int = Field(0, description="Sampling and principle seed.")
 
@@ -85,7 +86,7 @@ def outputs(run_dir: Path) -> dict[str, str]:
 
 
 def check(config: Config, base_dir: Path) -> None:
-    from ..constitution import load_constitution
+    from alignkit.cai.constitution import load_constitution
 
     try:
         load_constitution(config.constitution, base_dir=base_dir)
@@ -99,13 +100,12 @@ def check(config: Config, base_dir: Path) -> None:
                               "judge.cot_clamp", field="threshold")
 
 
-def run(config: Config, ctx: Any) -> Any:
-    from ..constitution import load_constitution
-    from ..data import load_dataset
-    from ..pipeline import StageResult
+def run(config: Config, ctx: StageContext) -> StageResult:
+    from alignkit.cai.constitution import load_constitution
+    from alignkit.data import load_dataset
 
     prompts = [row["prompt"] for row in load_dataset(config.data, "prompts")]
-    constitution = load_constitution(config.constitution, base_dir=_base_dir(ctx))
+    constitution = load_constitution(config.constitution, base_dir=ctx.recipe_dir)
     shard_dir = ctx.run_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     n_shards = shards.count(len(prompts), config.shard_size)
@@ -122,12 +122,9 @@ def run(config: Config, ctx: Any) -> Any:
     print(f"[alignkit] {ctx.name}: kept {metrics['kept']}/{metrics['prompts']} pairs, mean confidence "
           f"{metrics['mean_confidence']:.3f}, position bias {metrics['position_bias']:.3f}, judge "
           f"{metrics['judge_tokens_per_second']:.0f} tokens/s")
-    ctx.log({f"cai_label/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    ctx.log_metrics(metrics)
     return StageResult(metrics=metrics, artifacts={"data": str(ctx.run_dir / "data.jsonl")})
 
-
-def _base_dir(ctx: Any) -> Path | None:
-    return Path(ctx.recipe.file).parent if getattr(ctx.recipe, "file", None) else None
 
 
 # ------------------------------------------------------------------------------------ policy and judge
@@ -140,16 +137,15 @@ class Policy:
         self.engine, self.tokenizer, self.chat = engine, tokenizer, chat
 
     def render(self, prompt: Any) -> str:
-        from ..prompts import render_prompt
+        from alignkit.data.prompts import render_prompt
 
         return render_prompt(self.tokenizer, prompt, chat=self.chat)
 
 
 def build_policy_and_judge(config: Config, ctx: Any) -> tuple[Policy, Any]:
     """The sampling policy and the judge; an hf judge without its own model shares the policy's weights."""
-    from ..generation import engine_from_spec
-    from ..judges import build_judge
-    from ..models import is_quantized, load_model, load_tokenizer
+    from alignkit.cai.judges import build_judge
+    from alignkit.modeling.models import is_quantized, load_model, load_tokenizer
 
     tokenizer = load_tokenizer(config.model)
     model = None
@@ -158,7 +154,7 @@ def build_policy_and_judge(config: Config, ctx: Any) -> tuple[Policy, Any]:
         if not is_quantized(model):
             model.to(ctx.state.device)
         model.eval()
-    engine = engine_from_spec(config.generation, model=model, tokenizer=tokenizer)
+    engine = config.generation.build(model=model, tokenizer=tokenizer)
     judge = build_judge(config.judge, default_model=config.model, device=ctx.state.device,
                         loaded=(model, tokenizer) if model is not None else None, quantization=config.quantization)
     return Policy(engine, tokenizer, config.chat), judge
@@ -188,8 +184,8 @@ def _label_shards(todo: list[int], prompts: list[Any], policy: Policy, judge: An
 def label_shard(prompts: list[Any], first_index: int, policy: Policy, judge: Any, constitution: Any,
                 config: Config, *, seed: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Sample two responses per prompt, judge the usable pairs, keep the confident ones: a row per prompt."""
-    from ..generation import SamplingParams
-    from ..judges import Comparison, compare, keep
+    from alignkit.generation import SamplingParams
+    from alignkit.cai.judges import Comparison, compare, keep
 
     started = time.perf_counter()
     params = SamplingParams(n=2, temperature=config.temperature, top_p=config.top_p,
@@ -226,7 +222,7 @@ def merge_shards(shard_dir: Path, n_shards: int, n_prompts: int, size: int,
                  out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Every prompt's row in order (checked: each shard holds exactly its prompts), and the shard counts;
     writes the kept pairs to ``out`` in the ``preference`` shape."""
-    from ..pairs import write_jsonl_atomic
+    from alignkit.data.pairs import write_jsonl_atomic
 
     rows, metas = [], []
     for j, (shard, meta) in enumerate(shards.read_all(shard_dir, n_shards, "cai-label")):
@@ -266,7 +262,7 @@ def _drop_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
 
 def summarize(rows: list[dict[str, Any]], metas: list[dict[str, Any]]) -> dict[str, Any]:
     """Counts, confidence, position bias and throughput over all shards."""
-    from ..judges import position_bias
+    from alignkit.cai.judges import position_bias
 
     kept = [r for r in rows if r["kept"]]
     judged = [r for r in rows if "p_first" in r and not math.isnan(r["p_first"])]

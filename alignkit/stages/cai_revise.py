@@ -50,11 +50,12 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from .. import shards
-from ..config import DataSpec, QuantSpec
-from ..errors import DataError, RecipeError
-from ..generation import GenerationSpec
-from ..registry import StageConfig
+from alignkit.core import shards
+from alignkit.core.config import DataSpec, QuantSpec
+from alignkit.core.errors import DataError, RecipeError
+from alignkit.generation import FastSpec, GenerationSpec
+from alignkit.core.stage import StageConfig
+from alignkit.core.stage import StageContext, StageResult
 
 Messages = list[dict[str, str]]
 
@@ -78,7 +79,7 @@ class Config(StageConfig):
     response_max_new_tokens: int = Field(160, gt=0, description="Token budget of the first response.")
     critique_max_new_tokens: int = Field(96, gt=0, description="Token budget of a critique.")
     revision_max_new_tokens: int = Field(160, gt=0, description="Token budget of a revision.")
-    generation: GenerationSpec = Field(default_factory=GenerationSpec, description="Backend and batch size.")
+    generation: GenerationSpec = Field(default_factory=FastSpec, description="Backend and batch size.")
     shard_size: int = Field(16, gt=0, description="Prompts per shard (the unit of resumption).")
     seed: int = Field(0, description="Seed of principle draws and sampling (each shard derives its own).")
 
@@ -89,7 +90,7 @@ def outputs(run_dir: Path) -> dict[str, str]:
 
 
 def check(config: Config, base_dir: Path) -> None:
-    from ..constitution import load_constitution
+    from alignkit.cai.constitution import load_constitution
 
     try:
         load_constitution(config.constitution, base_dir=base_dir)
@@ -98,13 +99,12 @@ def check(config: Config, base_dir: Path) -> None:
         raise RecipeError(str(err), field=None if err.file else "constitution") from None
 
 
-def run(config: Config, ctx: Any) -> Any:
-    from ..artifacts import write_json_atomic
-    from ..constitution import load_constitution
-    from ..pairs import write_jsonl_atomic
-    from ..pipeline import StageResult
+def run(config: Config, ctx: StageContext) -> StageResult:
+    from alignkit.core.artifacts import write_json_atomic
+    from alignkit.cai.constitution import load_constitution
+    from alignkit.data.pairs import write_jsonl_atomic
 
-    constitution = load_constitution(config.constitution, base_dir=_recipe_dir(ctx))
+    constitution = load_constitution(config.constitution, base_dir=ctx.recipe_dir)
     prompts, heldout = load_prompts(config)
     shard_dir = ctx.run_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -125,18 +125,15 @@ def run(config: Config, ctx: Any) -> Any:
     print(f"[alignkit] {ctx.name}: {metrics['rows']} revised answers ({constitution.name}, {config.rounds} "
           f"round(s)); revision differs from the first answer in {metrics['revised_fraction']:.0%}; "
           f"{len(heldout)} prompts held out; {metrics['tokens_per_second']:.1f} tokens/s")
-    ctx.log({f"cai_revise/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    ctx.log_metrics(metrics)
     return StageResult(metrics=metrics, artifacts={"data": str(ctx.run_dir / "data.jsonl"),
                                                    "heldout": str(ctx.run_dir / "heldout.jsonl")})
 
 
-def _recipe_dir(ctx: Any) -> Path | None:
-    return Path(ctx.recipe.file).parent if getattr(ctx.recipe, "file", None) else None
-
 
 def load_prompts(config: Config) -> tuple[list[str | Messages], list[str | Messages]]:
     """(prompts to revise, held-out prompts), each a string or a conversation ending with a user turn."""
-    from ..data import load_dataset, split_eval
+    from alignkit.data import load_dataset, split_eval
 
     dataset = load_dataset(config.data, "prompts")
     dataset = dataset.add_column("row", list(range(len(dataset))))  # errors name the row as loaded
@@ -168,7 +165,7 @@ class Reviser:
     def render(self, messages: Messages) -> str:
         """The chat template with the assistant turn opened; a Human/Assistant transcript without one."""
         if self.tokenizer is not None and getattr(self.tokenizer, "chat_template", None):
-            from ..prompts import render_prompt
+            from alignkit.data.prompts import render_prompt
 
             return render_prompt(self.tokenizer, messages, system=self.system)
         names = {"user": "Human", "assistant": "Assistant", "system": "System"}
@@ -177,17 +174,16 @@ class Reviser:
 
 
 def build_reviser(config: Config, ctx: Any) -> Reviser:
-    from ..generation import engine_from_spec
-    from ..models import is_quantized, load_model, load_tokenizer
+    from alignkit.modeling.models import is_quantized, load_model, load_tokenizer
 
     tokenizer = load_tokenizer(config.model)
     if config.generation.backend == "openai":  # the server holds the weights; `model` gives the template
-        return Reviser(engine_from_spec(config.generation, tokenizer=tokenizer), tokenizer, config.system)
+        return Reviser(config.generation.build(tokenizer=tokenizer), tokenizer, config.system)
     model = load_model(config.model, quantization=config.quantization, dtype=config.dtype)
     if not is_quantized(model):
         model.to(ctx.state.device)
     model.eval()
-    return Reviser(engine_from_spec(config.generation, model=model, tokenizer=tokenizer), tokenizer, config.system)
+    return Reviser(config.generation.build(model=model, tokenizer=tokenizer), tokenizer, config.system)
 
 
 def revise_shard(prompts: list[str | Messages], first_index: int, reviser: Reviser, constitution: Any,
@@ -229,7 +225,7 @@ def revise_shard(prompts: list[str | Messages], first_index: int, reviser: Revis
 def _generate(reviser: Reviser, conversations: list[Messages], max_new_tokens: int, config: Config, seed: int,
               meta: dict[str, Any]) -> list[Any]:
     """One completion per conversation, in one batched call."""
-    from ..generation import SamplingParams
+    from alignkit.generation import SamplingParams
 
     params = SamplingParams(n=1, temperature=config.temperature, top_p=config.top_p, seed=seed,
                             max_new_tokens=max_new_tokens)

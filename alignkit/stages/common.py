@@ -8,10 +8,10 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from ..config import LoraSpec, QuantSpec
-from ..errors import RecipeError
-from ..registry import StageConfig
-from ..secrets import redact
+from alignkit.core.config import LoraSpec, QuantSpec
+from alignkit.core.errors import RecipeError
+from alignkit.core.stage import StageConfig
+from alignkit.core.secrets import redact
 
 
 class TrainStageConfig(StageConfig):
@@ -85,7 +85,7 @@ def trl_args(config_class: type, config: TrainStageConfig, ctx, **stage_args: An
     """Map our stage config (plus stage-specific arguments) onto a TRL config dataclass."""
     import torch
 
-    from ..config import torch_dtype
+    from alignkit.core.config import torch_dtype
 
     on_cuda = torch.cuda.is_available()
     dtype = torch_dtype(config.dtype)
@@ -211,8 +211,8 @@ def restore_trainable_dtype(trainer, config: TrainStageConfig) -> None:
     dtype the stage loaded the model in. A no-op for bf16 runs (the CUDA default) and for unquantized models.
     Call after the trainer is built and before ``train()`` (the optimizer is created in ``train()``).
     """
-    from ..config import torch_dtype
-    from ..models import is_quantized
+    from alignkit.core.config import torch_dtype
+    from alignkit.modeling.models import is_quantized
 
     model = trainer.model
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -225,7 +225,7 @@ def restore_trainable_dtype(trainer, config: TrainStageConfig) -> None:
 
 
 def stop_on_nonfinite(trainer, ctx) -> None:
-    """Stop ``trainer`` at the first nan/inf loss or gradient norm: :class:`~alignkit.errors.TrainingDiverged`
+    """Stop ``trainer`` at the first nan/inf loss or gradient norm: :class:`~alignkit.core.errors.TrainingDiverged`
     names the stage and the step, the manifest says ``failed``, and no model or checkpoint of that step is saved.
 
     Without it a diverged run trains on to the end and is saved as ``done`` (the Trainer logs a nan loss as the
@@ -239,7 +239,7 @@ def stop_on_nonfinite(trainer, ctx) -> None:
     import torch
     from transformers import TrainerCallback
 
-    from ..errors import TrainingDiverged
+    from alignkit.core.errors import TrainingDiverged
 
     class StopOnNonFinite(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -275,7 +275,7 @@ def save_trained_model(trainer, tokenizer, ctx, *, merged_dtype: str = "auto") -
     Merging into a full-precision copy of the base (not into 4-bit weights) keeps the merged model exact;
     chaining stages then only ever load plain model folders.
     """
-    from ..models import check_finite_weights, merge_adapter
+    from alignkit.modeling.models import check_finite_weights, merge_adapter
 
     artifacts: dict[str, str] = {}
     model_dir, adapter_dir = ctx.run_dir / "model", ctx.run_dir / "adapter"
@@ -295,24 +295,24 @@ def save_trained_model(trainer, tokenizer, ctx, *, merged_dtype: str = "auto") -
     return artifacts
 
 
-def measure_accuracy(model, tokenizer, problems, config, ctx, when: str, *, backend: str = "hf",
+def measure_accuracy(model, tokenizer, problems, config, ctx, when: str, *, generation: Any = None,
                      reuse: bool = False) -> float:
     """Greedy exact match on held-out problems (``config.accuracy_max_new_tokens``, ``config.chat``): the one
-    accuracy check of every training stage.
+    accuracy check of every training stage. ``generation`` is a local engine spec (default: ``hf``).
 
     Writes ``accuracy_<when>.jsonl`` (one row per problem) in the stage folder and prints the figure;
     ``reuse`` reads that file back instead when it exists (a resumed stage measured it before the crash).
     """
-    from ..artifacts import write_jsonl_atomic
-    from ..data.loading import read_jsonl
-    from ..evaluation import greedy_accuracy
+    from alignkit.core.artifacts import write_jsonl_atomic
+    from alignkit.data.loading import read_jsonl
+    from alignkit.evaluation.accuracy import greedy_accuracy
 
     path = ctx.run_dir / f"accuracy_{when}.jsonl"
     if reuse and path.is_file():
         rows = read_jsonl(path)
         return sum(bool(row["correct"]) for row in rows) / max(len(rows), 1)
     report = greedy_accuracy(model, tokenizer, problems, max_new_tokens=config.accuracy_max_new_tokens,
-                             chat=config.chat, progress=ctx.is_main, backend=backend)
+                             chat=config.chat, progress=ctx.is_main, generation=generation)
     if ctx.is_main:
         write_jsonl_atomic(ctx.run_dir / f"accuracy_{when}.jsonl", report["samples"])
         print(f"[alignkit] {ctx.name}: greedy accuracy {when} training = {report['accuracy']:.3f} "

@@ -26,7 +26,7 @@ second copy in memory); in full fine-tuning, a frozen copy, or its log-probs com
 
 What it does, in order: load the policy and tokenizer, measure greedy accuracy on ``accuracy_data`` (if
 given), get pairs (from ``data``, or (b): sample, score, keep best vs worst, in resumable shards under
-``<run_dir>/pairs/``, merged into ``pairs.jsonl``; see :mod:`alignkit.pairs`), train with TRL (resuming from
+``<run_dir>/pairs/``, merged into ``pairs.jsonl``; see :mod:`alignkit.data.pairs`), train with TRL (resuming from
 the last checkpoint), save the adapter and a merged model, measure accuracy again. Outputs:
 ``${<name>.model}``, ``${<name>.adapter}`` (LoRA), ``${<name>.pairs}`` (on-policy pairs, a ``preference``
 jsonl another stage can train on).
@@ -49,14 +49,15 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from ..config import DataSpec, Spec
-from ..errors import DataError, RecipeError
-from ..generation import GenerationSpec
-from ..rewards import RewardSpec
-from .common import (
+from alignkit.core.config import DataSpec, Spec
+from alignkit.core.errors import DataError, RecipeError
+from alignkit.generation import FastSpec, GenerationSpec
+from alignkit.rewards.programs import RewardSpec
+from alignkit.stages.common import (
     TrainStageConfig, check_trl_passthrough, fit, last_checkpoint, measure_accuracy, restore_trainable_dtype,
     save_trained_model, stop_on_nonfinite, train_metrics, trl_args,
 )
+from alignkit.core.stage import StageContext, StageResult
 
 
 class PairsSpec(Spec):
@@ -72,7 +73,7 @@ class PairsSpec(Spec):
     max_new_tokens: int = Field(256, gt=0, description="Most tokens per sampled completion.")
     min_margin: float = Field(0.0, ge=0, description="Keep a pair only if best - worst score exceeds this.")
     shard_size: int = Field(32, gt=0, description="Prompts per shard (the unit of resumption).")
-    generation: GenerationSpec = Field(default_factory=GenerationSpec, description="Sampling backend.")
+    generation: GenerationSpec = Field(default_factory=FastSpec, description="Sampling backend.")
 
 
 class Config(TrainStageConfig):
@@ -105,8 +106,8 @@ def outputs(run_dir: Path) -> dict[str, str]:
 def check(config: Config, base_dir: Path) -> None:
     from trl import DPOConfig
 
-    from ..reward_model import is_model_reward
-    from ..rewards import bind_reward
+    from alignkit.rewards.programs import is_model_reward
+    from alignkit.rewards.programs import bind_reward
 
     check_trl_passthrough(config.trl, DPOConfig)
     if config.quantization is not None and config.lora is None:
@@ -120,10 +121,9 @@ def check(config: Config, base_dir: Path) -> None:
                 raise RecipeError(err.reason, field=f"pairs.rewards[{i}].program") from None
 
 
-def run(config: Config, ctx) -> Any:
-    from ..data import load_dataset
-    from ..models import load_model, load_tokenizer
-    from ..pipeline import StageResult
+def run(config: Config, ctx: StageContext) -> StageResult:
+    from alignkit.data import load_dataset
+    from alignkit.modeling.models import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, quantization=config.quantization, dtype=config.dtype,
@@ -146,7 +146,7 @@ def run(config: Config, ctx) -> Any:
 
     if problems is not None:
         metrics["accuracy_after"] = measure_accuracy(trainer.model, tokenizer, problems, config, ctx, "after")
-    ctx.log({f"dpo/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    ctx.log_metrics(metrics)
     return StageResult(metrics=metrics, artifacts=artifacts)
 
 
@@ -155,7 +155,7 @@ def _train(model, tokenizer, pairs: list[dict[str, Any]], config: Config, ctx) -
     resuming from the last checkpoint; returns the trainer and its metrics."""
     from trl import DPOConfig, DPOTrainer
 
-    from ..models import lora_config
+    from alignkit.modeling.models import lora_config
 
     train_data = _training_rows(pairs, tokenizer, chat=config.chat)
     args = trl_args(
@@ -182,8 +182,8 @@ def _train(model, tokenizer, pairs: list[dict[str, Any]], config: Config, ctx) -
 
 def _on_policy_pairs(model, tokenizer, config: Config, ctx) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Make (or finish making) the pair shards on the main process, then read ``pairs.jsonl`` everywhere."""
-    from ..data import load_dataset
-    from ..pairs import make_pairs, write_jsonl_atomic
+    from alignkit.data import load_dataset
+    from alignkit.data.pairs import make_pairs, write_jsonl_atomic
 
     spec = config.pairs
     merged = ctx.run_dir / "pairs.jsonl"
@@ -223,11 +223,11 @@ def _on_policy_pairs(model, tokenizer, config: Config, ctx) -> tuple[list[dict[s
 
 def _sampler(model, tokenizer, config: Config):
     """Shard sampler: k completions per prompt from the current policy, seeded by shard (reproducible)."""
-    from ..generation import SamplingParams, engine_from_spec
-    from ..prompts import render_prompt
+    from alignkit.generation import SamplingParams
+    from alignkit.data.prompts import render_prompt
 
     spec = config.pairs
-    engine = engine_from_spec(spec.generation, model=model, tokenizer=tokenizer)
+    engine = spec.generation.build(model=model, tokenizer=tokenizer)
 
     def sample(shard: int, rows: list[dict[str, Any]]) -> list[list[str]]:
         params = SamplingParams(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p,
@@ -239,11 +239,11 @@ def _sampler(model, tokenizer, config: Config):
 
 
 def _scorer(config: Config, ctx):
-    from ..pairs import score_samples
-    from ..reward_model import reward_from_specs
+    from alignkit.data.pairs import score_samples
+    from alignkit.rewards.programs import combine_rewards
 
-    base_dir = Path(ctx.recipe.file).parent if ctx.recipe.file else None
-    reward = reward_from_specs(config.pairs.rewards, base_dir)
+    base_dir = ctx.recipe_dir
+    reward = combine_rewards(list(config.pairs.rewards), base_dir)
     return lambda rows, samples: score_samples(reward, rows, samples)
 
 
@@ -257,8 +257,8 @@ def _training_rows(pairs: list[dict[str, Any]], tokenizer, *, chat: bool):
     the prompt rendered exactly as the sampler saw it."""
     from datasets import Dataset
 
-    from ..prompts import as_messages, render_prompt
-    from ..rewards import completion_text
+    from alignkit.data.prompts import as_messages, render_prompt
+    from alignkit.rewards.values import completion_text
 
     use_chat = chat and bool(getattr(tokenizer, "chat_template", None))
 

@@ -11,7 +11,7 @@ Recipe example::
 
 Alone: ``alignkit eval eval/gsm8k.yaml --model PATH [--orm PATH] [--prm PATH] [--out DIR] [--set k=v]``.
 
-What a ``problems`` suite does, in order (the suite spec and the counting are in :mod:`alignkit.evalsuite`):
+What a ``problems`` suite does, in order (the suite spec and the counting are in :mod:`alignkit.evaluation.suite`):
 
 1. **Sample.** Shard by shard (``shard_size`` problems): a greedy decode and ``n`` samples per problem,
    written to ``shards/samples-K.jsonl`` under a temporary name and then ``os.replace``d, so a rerun skips
@@ -20,9 +20,9 @@ What a ``problems`` suite does, in order (the suite spec and the counting are in
 2. **Verify.** The policy is freed, then each verifier scores every shard (``shards/orm-K.json``,
    ``shards/prm-K.json``; same resume rule, redone when the verifier path changes).
 3. **Grade and select** (main process): the suite's grader marks each sample, answers become vote keys,
-   and every method is counted on the one pool (:func:`alignkit.evalsuite.selection_metrics`).
+   and every method is counted on the one pool (:func:`alignkit.evaluation.suite.selection_metrics`).
 4. **Report**: report.md, metrics.json, samples.jsonl, accuracy_vs_n.png, W&B tables/images
-   (:mod:`alignkit.evalreport`).
+   (:mod:`alignkit.evaluation.report`).
 
 ``preference`` suites score chosen/rejected pairs with the ORM, ``stepwise`` suites step lists with the
 PRM; both skip steps 1-2. A changed suite (data, prompt or sampling) makes old shards stale: they are
@@ -44,10 +44,11 @@ from typing import Any
 
 from pydantic import Field
 
-from .. import evalsuite
-from ..errors import RecipeError
-from ..evalsuite import OutcomeScorer, StepScorer, Suite
-from ..registry import StageConfig
+from alignkit.evaluation import suite as evalsuite
+from alignkit.core.errors import RecipeError
+from alignkit.evaluation.suite import OutcomeScorer, StepScorer, Suite
+from alignkit.core.stage import StageConfig
+from alignkit.core.stage import StageContext, StageResult
 
 
 class Config(StageConfig):
@@ -80,13 +81,11 @@ def check(config: Config, base_dir: Path) -> None:
     _stage_suite(config, base_dir)
 
 
-def run(config: Config, ctx) -> Any:
-    from ..pipeline import StageResult
-
-    base_dir = Path(ctx.recipe.file).parent if ctx.recipe.file else Path.cwd()
+def run(config: Config, ctx: StageContext) -> StageResult:
+    base_dir = ctx.recipe_dir or Path.cwd()
     suite, path = _stage_suite(config, base_dir)
     result = run_suite(suite, config.model, ctx.run_dir, suite_dir=path.parent, tracker=ctx.tracker,
-                       rank=ctx.state.process_index, world=ctx.state.num_processes, barrier=ctx.wait)
+                       log_prefix=ctx.name, rank=ctx.state.process_index, world=ctx.state.num_processes, barrier=ctx.wait)
     if result is None:  # not the main process
         return StageResult()
     return StageResult(metrics=result["summary"], artifacts=result["artifacts"])
@@ -96,7 +95,7 @@ def run(config: Config, ctx) -> Any:
 
 
 def run_suite(suite: Suite, model: str, out_dir: Path, *, suite_dir: Path | None = None, tracker: Any = None,
-              engine: Any = None, tokenizer: Any = None, orm_scorer: OutcomeScorer | None = None,
+              log_prefix: str = "eval", engine: Any = None, tokenizer: Any = None, orm_scorer: OutcomeScorer | None = None,
               prm_scorer: StepScorer | None = None, rank: int = 0, world: int = 1, barrier=lambda: None,
               echo=print) -> dict[str, Any] | None:
     """Run ``suite`` on ``model``, writing everything under ``out_dir``; the main process returns
@@ -105,8 +104,8 @@ def run_suite(suite: Suite, model: str, out_dir: Path, *, suite_dir: Path | None
     ``engine``/``tokenizer``/``*_scorer`` replace what would be loaded from ``model``/``suite.orm``/
     ``suite.prm`` (tests pass fakes; a scorer passed in counts as that verifier being present).
     """
-    from .. import evalreport
-    from ..data import load_dataset
+    from alignkit.evaluation import report as evalreport
+    from alignkit.data import load_dataset
 
     out_dir = Path(out_dir)
     rows = list(load_dataset(suite.dataset, suite.task))
@@ -125,7 +124,7 @@ def run_suite(suite: Suite, model: str, out_dir: Path, *, suite_dir: Path | None
     if outcome is None:
         return None
     outcome.update(suite=suite, model=model)
-    artifacts = evalreport.write_report(outcome, out_dir, tracker=tracker)
+    artifacts = evalreport.write_report(outcome, out_dir, tracker=tracker, prefix=log_prefix)
     echo(evalreport.format_table(outcome))
     echo(f"[eval] report: {artifacts['report']}")
     return {**outcome, "artifacts": artifacts}
@@ -158,10 +157,10 @@ def _load_verifier(kind: str, path: str) -> Any:
     from accelerate import PartialState
 
     if kind == "orm":
-        from ..reward_model import RewardModelScorer  # moves itself to CUDA when there is one
+        from alignkit.rewards.reward_model import RewardModelScorer  # moves itself to CUDA when there is one
 
         return RewardModelScorer(path)
-    from ..prm import PRMScorer
+    from alignkit.rewards.prm import PRMScorer
 
     return PRMScorer(path, device=str(PartialState().device))
 
@@ -199,7 +198,7 @@ def _sample(suite: Suite, model: str, rows: list, shard_dir: Path, engine: Any, 
     """Write the missing sample shards of this process; returns samples/s (None when nothing was left)."""
     from tqdm.auto import tqdm
 
-    from ..generation import SamplingParams
+    from alignkit.generation import SamplingParams
 
     todo = [k for k in range(_num_shards(rows, suite))
             if k % world == rank and not (shard_dir / f"samples-{k:05d}.jsonl").exists()]
@@ -237,19 +236,18 @@ def _sample(suite: Suite, model: str, rows: list, shard_dir: Path, engine: Any, 
 
 
 def _load_engine(suite: Suite, model: str) -> tuple[Any, Any]:
-    from ..generation import engine_from_spec
-    from ..models import is_quantized, load_model, load_tokenizer
+    from alignkit.modeling.models import is_quantized, load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model, padding_side="left")
     if suite.generation.backend == "openai":
-        return engine_from_spec(suite.generation, tokenizer=tokenizer), tokenizer
+        return suite.generation.build(tokenizer=tokenizer), tokenizer
     policy = load_model(model)
     if not is_quantized(policy):
         from accelerate import PartialState
 
         policy.to(PartialState().device)
     policy.eval()
-    return engine_from_spec(suite.generation, model=policy, tokenizer=tokenizer), tokenizer
+    return suite.generation.build(model=policy, tokenizer=tokenizer), tokenizer
 
 
 def _completion(completion: Any) -> dict[str, Any] | None:
@@ -281,8 +279,8 @@ def _verify(kind: str, verifier: Any, shard_dir: Path, n_shards: int, rank: int,
             todo.append(k)
     if not todo:
         return
-    from ..prm import DEFAULT_SEPARATOR, split_steps
-    from ..rewards import call_reward
+    from alignkit.rewards.prm import DEFAULT_SEPARATOR, split_steps
+    from alignkit.rewards.values import call_reward
 
     scorer = _load_verifier(kind, verifier) if isinstance(verifier, str) else verifier
     for k in todo:
@@ -303,7 +301,7 @@ def _verify(kind: str, verifier: Any, shard_dir: Path, n_shards: int, rank: int,
 
 def _prm_scores(scorer: StepScorer, name: str, prompts: list, steps: list[list[str]]) -> list[list[float]]:
     """PRM step scores (checked); completions without steps are not sent and get ``[]`` (evalsuite choice 3)."""
-    from ..rewards import check_step_scores
+    from alignkit.rewards.values import check_step_scores
 
     keep = [i for i, s in enumerate(steps) if s]
     sent = [steps[i] for i in keep]
@@ -346,7 +344,7 @@ def _select(suite: Suite, rows: list, shard_dir: Path, verifiers: dict[str, Any]
 
 def _grade(problems: list[dict[str, Any]], suite: Suite, suite_dir: Path | None) -> None:
     """Mark every completion in place: ``answer`` (extracted phrase), ``correct``, ``key`` (vote bucket)."""
-    from ..rewards import bind_reward, load_reward
+    from alignkit.rewards.programs import bind_reward, load_reward
 
     grader = bind_reward(suite.grader, base_dir=suite_dir)
     extract = load_reward(suite.extract, base_dir=suite_dir)
@@ -393,8 +391,8 @@ def eval_main(argv: list[str]) -> int:
 
 
 def _cli_tracker(mode: str | None, suite: Suite, model: str, out: Path) -> Any:
-    from ..config import TrackingSpec
-    from ..tracking import Tracker
+    from alignkit.core.config import TrackingSpec
+    from alignkit.core.tracking import Tracker
 
     spec = TrackingSpec(report_to="wandb" if mode else "none", wandb={"mode": mode or "offline"})
     return Tracker(spec, group=f"eval-{suite.name}", job_type="eval", name=f"eval/{suite.name}/{Path(model).name}",

@@ -23,7 +23,7 @@ accuracy on ``accuracy_data``, train (LoRA via ``peft_config``; resumes from the
 stage folder), save adapter + merged model, measure accuracy again. Outputs: ``${<name>.model}``,
 ``${<name>.adapter}``. Metrics: reward first/last logged, accuracy before/after, completions/s,
 ``frac_reward_zero_std``. Every step also logs the reward-hacking signals ``hack/*`` (completion length,
-rewarded answers that are not a plain number, no answer, repeated 4-grams: :mod:`alignkit.hacking`; how to
+rewarded answers that are not a plain number, no answer, repeated 4-grams: :mod:`alignkit.rewards.hacking`; how to
 read them: ``docs/grpo.md``), kept in ``trainer_state.json`` and as ``hack_<signal>_first/_last`` metrics.
 
 Departures from the paper and from plain TRL:
@@ -45,12 +45,13 @@ Departures from the paper and from plain TRL:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field
 
-from .common import trl_args
-from .rl_common import RLStageConfig, check_rl, rl_trl_args, train_with_rewards
+from alignkit.stages.common import trl_args
+from alignkit.stages.rl_common import RLStageConfig, check_rl, rl_trl_args, train_with_rewards
+from alignkit.core.stage import StageContext, StageResult
 
 #: TRL 1.16's GRPOTrainer loss names (grpo_trainer.py `_compute_loss`); anything else fails at load.
 LossType = Literal["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", "vespo"]
@@ -76,7 +77,7 @@ def outputs(run_dir: Path) -> dict[str, str]:
 
 
 def check(config: Config, base_dir: Path) -> None:
-    from ..errors import RecipeError
+    from alignkit.core.errors import RecipeError
     from trl import GRPOConfig
 
     check_rl(config, base_dir, GRPOConfig)
@@ -85,7 +86,7 @@ def check(config: Config, base_dir: Path) -> None:
                           field="importance_sampling_level")
 
 
-def run(config: Config, ctx) -> Any:
+def run(config: Config, ctx: StageContext) -> StageResult:
     from trl import GRPOConfig, GRPOTrainer
 
     args = trl_args(

@@ -17,7 +17,7 @@ What it does, per shard of ``shard_size`` problems:
    a final answer, all prefixes of the shard in one ``generate`` call with ``n = N``. A prefix that several
    solutions of a problem share is rolled out once and its outcomes serve them all.
 3. Labels: ``reward`` (default ``answer_match``) checks each continuation against the gold answer;
-   :func:`alignkit.labels.step_labels` turns the (steps x N) table into hard (HE) and soft (SE) labels.
+   :func:`alignkit.maths.labels.step_labels` turns the (steps x N) table into hard (HE) and soft (SE) labels.
 4. The shard's rows are written to ``shards/shard-<j>.jsonl`` (temp file, then rename), so a crash loses
    at most the shard in progress and a rerun skips complete shards.
 
@@ -48,12 +48,13 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from .. import shards
-from ..config import DataSpec, QuantSpec
-from ..errors import DataError, RecipeError
-from ..generation import GenerationSpec
-from ..pairs import write_jsonl_atomic
-from ..registry import StageConfig
+from alignkit.core import shards
+from alignkit.core.config import DataSpec, QuantSpec
+from alignkit.core.errors import DataError, RecipeError
+from alignkit.generation import HFSpec, GenerationSpec
+from alignkit.data.pairs import write_jsonl_atomic
+from alignkit.core.stage import StageConfig
+from alignkit.core.stage import StageContext, StageResult
 
 
 class Config(StageConfig):
@@ -80,7 +81,7 @@ class Config(StageConfig):
         "auto", description="Measure agreement with true step labels (arith only); auto = for `source: arith`.")
     agreement_ns: list[int] = Field([1, 4, 8, 16], description="N values of the agreement curve.")
     generation: GenerationSpec = Field(
-        default_factory=lambda: GenerationSpec(backend="hf"), description="Sampling backend and batch size.")
+        default_factory=HFSpec, description="Sampling backend and batch size.")
     shard_size: int = Field(16, gt=0, description="Problems per shard (the unit of resumption).")
     seed: int = Field(0, description="Sampling seed (each shard derives its own).")
 
@@ -97,7 +98,7 @@ def outputs(run_dir: Path) -> dict[str, str]:
 
 
 def check(config: Config, base_dir: Path) -> None:
-    from ..rewards import load_reward
+    from alignkit.rewards.programs import load_reward
 
     try:
         load_reward(config.reward, base_dir=base_dir)
@@ -108,10 +109,9 @@ def check(config: Config, base_dir: Path) -> None:
                           "set quality_check: auto or false", field="quality_check")
 
 
-def run(config: Config, ctx: Any) -> Any:
-    from ..data import load_dataset
-    from ..pipeline import StageResult
-    from ..rewards import load_reward
+def run(config: Config, ctx: StageContext) -> StageResult:
+    from alignkit.data import load_dataset
+    from alignkit.rewards.programs import load_reward
 
     problems = list(load_dataset(config.data, "problems"))
     shard_dir = ctx.run_dir / "shards"
@@ -119,7 +119,7 @@ def run(config: Config, ctx: Any) -> Any:
     todo = shards.pending(shard_dir, len(problems), config.shard_size, ctx.state.process_index,
                           ctx.state.num_processes)
     if todo:
-        reward = load_reward(config.reward, base_dir=Path(ctx.recipe.file).parent if ctx.recipe.file else None)
+        reward = load_reward(config.reward, base_dir=ctx.recipe_dir)
         policy, completer = build_samplers(config, ctx)
         _label_shards(todo, problems, policy, completer, reward, config, shard_dir, progress=ctx.is_main)
     ctx.wait()
@@ -129,7 +129,7 @@ def run(config: Config, ctx: Any) -> Any:
     metrics = summarize(rows, metas, config, pool=_pool_size(config))
     print(f"[alignkit] {ctx.name}: {metrics['rows']} labelled solutions, solution accuracy "
           f"{metrics['solution_accuracy']:.3f}, {metrics['completions_per_second']:.1f} completions/s")
-    ctx.log({f"label/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    ctx.log_metrics(metrics)
     return StageResult(metrics=metrics, artifacts={"data": str(ctx.run_dir / "data.jsonl")})
 
 
@@ -145,7 +145,7 @@ class Sampler:
     chat: bool = True
 
     def render(self, prompt: str) -> str:
-        from ..prompts import render_prompt
+        from alignkit.data.prompts import render_prompt
 
         return render_prompt(self.tokenizer, prompt, chat=self.chat)
 
@@ -159,20 +159,19 @@ def build_samplers(config: Config, ctx: Any) -> tuple[Sampler, Sampler]:
 
 
 def _sampler(name: str, config: Config, ctx) -> Sampler:
-    from ..generation import engine_from_spec
-    from ..models import is_quantized, load_model, load_tokenizer
+    from alignkit.modeling.models import is_quantized, load_model, load_tokenizer
 
     tokenizer = load_tokenizer(name)
     spec = config.generation
     if spec.backend == "openai":  # the server holds the weights; `name` only gives the chat template
         if config.completer is not None and name == config.completer:
             spec = spec.model_copy(update={"model_name": name})
-        return Sampler(engine_from_spec(spec, tokenizer=tokenizer), tokenizer, config.chat)
+        return Sampler(spec.build(tokenizer=tokenizer), tokenizer, config.chat)
     model = load_model(name, quantization=config.quantization, dtype=config.dtype)
     if not is_quantized(model):
         model.to(ctx.state.device)
     model.eval()
-    return Sampler(engine_from_spec(spec, model=model, tokenizer=tokenizer), tokenizer, config.chat)
+    return Sampler(spec.build(model=model, tokenizer=tokenizer), tokenizer, config.chat)
 
 
 def _checking(config: Config) -> bool:
@@ -207,7 +206,7 @@ def _label_shards(todo, problems, policy, completer, reward, config, shard_dir: 
 def label_shard(problems: list[dict[str, Any]], first_index: int, policy: Sampler, completer: Sampler,
                 reward: Any, config: Config, *, seed: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Label one shard: rows (one per kept solution) and counts for the metrics."""
-    from ..generation import SamplingParams
+    from alignkit.generation import SamplingParams
 
     pool = _pool_size(config)
     solutions, meta = _solutions(problems, first_index, policy, config, seed)
@@ -242,8 +241,8 @@ def label_shard(problems: list[dict[str, Any]], first_index: int, policy: Sample
 
 def _solutions(problems, first_index: int, policy: Sampler, config: Config, seed: int):
     """The solutions to label, as dicts (problem_index, solution_index, prompt, answer, steps, finished)."""
-    from ..generation import SamplingParams
-    from ..prm import split_steps
+    from alignkit.generation import SamplingParams
+    from alignkit.rewards.prm import split_steps
 
     meta = {"problems": len(problems), "solutions": 0, "skipped_empty": 0, "skipped_long": 0,
             "completions": 0, "tokens": 0}
@@ -273,7 +272,7 @@ def _verdicts(reward, program: str, texts: list[str], golds: list[str]) -> list[
     """Whether each text reaches its gold answer (a None score, i.e. no gold, counts as not reached).
 
     Scores are checked first: ``bool`` would call NaN or the string "no" a right answer."""
-    from ..rewards import call_reward
+    from alignkit.rewards.values import call_reward
 
     if not texts:
         return []
@@ -282,8 +281,8 @@ def _verdicts(reward, program: str, texts: list[str], golds: list[str]) -> list[
 
 def _row(solution: dict[str, Any], outcomes: list[list[bool]], correct: bool, config: Config) -> dict[str, Any]:
     """One stepwise row: labels from the first N outcomes of each step; the whole pool kept for the curve."""
-    from ..data import check_steps
-    from ..labels import step_labels
+    from alignkit.data import check_steps
+    from alignkit.maths.labels import step_labels
 
     labels = step_labels([step[: config.completions_per_step] for step in outcomes])
     row = {
@@ -344,7 +343,7 @@ def agreement_curve(rows: list[dict[str, Any]], ns: list[int]) -> dict[str, floa
     (solutions whose first error is found exactly), ``hard_early_n{N}`` (an error flagged before the true
     one: HE's false negatives), ``hard_late_n{N}``, ``soft_mae_n{N}`` and ``soft_accuracy_n{N}`` (SE >= 0.5).
     """
-    from ..labels import label_agreement, soft_label_agreement, step_labels
+    from alignkit.maths.labels import label_agreement, soft_label_agreement, step_labels
 
     curve: dict[str, float] = {}
     for n in ns:

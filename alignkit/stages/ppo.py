@@ -22,7 +22,7 @@ last token; GAE; ``ppo_epochs`` passes of clipped policy and value losses over m
 ``${<name>.model}`` (merged policy), ``${<name>.adapter}``, ``${<name>.value_model}`` (a one-label sequence
 classifier folder: reusable as ``value_model:`` of a later PPO stage), ``${<name>.value_adapter}``.
 
-Each step also records the reward-hacking signals ``hack/*`` (:mod:`alignkit.hacking`, scored on the sequence
+Each step also records the reward-hacking signals ``hack/*`` (:mod:`alignkit.rewards.hacking`, scored on the sequence
 rewards as paid; how to read them: ``docs/grpo.md``) in ``history.jsonl`` and the tracker, and the manifest
 keeps their first- and last-quarter means as ``hack_<signal>_first/_last``.
 
@@ -62,11 +62,12 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from ..config import DataSpec, Spec
-from ..errors import DataError, ModelError, RecipeError
-from ..generation import GenerationSpec
-from ..rewards import RewardSpec
-from .common import TrainStageConfig, measure_accuracy
+from alignkit.core.config import DataSpec, Spec
+from alignkit.core.errors import DataError, ModelError, RecipeError
+from alignkit.generation import HFSpec, GenerationSpec
+from alignkit.rewards.programs import RewardSpec
+from alignkit.stages.common import TrainStageConfig, measure_accuracy
+from alignkit.core.stage import StageContext, StageResult
 
 
 class PRMRewardSpec(Spec):
@@ -109,7 +110,7 @@ class Config(TrainStageConfig):
     lr: float = Field(1e-4, gt=0, description="Peak learning rate of the policy adapter.")
     # --- sampling
     generation: GenerationSpec = Field(
-        default_factory=lambda: GenerationSpec(backend="hf"), description="Sampling engine (hf or fast).")
+        default_factory=HFSpec, description="Sampling engine (hf or fast).")
     max_completion_length: int = Field(128, gt=0, description="Most tokens sampled per response.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs use the same one.")
     stop: list[str] = Field(default_factory=list, description="Stop strings ending a response (besides EOS).")
@@ -157,8 +158,8 @@ def outputs(run_dir: Path) -> dict[str, str]:
 
 def check(config: Config, base_dir: Path) -> None:
     """Load-time checks; RecipeError naming the field."""
-    from ..reward_model import is_model_reward
-    from ..rewards import bind_reward
+    from alignkit.rewards.programs import is_model_reward
+    from alignkit.rewards.programs import bind_reward
 
     if config.lora is None:
         raise RecipeError("ppo trains LoRA adapters (the reference is the policy with adapters disabled); "
@@ -183,14 +184,13 @@ def check(config: Config, base_dir: Path) -> None:
                           field="generation.backend")
 
 
-def run(config: Config, ctx) -> Any:
+def run(config: Config, ctx: StageContext) -> StageResult:
     import torch
 
-    from ..data import load_dataset
-    from ..models import load_tokenizer
-    from ..pipeline import StageResult
-    from ..ppo import ppo_step
-    from ..ppo.checkpoint import latest_checkpoint, load_checkpoint
+    from alignkit.data import load_dataset
+    from alignkit.modeling.models import load_tokenizer
+    from alignkit.ppo import ppo_step
+    from alignkit.ppo.checkpoint import latest_checkpoint, load_checkpoint
 
     # 1. Data, tokenizer and reward sources.
     torch.manual_seed(config.seed)
@@ -232,7 +232,7 @@ def run(config: Config, ctx) -> Any:
     metrics.update(_summary(history, start, seconds))
     if problems is not None:
         metrics["accuracy_after"] = _accuracy(models, problems, config, ctx, "after", reuse=False)
-    ctx.log({f"{ctx.name}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    ctx.log_metrics(metrics)
     return StageResult(metrics=metrics, artifacts=artifacts)
 
 
@@ -241,7 +241,7 @@ def run(config: Config, ctx) -> Any:
 
 def _check_prompt_lengths(data: list[dict[str, Any]], tokenizer: Any, config: Config) -> int:
     """The longest rendered prompt in tokens; DataError naming the row if it cannot fit with a response."""
-    from ..prompts import render_prompt
+    from alignkit.data.prompts import render_prompt
 
     if not data:
         raise DataError("ppo: the training data has no rows")
@@ -256,14 +256,14 @@ def _check_prompt_lengths(data: list[dict[str, Any]], tokenizer: Any, config: Co
 
 
 def _reward_sources(config: Config, ctx) -> Any:
-    from ..ppo import RewardSources
-    from ..reward_model import reward_from_specs
+    from alignkit.ppo import RewardSources
+    from alignkit.rewards.programs import combine_rewards
 
-    base_dir = Path(ctx.recipe.file).parent if ctx.recipe.file else None  # reward paths are recipe-relative
-    sequence = reward_from_specs(list(config.rewards), base_dir) if config.rewards else None
+    base_dir = ctx.recipe_dir  # reward paths are recipe-relative
+    sequence = combine_rewards(list(config.rewards), base_dir) if config.rewards else None
     steps = None
     if config.prm is not None:
-        from ..prm import PRMScorer
+        from alignkit.rewards.prm import PRMScorer
 
         steps = PRMScorer(config.prm.model, batch_size=config.prm.batch_size, dtype=config.dtype,
                           device=str(ctx.state.device))
@@ -278,7 +278,7 @@ def _load_for_training(name: str, task: str, config: Config, device: Any) -> Any
     """
     import torch
 
-    from ..models import apply_lora, is_quantized, load_model
+    from alignkit.modeling.models import apply_lora, is_quantized, load_model
 
     model = load_model(name, task=task, num_labels=1, quantization=config.quantization, dtype=config.dtype,
                        attn_implementation=config.attn_implementation, trainable=True)
@@ -299,12 +299,11 @@ def _load_for_training(name: str, task: str, config: Config, device: Any) -> Any
 
 def _build_models(config: Config, tokenizer: Any, device: Any) -> tuple[Any, list[list[Any]]]:
     """The models and the two groups of trainable parameters (policy, value)."""
-    from ..generation import engine_from_spec
-    from ..ppo import PPOModels
+    from alignkit.ppo import PPOModels
 
     policy = _load_for_training(config.model, "causal-lm", config, device)
     value = _load_for_training(config.value_model or config.model, "seq-cls", config, device)
-    engine = engine_from_spec(config.generation, model=policy, tokenizer=tokenizer)
+    engine = config.generation.build(model=policy, tokenizer=tokenizer)
     groups = [[p for p in model.parameters() if p.requires_grad] for model in (policy, value)]
     return PPOModels(policy, value, tokenizer, engine), groups
 
@@ -329,7 +328,7 @@ def _optimizer(config: Config, groups: list[list[Any]], total: int) -> tuple[Any
 
 
 def _kl_controller(config: Config) -> Any:
-    from ..maths import AdaptiveKLController, FixedKLController
+    from alignkit.maths import AdaptiveKLController, FixedKLController
 
     if config.adaptive_kl is None:
         return FixedKLController(config.kl_coef)
@@ -350,7 +349,7 @@ def _report(row: dict[str, Any], total: int, config: Config, ctx) -> None:
 
 def _save(ctx, step: int, models: Any, optimizer: Any, scheduler: Any, kl_controller: Any,
           history: list[dict[str, Any]], config: Config) -> None:
-    from ..ppo.checkpoint import save_checkpoint
+    from alignkit.ppo.checkpoint import save_checkpoint
 
     save_checkpoint(ctx.run_dir, step, policy=models.policy, value=models.value, optimizer=optimizer,
                     scheduler=scheduler, state={"kl_coef": kl_controller.value, "history": history},
@@ -361,7 +360,7 @@ def _save(ctx, step: int, models: Any, optimizer: Any, scheduler: Any, kl_contro
 
 def _save_outputs(models: Any, tokenizer: Any, ctx) -> dict[str, str]:
     """Adapters of both models and their merges into full-precision copies of their bases."""
-    from ..models import merge_adapter
+    from alignkit.modeling.models import merge_adapter
 
     paths = outputs(ctx.run_dir)
     if ctx.is_main:
@@ -405,6 +404,6 @@ def _summary(history: list[dict[str, Any]], start: int, seconds: float) -> dict[
 def _accuracy(models: Any, problems: Any, config: Config, ctx, when: str, *, reuse: bool) -> float:
     """The policy's greedy exact match (the shared check, sampled with this stage's generation backend)."""
     accuracy = measure_accuracy(models.policy, models.tokenizer, problems, config, ctx, when,
-                                backend=config.generation.backend, reuse=reuse)
+                                generation=config.generation, reuse=reuse)
     ctx.wait()  # the file is written by the main process; a resume on any rank reads it back
     return accuracy

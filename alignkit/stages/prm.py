@@ -15,17 +15,17 @@ Recipe example::
 What it does, in order: load stepwise rows (our format, TRL's stepwise format, the public Math-Shepherd
 ``input``/``label`` format or PRM800K ratings, through :func:`alignkit.data.load_dataset`'s adapters) and
 hold out an eval split; load the backbone as a two-label token classifier (quantized if asked; LoRA if
-asked, the new ``score`` head trained in full); lay out each row with :func:`alignkit.prm.encode_steps`
+asked, the new ``score`` head trained in full); lay out each row with :func:`alignkit.rewards.prm.encode_steps`
 (label at the last token of the separator after each step, -100 elsewhere); measure the held-out step
 metrics; train with ``transformers.Trainer`` and our collator and loss (TRL 1.16 has no PRMTrainer;
 resumes from the last checkpoint in the stage folder); save the adapter and a merged model with
-``alignkit_prm.json`` (separator, chat, aggregation) that :class:`alignkit.prm.PRMScorer` reads; measure
+``alignkit_prm.json`` (separator, chat, aggregation) that :class:`alignkit.rewards.prm.PRMScorer` reads; measure
 again. Outputs: ``${<name>.model}``, ``${<name>.adapter}``.
 
-Held-out metrics (:func:`alignkit.prm.step_metrics`): step accuracy, F1 of finding bad steps, "first error
+Held-out metrics (:func:`alignkit.rewards.prm.step_metrics`): step accuracy, F1 of finding bad steps, "first error
 found" (the first step scored below 0.5 is the labelled first bad step) and "no error kept".
 
-Departures from the paper and from TRL <= 1.13's PRMTrainer (see also :mod:`alignkit.prm`):
+Departures from the paper and from TRL <= 1.13's PRMTrainer (see also :mod:`alignkit.rewards.prm`):
 
 1. A classifier head on the separator token, trained with cross-entropy (soft labels: against
    ``(1 - s, s)``); the paper reads ``+``/``-`` logits of the LM head at a tag token.
@@ -37,10 +37,10 @@ Departures from the paper and from TRL <= 1.13's PRMTrainer (see also :mod:`alig
 3. Rows too long for ``max_length`` lose whole trailing steps (never part of one); rows left with no
    labelled step are dropped and counted (``rows_dropped``).
 4. ``head: lm-logprob`` (ours) keeps the causal LM (LoRA) and scores step i by
-   ``sigmoid(log P(step i) + logprob_offset)`` (:func:`alignkit.prm.logprob_step_logits`), trained with
+   ``sigmoid(log P(step i) + logprob_offset)`` (:func:`alignkit.rewards.prm.logprob_step_logits`), trained with
    the same losses: it starts as the policy's own judgement of its steps instead of a random head.
 5. ``ranking_loss_weight`` (ours, off by default) adds a Bradley-Terry loss between a prompt's right and
-   wrong solutions (:func:`alignkit.prm.solution_ranking_loss`, on the solution score the model will be
+   wrong solutions (:func:`alignkit.rewards.prm.solution_ranking_loss`, on the solution score the model will be
    ranked by: min over steps for a PRM, the last step for an ORM). Pointwise labels let a model learn
    which *problems* are hard; best-of-N needs it to tell one problem's solutions apart. A solution is right
    by its row's ``solution_correct`` (the label stage writes it), else by its last step's hard label.
@@ -56,9 +56,9 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from ..config import DataSpec
-from ..errors import DataError, RecipeError
-from .common import (
+from alignkit.core.config import DataSpec
+from alignkit.core.errors import DataError, RecipeError
+from alignkit.stages.common import (
     TrainStageConfig,
     check_trl_passthrough,
     fit,
@@ -68,6 +68,7 @@ from .common import (
     train_metrics,
     trl_args,
 )
+from alignkit.core.stage import StageContext, StageResult
 
 
 class Config(TrainStageConfig):
@@ -114,13 +115,12 @@ def check(config: Config, base_dir: Path) -> None:
         raise RecipeError("give either data.eval_size or eval_data, not both", field="eval_data")
 
 
-def run(config: Config, ctx: Any) -> Any:
+def run(config: Config, ctx: StageContext) -> StageResult:
     from transformers import Trainer
 
-    from ..data import load_dataset, split_eval
-    from ..models import apply_lora, load_model, load_tokenizer
-    from ..pipeline import StageResult
-    from ..prm import write_prm_config
+    from alignkit.data import load_dataset, split_eval
+    from alignkit.modeling.models import apply_lora, load_model, load_tokenizer
+    from alignkit.rewards.prm import write_prm_config
 
     train_rows, eval_rows = _load_rows(config, load_dataset, split_eval)
     tokenizer = load_tokenizer(config.model, padding_side="right")
@@ -130,7 +130,7 @@ def run(config: Config, ctx: Any) -> Any:
                                "train_labelled_steps": sum(_labelled(r) for r in train_set)}
     train_items: list[dict[str, Any]] = train_set
     if config.ranking_loss_weight > 0:
-        from ..prm import ranking_pairs
+        from alignkit.rewards.prm import ranking_pairs
 
         train_items = group_by_prompt(train_set)  # a batch holds whole prompts, so pairs stay within it
         metrics.update(train_prompts=len(train_items), train_ranking_pairs=len(ranking_pairs(
@@ -179,12 +179,12 @@ def run(config: Config, ctx: Any) -> Any:
             print(f"[alignkit] {ctx.name}: held-out step accuracy {report['step_accuracy']:.3f}, "
                   f"bad-step F1 {report['step_f1']:.3f}, first error found {report['first_error_found']:.3f}, "
                   f"within-prompt ranking {report['ranking_accuracy']:.3f} ({report['ranking_pairs']} pairs)")
-    ctx.log({f"prm/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    ctx.log_metrics(metrics)
     return StageResult(metrics=metrics, artifacts=artifacts)
 
 
 def _head_name(config: Config) -> str:
-    """The head as alignkit_prm.json and :func:`alignkit.prm.score_encoded` name it."""
+    """The head as alignkit_prm.json and :func:`alignkit.rewards.prm.score_encoded` name it."""
     return "lm-logprob" if config.head == "lm-logprob" else "token-cls-2"
 
 
@@ -208,8 +208,8 @@ def encode_dataset(rows: list[dict[str, Any]], tokenizer: Any, config: Config) -
     ``labels`` is the per-token float target (P(good) at each labelled step end, -100 elsewhere);
     ``step_labels`` keeps the hard labels of the steps that fit, for the eval metrics.
     """
-    from ..prm import IGNORE, encode_steps, step_targets, token_labels
-    from ..prompts import render_prompt
+    from alignkit.rewards.prm import IGNORE, encode_steps, step_targets, token_labels
+    from alignkit.data.prompts import render_prompt
 
     examples, dropped = [], 0
     for index, row in enumerate(rows):
@@ -260,7 +260,7 @@ class Collator:
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
-        from ..prm import EncodedSteps, pad_batch, pad_index, ranking_pairs, step_token_index
+        from alignkit.rewards.prm import EncodedSteps, pad_batch, pad_index, ranking_pairs, step_token_index
 
         grouped = "solutions" in items[0]
         examples = [e for item in items for e in item["solutions"]] if grouped else items
@@ -278,9 +278,9 @@ def prm_trainer(*, ranking_loss_weight: float, aggregation: str, head: str, logp
                 **trainer_args: Any) -> Any:
     """A ``transformers.Trainer`` for the ``lm-logprob`` head and/or the ranking term.
 
-    The loss is :func:`alignkit.prm.step_loss` on the step logits (the model's own, or
-    :func:`alignkit.prm.logprob_step_logits` of a causal LM), plus ``ranking_loss_weight`` times
-    :func:`alignkit.prm.solution_ranking_loss`. ``step_index`` and ``ranking_pairs`` are taken out of the
+    The loss is :func:`alignkit.rewards.prm.step_loss` on the step logits (the model's own, or
+    :func:`alignkit.rewards.prm.logprob_step_logits` of a causal LM), plus ``ranking_loss_weight`` times
+    :func:`alignkit.rewards.prm.solution_ranking_loss`. ``step_index`` and ``ranking_pairs`` are taken out of the
     batch before the forward (the model does not accept them). The step loss is normalised over the
     accumulated batch (``num_items_in_batch``, scaled by the process count as the Trainer does for
     ``compute_loss_func``); the ranking term is a mean over this micro-batch's pairs, so it is divided by
@@ -288,7 +288,7 @@ def prm_trainer(*, ranking_loss_weight: float, aggregation: str, head: str, logp
     """
     from transformers import Trainer
 
-    from ..prm import logprob_step_logits, solution_ranking_loss, step_loss
+    from alignkit.rewards.prm import logprob_step_logits, solution_ranking_loss, step_loss
 
     class PRMTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -310,19 +310,19 @@ def prm_trainer(*, ranking_loss_weight: float, aggregation: str, head: str, logp
 
 
 def loss_func(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
-    """``Trainer(compute_loss_func=...)`` hook: :func:`alignkit.prm.step_loss` on the token logits."""
-    from ..prm import step_loss
+    """``Trainer(compute_loss_func=...)`` hook: :func:`alignkit.rewards.prm.step_loss` on the token logits."""
+    from alignkit.rewards.prm import step_loss
 
     return step_loss(outputs.logits, labels, num_items_in_batch)
 
 
 def evaluate(model: Any, tokenizer: Any, examples: list[dict[str, Any]], config: Config) -> dict[str, float]:
-    """Held-out step metrics of ``model`` (:func:`alignkit.prm.step_metrics` against the hard labels), and
+    """Held-out step metrics of ``model`` (:func:`alignkit.rewards.prm.step_metrics` against the hard labels), and
     ``ranking_accuracy``: how often a right solution outscores a wrong one to the same prompt
-    (:func:`alignkit.metrics.pairwise_ranking`, on the solution score the model is ranked by; NaN when the
+    (:func:`alignkit.maths.selection.pairwise_ranking`, on the solution score the model is ranked by; NaN when the
     split holds no such pair; ``ranking_pairs`` counts them)."""
-    from ..metrics import aggregate_steps, pairwise_ranking
-    from ..prm import EncodedSteps, score_encoded, step_metrics
+    from alignkit.maths.selection import aggregate_steps, pairwise_ranking
+    from alignkit.rewards.prm import EncodedSteps, score_encoded, step_metrics
 
     encoded = [EncodedSteps(e["input_ids"], e["step_ends"], e["step_spans"]) for e in examples]
     probs = score_encoded(model, encoded, tokenizer.pad_token_id, config.eval_batch_size, head=_head_name(config),

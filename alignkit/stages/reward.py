@@ -16,7 +16,7 @@ The loss is ``-log sigmoid(r(x, y_chosen) - r(x, y_rejected))`` (Bradley-Terry; 
 
 What it does, in order: load pairs (``preference`` format: strings, HH conversations, or a jsonl written by an
 earlier stage), hold out ``eval_size`` of them (or read ``eval_data``), load the model as a 1-label sequence
-classifier, encode pairs with :func:`alignkit.reward_model.encode_pair`, measure held-out pairwise accuracy,
+classifier, encode pairs with :func:`alignkit.rewards.reward_model.encode_pair`, measure held-out pairwise accuracy,
 train (resuming from the last checkpoint in the stage folder), save the adapter and a merged model, measure
 again and write the held-out scores to ``eval_scores.jsonl``. Outputs: ``${<name>.model}`` (a merged seq-cls
 folder: ``load_model(path, task="seq-cls")``, or ``RewardModelScorer(path)`` as a reward program),
@@ -24,7 +24,7 @@ folder: ``load_model(path, task="seq-cls")``, or ``RewardModelScorer(path)`` as 
 
 Departures from plain TRL:
 1. We tokenize (TRL trains on our ``chosen_ids``/``rejected_ids``), so training and every later scoring use
-   one encoder; over-long pairs are left-truncated instead of dropped (see :mod:`alignkit.reward_model`).
+   one encoder; over-long pairs are left-truncated instead of dropped (see :mod:`alignkit.rewards.reward_model`).
 2. Accuracy is measured by our own scorer on the held-out split before and after training, not by
    ``trainer.evaluate``: the "before" number (an untrained head, ~0.5) is the baseline the gain is read
    against, and the same code later scores completions for DPO pairs and best-of-N.
@@ -39,12 +39,13 @@ from typing import Any
 
 from pydantic import Field
 
-from ..config import DataSpec
-from ..errors import RecipeError
-from .common import (
+from alignkit.core.config import DataSpec
+from alignkit.core.errors import RecipeError
+from alignkit.stages.common import (
     TrainStageConfig, check_trl_passthrough, fit, last_checkpoint, restore_trainable_dtype, save_trained_model,
     stop_on_nonfinite, train_metrics, trl_args,
 )
+from alignkit.core.stage import StageContext, StageResult
 
 
 class Config(TrainStageConfig):
@@ -77,11 +78,10 @@ def check(config: Config, base_dir: Path) -> None:
         raise RecipeError("give either `eval_data` or `data.eval_size`, not both", field="eval_data")
 
 
-def run(config: Config, ctx) -> Any:
+def run(config: Config, ctx: StageContext) -> StageResult:
     from trl import RewardConfig, RewardTrainer
 
-    from ..models import load_model, load_tokenizer, lora_config
-    from ..pipeline import StageResult
+    from alignkit.modeling.models import load_model, load_tokenizer, lora_config
 
     train_pairs, eval_pairs = _load_pairs(config)
     tokenizer = load_tokenizer(config.model, padding_side="right")
@@ -113,13 +113,13 @@ def run(config: Config, ctx) -> Any:
 
     if eval_pairs is not None:
         metrics.update(_held_out(trainer.model, tokenizer, eval_pairs, config, ctx, "after"))
-    ctx.log({f"reward/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    ctx.log_metrics(metrics)
     return StageResult(metrics=metrics, artifacts=artifacts)
 
 
 def _load_pairs(config: Config):
     """(train pairs, held-out pairs or None): ``eval_data``, else a seeded split of ``data``."""
-    from ..data import load_dataset, split_eval
+    from alignkit.data import load_dataset, split_eval
 
     pairs = load_dataset(config.data, "preference")
     if config.eval_data is not None:
@@ -130,7 +130,7 @@ def _load_pairs(config: Config):
 
 def _encode(pairs, tokenizer, max_length: int):
     """preference rows -> TRL's pre-tokenized form: ``chosen_ids``, ``rejected_ids`` (lists of ints)."""
-    from ..reward_model import encode_pair
+    from alignkit.rewards.reward_model import encode_pair
 
     return pairs.map(
         lambda row: {
@@ -143,7 +143,7 @@ def _encode(pairs, tokenizer, max_length: int):
 
 def _held_out(model, tokenizer, pairs, config: Config, ctx, when: str) -> dict[str, float]:
     """Pairwise accuracy and mean margin on the held-out pairs; the scores go to a jsonl (main process)."""
-    from ..reward_model import pairwise_accuracy
+    from alignkit.rewards.reward_model import pairwise_accuracy
 
     report = pairwise_accuracy(model, tokenizer, pairs, max_length=config.max_length,
                                batch_size=config.eval_batch_size)

@@ -1,7 +1,7 @@
 """What the ``grpo`` and ``rloo`` stages share: config fields, load-time checks, prompts, the run, metrics.
 
 Both stages wrap a TRL online trainer (``GRPOTrainer``, ``RLOOTrainer``) that samples ``num_generations``
-completions per prompt, scores them with reward programs (:mod:`alignkit.rewards`) and takes a policy
+completions per prompt, scores them with reward programs (:mod:`alignkit.rewards.programs`) and takes a policy
 gradient step with a group baseline. They differ only in their TRL config class and a few loss fields, so
 each stage module builds its TRL arguments and hands them to :func:`train_with_rewards`, which runs the
 named steps: data -> model -> accuracy before -> train -> save -> accuracy after -> metrics.
@@ -9,7 +9,7 @@ named steps: data -> model -> accuracy before -> train -> save -> accuracy after
 Batch sizes follow TRL: ``batch_size`` counts *completions* per device and step, so one optimizer step sees
 ``batch_size * grad_accum * processes / num_generations`` prompts (8 * 1 * 1 / 4 = 2 prompts of 4).
 
-Every batch's reward-hacking signals (:mod:`alignkit.hacking`) are logged beside TRL's reward through
+Every batch's reward-hacking signals (:mod:`alignkit.rewards.hacking`) are logged beside TRL's reward through
 :class:`HackingWatch`, which taps the reward functions TRL calls.
 """
 
@@ -22,13 +22,14 @@ from typing import Any
 
 from pydantic import Field
 
-from ..config import DataSpec
-from ..errors import DataError, RecipeError
-from ..rewards import RewardSpec, bind_reward, is_model_reward, load_reward
-from .common import (
+from alignkit.core.config import DataSpec
+from alignkit.core.errors import DataError, RecipeError
+from alignkit.rewards.programs import RewardSpec, bind_reward, is_model_reward, load_reward
+from alignkit.stages.common import (
     TrainStageConfig, check_trl_passthrough, fit, last_checkpoint, measure_accuracy, restore_trainable_dtype,
     save_trained_model, stop_on_nonfinite,
 )
+from alignkit.core.stage import StageResult
 
 
 class RLStageConfig(TrainStageConfig):
@@ -108,7 +109,7 @@ def prompt_rows(problems: Any, tokenizer: Any, *, chat: bool) -> Any:
 
     >>> # {"prompt": "2+3?", "answer": "5"} -> {"prompt": [{"role": "user", "content": "2+3?"}], "answer": "5"}
     """
-    from ..prompts import render_prompt
+    from alignkit.data.prompts import render_prompt
 
     if chat and getattr(tokenizer, "chat_template", None):
         return problems.map(lambda row: {"prompt": [{"role": "user", "content": row["prompt"]}]})
@@ -118,7 +119,7 @@ def prompt_rows(problems: Any, tokenizer: Any, *, chat: bool) -> Any:
 
 def check_prompt_lengths(rows: Any, tokenizer: Any, config: RLStageConfig) -> int:
     """The longest prompt in tokens; DataError naming the row if prompt + completion budget > max_length."""
-    from ..prompts import render_prompt
+    from alignkit.data.prompts import render_prompt
 
     longest, where = 0, 0
     for index, row in enumerate(rows):
@@ -140,18 +141,17 @@ def train_with_rewards(config: RLStageConfig, ctx, trainer_class: type, args: An
     ``args`` is the built TRL config (``GRPOConfig``/``RLOOConfig``). Returns a ``StageResult`` whose
     metrics hold reward first/last, accuracy before/after, throughput and TRL's ``frac_reward_zero_std``.
     """
-    from ..data import load_dataset
-    from ..hacking import math_signals
-    from ..models import load_model, load_tokenizer, lora_config
-    from ..pipeline import StageResult
-    from ..rewards import load_rewards
+    from alignkit.data import load_dataset
+    from alignkit.rewards.hacking import math_signals
+    from alignkit.modeling.models import load_model, load_tokenizer, lora_config
+    from alignkit.rewards.programs import load_rewards
 
     # 1. Data and rewards: prompts become TRL rows; the answer column rides along for answer_match.
     tokenizer = load_tokenizer(config.model, padding_side="left")
     train_rows = prompt_rows(load_dataset(config.data, "problems"), tokenizer, chat=config.chat)
     longest_prompt = check_prompt_lengths(train_rows, tokenizer, config)
     problems = load_dataset(config.accuracy_data, "problems") if config.accuracy_data else None
-    base_dir = Path(ctx.recipe.file).parent if ctx.recipe.file else None  # reward paths are recipe-relative
+    base_dir = ctx.recipe_dir  # reward paths are recipe-relative
     reward_funcs, weights = load_rewards(list(config.rewards), base_dir)
     reward_funcs = HackingWatch(reward_funcs, weights, math_signals).funcs  # logs hack/* per step
 
@@ -180,7 +180,7 @@ def train_with_rewards(config: RLStageConfig, ctx, trainer_class: type, args: An
     metrics.update(throughput(trainer.state.global_step, args, seconds, resumed_from=checkpoint))
     if problems is not None:
         metrics["accuracy_after"] = measure_accuracy(trainer.model, tokenizer, problems, config, ctx, "after")
-    ctx.log({f"{ctx.name}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    ctx.log_metrics(metrics)
     return StageResult(metrics=metrics, artifacts=artifacts)
 
 
@@ -244,7 +244,8 @@ class HackingWatch:
 
     def scored(self, index: int, scores: list, completions: list, kwargs: dict[str, Any]) -> None:
         """Keep function ``index``'s scores of this batch; after the last function's, log the signals."""
-        from ..rewards import completion_text, weighted_total
+        from alignkit.rewards.programs import weighted_total
+        from alignkit.rewards.values import completion_text
 
         if index == 0:  # a new batch
             self._scores = []
@@ -262,7 +263,7 @@ class _RewardTap:
     """One reward function of a :class:`HackingWatch`: called as TRL calls it, named as TRL names it."""
 
     def __init__(self, watch: HackingWatch, index: int, fn: Any):
-        from ..rewards import callable_name
+        from alignkit.rewards.values import callable_name
 
         self.watch, self.index, self.fn = watch, index, fn
         self.__name__ = callable_name(fn)  # TRL logs rewards/<__name__>/mean

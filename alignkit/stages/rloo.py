@@ -31,12 +31,12 @@ Departures from the paper and from plain TRL:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from pydantic import Field
 
-from .common import trl_args
-from .rl_common import RLStageConfig, check_rl, rl_trl_args, train_with_rewards
+from alignkit.stages.common import trl_args
+from alignkit.stages.rl_common import RLStageConfig, check_rl, rl_trl_args, train_with_rewards
+from alignkit.core.stage import StageContext, StageResult
 
 
 class Config(RLStageConfig):
@@ -57,7 +57,7 @@ def check(config: Config, base_dir: Path) -> None:
     check_rl(config, base_dir, RLOOConfig)
 
 
-def run(config: Config, ctx) -> Any:
+def run(config: Config, ctx: StageContext) -> StageResult:
     from trl import RLOOConfig, RLOOTrainer
 
     args = trl_args(RLOOConfig, config, ctx, **rl_trl_args(config),

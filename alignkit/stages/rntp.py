@@ -20,7 +20,7 @@ Recipe example::
 
 What it does, in order:
 
-1. Positions (:func:`alignkit.rntp.document_positions`): per document, one proxy forward gives the top-k
+1. Positions (:func:`alignkit.maths.rntp.document_positions`): per document, one proxy forward gives the top-k
    entropy of every next token; up to ``positions_per_document`` positions with entropy >= ``min_entropy``
    are drawn. Documents are processed in shards of ``shard_size`` written to ``positions/<split>/`` (temp
    file, then rename), so a rerun resumes; the merged rows are ``train_positions.jsonl`` and
@@ -61,12 +61,13 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from .. import shards
-from ..artifacts import write_jsonl_atomic
-from ..config import DataSpec
-from ..generation import GenerationSpec
-from ..rewards import RewardSpec
-from .grpo import Config as GRPOStageConfig
+from alignkit.core import shards
+from alignkit.core.artifacts import write_jsonl_atomic
+from alignkit.core.config import DataSpec
+from alignkit.generation import FastSpec, GenerationSpec
+from alignkit.rewards.programs import RewardSpec
+from alignkit.stages.grpo import Config as GRPOStageConfig
+from alignkit.core.stage import StageContext, StageResult
 
 DEFAULT_INSTRUCTION = (
     "Here is the beginning of a text. Think about what comes next, then write the next word or number of "
@@ -106,7 +107,7 @@ class Config(GRPOStageConfig):
         0, ge=0, description="Sample k completions per training position first; drop positions whose k "
         "rewards are all equal (0: keep all; TRL then gives those groups zero advantage).")
     generation: GenerationSpec = Field(
-        default_factory=lambda: GenerationSpec(backend="fast", batch_size=32),
+        default_factory=lambda: FastSpec(batch_size=32),
         description="Backend for evaluation and pre-filter sampling (training samples through TRL).")
     shard_size: int = Field(16, gt=0, description="Documents per position shard (the unit of resumption).")
 
@@ -136,8 +137,8 @@ def outputs(run_dir: Path) -> dict[str, str]:
 
 
 def check(config: Config, base_dir: Path) -> None:
-    from ..errors import RecipeError
-    from .grpo import check as grpo_check
+    from alignkit.core.errors import RecipeError
+    from alignkit.stages.grpo import check as grpo_check
 
     grpo_check(config, base_dir)
     if config.reward == "dense" and config.prefilter_samples:
@@ -145,11 +146,10 @@ def check(config: Config, base_dir: Path) -> None:
                           "and never tie, so set prefilter_samples: 0 with reward: dense", field="prefilter_samples")
 
 
-def run(config: Config, ctx: Any) -> Any:
+def run(config: Config, ctx: StageContext) -> StageResult:
     import torch
 
-    from ..models import is_quantized, load_model, load_tokenizer
-    from ..pipeline import StageResult
+    from alignkit.modeling.models import is_quantized, load_model, load_tokenizer
 
     # 1. Positions (resumable shards), bucket edges from the held-out positions.
     tokenizer = load_tokenizer(config.model, padding_side="left")
@@ -183,14 +183,14 @@ def run(config: Config, ctx: Any) -> Any:
     if held and ctx.is_main:
         artifacts["evaluation"] = write_evaluation(ctx.run_dir / "evaluation.jsonl", before, after)
         print(summary_table(before, after))
-    ctx.log({f"{ctx.name}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    ctx.log_metrics(metrics)
     return StageResult(metrics=metrics, artifacts=artifacts)
 
 
 def _problem_accuracy(model, tokenizer, config: Config, ctx, when: str) -> dict[str, float]:
     """Greedy exact match on ``accuracy_data`` (as in grpo), when the recipe gives some."""
-    from ..data import load_dataset
-    from .common import measure_accuracy
+    from alignkit.data import load_dataset
+    from alignkit.stages.common import measure_accuracy
 
     if config.accuracy_data is None:
         return {}
@@ -212,8 +212,8 @@ def sample_split(config: Config, ctx: Any, tokenizer: Any, split: str, spec: Dat
     """Positions of one split, shard by shard (resumable), merged into ``<split>_positions.jsonl``."""
     from tqdm.auto import tqdm
 
-    from ..data import load_dataset
-    from ..errors import DataError
+    from alignkit.data import load_dataset
+    from alignkit.core.errors import DataError
 
     docs = [row["text"] for row in load_dataset(spec, "text")]
     shard_dir = ctx.run_dir / "positions" / split
@@ -245,7 +245,7 @@ def sample_split(config: Config, ctx: Any, tokenizer: Any, split: str, spec: Dat
 
 
 def _positions(text: str, tokenizer: Any, entropies_fn: Any, config: Config, split: str, seed: int) -> list[dict]:
-    from ..rntp import document_positions
+    from alignkit.maths.rntp import document_positions
 
     train = split == "train"
     return document_positions(
@@ -263,9 +263,9 @@ def _proxy(config: Config, tokenizer: Any) -> Any:
 
     import torch
 
-    from ..errors import RecipeError
-    from ..models import load_model, load_tokenizer
-    from ..rntp import proxy_entropies
+    from alignkit.core.errors import RecipeError
+    from alignkit.modeling.models import load_model, load_tokenizer
+    from alignkit.maths.rntp import proxy_entropies
 
     name = config.proxy or config.model
     if config.proxy and load_tokenizer(name).get_vocab() != tokenizer.get_vocab():
@@ -276,7 +276,7 @@ def _proxy(config: Config, tokenizer: Any) -> Any:
 
 
 def _terciles(rows: list[dict[str, Any]]) -> list[float]:
-    from ..rntp import entropy_thresholds
+    from alignkit.maths.rntp import entropy_thresholds
 
     return entropy_thresholds([row["entropy"] for row in rows])
 
@@ -286,7 +286,7 @@ def _terciles(rows: list[dict[str, Any]]) -> list[float]:
 
 def evaluate_cached(model, tokenizer, rows, thresholds, config: Config, ctx, when: str) -> dict[str, Any]:
     """:func:`evaluate`, read back from ``eval_<when>.jsonl`` when a previous attempt finished it."""
-    from ..rntp import bucketed_accuracy
+    from alignkit.maths.rntp import bucketed_accuracy
 
     path = ctx.run_dir / f"eval_{when}.jsonl"
     if path.is_file():
@@ -301,12 +301,12 @@ def evaluate_cached(model, tokenizer, rows, thresholds, config: Config, ctx, whe
 
 def evaluate(model, tokenizer, rows: list[dict[str, Any]], config: Config, *, progress: bool) -> list[dict]:
     """Per held-out position: (a) greedy next token on the raw context, (b) greedy thinking + boxed answer."""
-    from ..generation import SamplingParams, engine_from_spec
-    from ..prompts import render_prompt
-    from ..rntp import boxed_prediction, continuation_match, greedy_next_tokens
+    from alignkit.generation import SamplingParams
+    from alignkit.data.prompts import render_prompt
+    from alignkit.maths.rntp import boxed_prediction, continuation_match, greedy_next_tokens
 
     plain = greedy_next_tokens(model, tokenizer, [row["context_ids"] for row in rows])
-    engine = engine_from_spec(config.generation, model=model, tokenizer=tokenizer)
+    engine = config.generation.build(model=model, tokenizer=tokenizer)
     prompts = [render_prompt(tokenizer, row["prompt"], chat=config.chat) for row in rows]
     params = SamplingParams(max_new_tokens=config.max_completion_length, temperature=0.0)
     model.eval()
@@ -337,7 +337,7 @@ def _flatten(report: dict[str, Any], when: str) -> dict[str, Any]:
 
 def summary_table(before: dict[str, Any], after: dict[str, Any]) -> str:
     """Bucketed next-token accuracy, a row per (mode, when), a column per bucket (counts in the header)."""
-    from ..rntp import BUCKETS
+    from alignkit.maths.rntp import BUCKETS
 
     columns = ("all",) + BUCKETS
     counts = before["plain"] if before else after["plain"]
@@ -356,8 +356,8 @@ def summary_table(before: dict[str, Any], after: dict[str, Any]) -> str:
 
 def _reward_fn(config: Config) -> Any:
     """The rntp reward program with the stage's options bound (the dense one scores with the start model)."""
-    from ..models import resolve_model
-    from ..rewards import bind_reward
+    from alignkit.modeling.models import resolve_model
+    from alignkit.rewards.programs import bind_reward
 
     if config.reward == "dense":
         spec = RewardSpec(program="reward/rntp.py:thought_gain",
@@ -371,16 +371,16 @@ def _reward_fn(config: Config) -> Any:
 
 def prefilter(model, tokenizer, rows: list[dict[str, Any]], config: Config, ctx) -> tuple[list[dict], int]:
     """Keep positions where the starting policy's k samples disagree (0 < successes < k); cached on disk."""
-    from ..errors import DataError
-    from ..generation import SamplingParams, engine_from_spec
-    from ..prompts import render_prompt
+    from alignkit.core.errors import DataError
+    from alignkit.generation import SamplingParams
+    from alignkit.data.prompts import render_prompt
 
     path = ctx.run_dir / "prefilter.jsonl"
     if path.is_file():
         successes = [json.loads(line)["successes"] for line in path.read_text().splitlines()]
     else:
         k = config.prefilter_samples
-        engine = engine_from_spec(config.generation, model=model, tokenizer=tokenizer)
+        engine = config.generation.build(model=model, tokenizer=tokenizer)
         params = SamplingParams(n=k, max_new_tokens=config.max_completion_length, temperature=config.temperature,
                                 top_p=config.top_p, seed=config.seed)
         model.eval()
@@ -407,10 +407,10 @@ def train_grpo(model, tokenizer, rows: list[dict[str, Any]], config: Config, ctx
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    from ..models import lora_config
-    from ..rewards import load_rewards
-    from .common import fit, last_checkpoint, restore_trainable_dtype, save_trained_model, stop_on_nonfinite, trl_args
-    from .rl_common import (
+    from alignkit.modeling.models import lora_config
+    from alignkit.rewards.programs import load_rewards
+    from alignkit.stages.common import fit, last_checkpoint, restore_trainable_dtype, save_trained_model, stop_on_nonfinite, trl_args
+    from alignkit.stages.rl_common import (
         HackingWatch,
         check_prompt_lengths,
         prompt_rows,
@@ -422,7 +422,7 @@ def train_grpo(model, tokenizer, rows: list[dict[str, Any]], config: Config, ctx
     columns = ("prompt", "continuation", "token_ends", "entropy")
     dataset = prompt_rows(Dataset.from_list([{c: r[c] for c in columns} for r in rows]), tokenizer, chat=config.chat)
     longest = check_prompt_lengths(dataset, tokenizer, config)
-    extra, weights = load_rewards(list(config.rewards), Path(ctx.recipe.file).parent if ctx.recipe.file else None)
+    extra, weights = load_rewards(list(config.rewards), ctx.recipe_dir)
     args = trl_args(GRPOConfig, config, ctx, **{
         **rl_trl_args(config), "reward_weights": [1.0] + weights,
         "loss_type": config.loss_type, "scale_rewards": config.scale_rewards,
@@ -447,7 +447,7 @@ def train_grpo(model, tokenizer, rows: list[dict[str, Any]], config: Config, ctx
 def boxed_signals(texts: list[str], token_lengths: list[int], rewards: list[float | None]) -> dict[str, float]:
     """The reward-hacking signals of an rntp batch: the answer is the boxed prediction (none: no closed box
     after the thinking). A prediction is a piece of text, not a number, so there is no plain-number signal."""
-    from ..hacking import hacking_signals
-    from ..rntp import boxed_prediction
+    from alignkit.rewards.hacking import hacking_signals
+    from alignkit.maths.rntp import boxed_prediction
 
     return hacking_signals(texts, token_lengths, rewards, extract=boxed_prediction)

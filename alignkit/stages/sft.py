@@ -27,19 +27,19 @@ Departures from plain TRL:
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
-from ..config import DataSpec
-from ..errors import DataError
-from .common import (
+from alignkit.core.config import DataSpec
+from alignkit.core.errors import DataError
+from alignkit.stages.common import (
     TrainStageConfig, check_trl_passthrough, fit, last_checkpoint, measure_accuracy, restore_trainable_dtype,
     save_trained_model, stop_on_nonfinite, train_metrics, trl_args,
 )
+from alignkit.core.stage import StageContext, StageResult
 
 
 class Config(TrainStageConfig):
@@ -64,12 +64,11 @@ def check(config: Config, base_dir: Path) -> None:
     check_trl_passthrough(config.trl, SFTConfig)
 
 
-def run(config: Config, ctx) -> Any:
+def run(config: Config, ctx: StageContext) -> StageResult:
     from trl import SFTConfig, SFTTrainer
 
-    from ..data import load_dataset
-    from ..models import load_model, load_tokenizer, lora_config
-    from ..pipeline import StageResult
+    from alignkit.data import load_dataset
+    from alignkit.modeling.models import load_model, load_tokenizer, lora_config
 
     rows = load_dataset(config.data, "sft")
     problems = load_dataset(config.accuracy_data, "problems") if config.accuracy_data else None
@@ -108,7 +107,7 @@ def run(config: Config, ctx) -> Any:
 
     if problems is not None:
         metrics["accuracy_after"] = measure_accuracy(trainer.model, tokenizer, problems, config, ctx, "after")
-    ctx.log({f"sft/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+    ctx.log_metrics(metrics)
     return StageResult(metrics=metrics, artifacts=artifacts)
 
 

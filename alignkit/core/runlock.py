@@ -5,7 +5,7 @@ stage folder, resumes its fresh checkpoint and writes a ``done`` manifest for we
 ``alignkit run`` takes the lock before it writes anything, and a second run is refused at once, naming the
 holder. The kernel drops a ``flock`` when its holder dies (kill -9 and crashes included), so a lock is never
 stale and never needs removing by hand. Under ``accelerate launch`` only the main process takes it; the other
-ranks of that launch work under it (see :func:`alignkit.pipeline.run_recipe`).
+ranks of that launch work under it (see :func:`alignkit.run.pipeline.run_recipe`).
 
 The file is never deleted (unlinking a lock file lets two processes lock two different files); its content,
 the holder's pid, host and command line (secrets masked), is only for the refusal message.
@@ -22,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import AlignkitError, RunFolderBusy
-from .secrets import redact_text
+from alignkit.core.errors import AlignkitError, RunFolderBusy
+from alignkit.core.secrets import redact_text
 
 LOCK_FILE = ".lock"
 

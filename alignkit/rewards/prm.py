@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError, ModelError
-from .metrics import STEP_AGGREGATIONS, aggregate_steps
-from .prompts import render_prompt
+from alignkit.core.errors import DataError, ModelError
+from alignkit.maths.selection import STEP_AGGREGATIONS, aggregate_steps
+from alignkit.data.prompts import render_prompt
 
 IGNORE = -100
 PRM_CONFIG = "alignkit_prm.json"  # written next to a trained PRM: how to lay out its input
@@ -206,7 +206,7 @@ def solution_logits(logits: Any, targets: Any, aggregation: str) -> Any:
 
     With ``z`` the step margin ``z_good - z_bad`` (the logit of ``p_good``) at each labelled position:
     ``min`` -> min z, ``last`` -> the last labelled z, ``mean`` -> mean z, ``prod`` -> sum of log p_good.
-    Each orders a problem's solutions as :func:`alignkit.metrics.aggregate_steps` does on ``p_good``
+    Each orders a problem's solutions as :func:`alignkit.maths.selection.aggregate_steps` does on ``p_good``
     (``mean`` only approximately), and each but ``prod`` is unbounded, so a ranking loss on it does not
     saturate when both solutions look good. Rows with no labelled position score 0.
     """
@@ -391,7 +391,7 @@ def read_prm_config(folder: str | Path) -> dict[str, Any]:
 
 def _hub_prm_config(repo_id: str) -> Path | None:
     """The ``alignkit_prm.json`` of a Hub model repository (from the cache when offline), or None."""
-    from .models import _HUB_ID
+    from alignkit.modeling.models import _HUB_ID
 
     if not _HUB_ID.match(repo_id):
         return None
@@ -419,7 +419,7 @@ class PRMScorer:
 
     def __init__(self, model_path: str, *, batch_size: int = 16, dtype: str = "auto", device: str | None = None,
                  separator: str | None = None, chat: bool | None = None, how: str | None = None) -> None:
-        from .models import load_model, load_tokenizer
+        from alignkit.modeling.models import load_model, load_tokenizer
 
         self.model_path = str(model_path)  # names it in error messages
         layout = read_prm_config(model_path)  # a Hub id or a folder without the file: defaults
@@ -450,7 +450,7 @@ class PRMScorer:
                     steps: Sequence[Sequence[str]]) -> list[list[float]]:
         """``p_good`` per step for each (prompt, steps) pair; an empty step list gives ``[]``. A broken model's
         NaN is a RewardError here, before ``min`` or ``prod`` can hide or spread it."""
-        from .rewards import check_step_scores
+        from alignkit.rewards.values import check_step_scores
 
         if len(prompts) != len(steps):
             raise ValueError(f"got {len(prompts)} prompts but {len(steps)} step lists")
@@ -471,7 +471,7 @@ class PRMScorer:
 
     def __call__(self, completions: list, prompts: list | None = None, **kwargs: Any) -> list[float]:
         """TRL reward-function form: one aggregated score per completion (``how`` from the constructor)."""
-        from .rewards import completion_text
+        from alignkit.rewards.values import completion_text
 
         if prompts is None:
             raise ValueError("a PRM reward needs the prompts: call it as prm(completions, prompts=...)")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import difflib
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .artifacts import config_hash
-from .config import DataSpec, HubSpec, TrackingSpec
-from .errors import RecipeError
-from .registry import STAGES, StageConfig, get_stage, known_kinds
+from alignkit.core.artifacts import config_hash
+from alignkit.core.config import DataSpec, HubSpec, TrackingSpec
+from alignkit.core.errors import RecipeError
+from alignkit.core.stage import STAGES, StageConfig, get_stage, known_kinds
+from alignkit.generation.spec import BACKENDS, SPECS
 
 TOP_LEVEL_KEYS = ("name", "description", "defaults", "tracking", "hub", "output_dir", "stages")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -282,20 +284,65 @@ def _validate_spec(spec_class: type[BaseModel], value: Any, file, field: str):
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            loc = ".".join(str(part) for part in error["loc"] if not str(part).startswith("function-"))
+            loc = _shown_loc(error["loc"])
             path = f"{field}.{loc}" if loc else field
             got = error.get("input")
             hint = f" (got {got!r})" if error["type"] != "missing" and not isinstance(got, dict) else ""
             message = error["msg"].replace("Extra inputs are not permitted", "unknown field")
             message = message.removeprefix("Value error, ")  # our validators' own words, without pydantic's tag
-            problems.append((path, f"{message}{hint}"))
-        first_path, first_message = problems[0]
-        more = "".join(f"\n  {path}: {message}" for path, message in problems[1:])
+            problems.append((path, f"{message}{hint}", error["loc"]))
+        first_path, first_message, first_loc = problems[0]
+        more = "".join(f"\n  {path}: {message}" for path, message, _ in problems[1:])
         allowed = ""
         if "unknown field" in first_message:
-            fields = _fields_at(spec_class, first_path[len(field) + 1:])
+            fields = _fields_at(spec_class, list(first_loc))
             allowed = _did_you_mean(first_path.rsplit(".", 1)[-1], fields) + f"; allowed fields: {sorted(fields)}"
+            allowed += _other_backends(first_path)
         raise RecipeError(first_message + allowed + more, file=file, field=first_path) from None
+
+
+def _shown_loc(loc: tuple) -> str:
+    """A pydantic error location as the recipe spells it: without validator names and without the tag a
+    discriminated union adds (``generation.fast.batchsize`` is ``generation.batchsize`` in the recipe)."""
+    parts = [str(part) for part in loc if not str(part).startswith("function-")]
+    return ".".join(p for i, p in enumerate(parts) if not (i and parts[i - 1] == "generation" and p in BACKENDS))
+
+
+def _other_backends(path: str) -> str:
+    """For a ``generation`` option of another backend: which backends take it."""
+    parent, _, name = path.rpartition(".")
+    if not parent.endswith("generation"):
+        return ""
+    takers = [backend for backend, spec in SPECS.items() if name in spec.model_fields]
+    return f" ({name} is an option of backend {' or '.join(takers)})" if takers else ""
+
+
+def _fields_at(spec_class: type[BaseModel], loc: list) -> list[str]:
+    """Field names of the (nested) spec that contains the last part of the error location ``loc``."""
+    current, parts = spec_class, [str(p) for p in loc[:-1]]
+    while parts:
+        part = parts.pop(0)
+        annotation = current.model_fields[part].annotation if part in current.model_fields else None
+        candidates = [a for a in _flat_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if len(candidates) > 1 and parts:  # a discriminated union: the next part is the tag that chose one
+            tagged = [c for c in candidates if c.model_fields.get("backend") and c.model_fields["backend"].default == parts[0]]
+            if tagged:
+                parts.pop(0)
+                candidates = tagged
+        if not candidates:
+            break
+        current = candidates[0]
+    return list(current.model_fields)
+
+
+def _flat_args(annotation: Any) -> list[Any]:
+    """The types inside ``X | Y``, ``Optional[X]`` and ``Annotated[X, ...]``, flattened."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _flat_args(args[0])
+    if not args:
+        return [annotation]
+    return [flat for arg in args for flat in _flat_args(arg)]
 
 
 # Field names users bring from TRL, Axolotl and LLaMA-Factory configs, and ours for the same thing
@@ -319,19 +366,6 @@ def _did_you_mean(name: str, fields: list[str]) -> str:
         return f"; did you mean `{ours}`?"
     close = difflib.get_close_matches(name, fields, n=1, cutoff=0.75)
     return f"; did you mean `{close[0]}`?" if close else ""
-
-
-def _fields_at(spec_class: type[BaseModel], dotted: str) -> list[str]:
-    """Field names of the (nested) spec that contains the last part of ``dotted``."""
-    current = spec_class
-    for part in dotted.split(".")[:-1]:
-        annotation = current.model_fields.get(part).annotation if part in current.model_fields else None
-        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
-        nested = next((a for a in candidates if issubclass(a, BaseModel)), None)
-        if nested is None:
-            break
-        current = nested
-    return list(current.model_fields)
 
 
 def _looks_like_path(text: str) -> bool:

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .artifacts import write_json_atomic, write_jsonl_atomic
+from alignkit.core.artifacts import write_json_atomic, write_jsonl_atomic
 
 
 def count(n_items: int, size: int) -> int:

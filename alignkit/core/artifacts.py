@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-from .secrets import redact
+from alignkit.core.secrets import redact
 
 Status = Literal["running", "done", "failed", "interrupted"]
 MANIFEST = "stage.json"

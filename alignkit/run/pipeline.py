@@ -24,54 +24,20 @@ import shutil
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .artifacts import Manifest, write_json_atomic
-from .errors import RecipeError, RunFolderBusy
-from .perf import peak_memory_gib, reset_peak_memory
-from .recipe import PlannedStage, Recipe
-from .registry import get_stage
-from .runlock import RunLock
-from .secrets import redact
-from .tracking import Tracker
-
-
-@dataclass
-class StageResult:
-    """What a stage returns: metrics for the manifest/W&B/summary table and the paths it wrote."""
-
-    metrics: dict[str, Any] = field(default_factory=dict)
-    artifacts: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class StageContext:
-    """Everything a stage needs besides its config."""
-
-    recipe: Recipe
-    stage: PlannedStage
-    tracker: Tracker
-    is_main: bool
-    state: Any  # accelerate.PartialState
-
-    @property
-    def run_dir(self) -> Path:
-        return self.stage.run_dir
-
-    @property
-    def name(self) -> str:
-        return self.stage.name
-
-    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        self.tracker.log(metrics, step=step)
-
-    def wait(self) -> None:
-        """Barrier across processes (no-op in a single process)."""
-        self.state.wait_for_everyone()
+from alignkit.core.artifacts import Manifest, write_json_atomic
+from alignkit.core.errors import RunFolderBusy
+from alignkit.core.perf import peak_memory_gib, reset_peak_memory
+from alignkit.run.recipe import PlannedStage, Recipe
+from alignkit.core.stage import StageContext, get_stage
+from alignkit.core.runlock import RunLock
+from alignkit.core.secrets import redact
+from alignkit.core.tracking import Tracker
 
 
 @dataclass
@@ -231,7 +197,7 @@ def _run_stage(recipe: Recipe, stage: PlannedStage, state, is_main: bool, group:
 
 def _maybe_push(recipe: Recipe, stage: PlannedStage, manifest: Manifest, echo) -> None:
     """Export (and push) ``stage`` if ``hub:`` asks for it: hub.stage or the last stage, or each model stage."""
-    from .hub import export_decision, export_stage, push_folder
+    from alignkit.run.hub import export_decision, export_stage, push_folder
 
     repo_id, message = export_decision(recipe, stage, manifest)
     if repo_id is None:

@@ -8,24 +8,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from .prompts import render_prompt
+from alignkit.data.prompts import render_prompt
+from alignkit.generation.spec import FastSpec, HFSpec
 
 MATH_REWARD = "reward/math.py:answer_match"
 
 
-def greedy_accuracy(model: Any, tokenizer: Any, problems: Any, *, max_new_tokens: int = 128,
-                    batch_size: int = 32, chat: bool = True, progress: bool = True,
-                    backend: str = "hf") -> dict[str, Any]:
-    """Exact-match accuracy of greedy answers on ``problems`` (rows with ``prompt`` and ``answer``).
+def greedy_accuracy(model: Any, tokenizer: Any, problems: Any, *, max_new_tokens: int = 128, chat: bool = True,
+                    progress: bool = True, generation: HFSpec | FastSpec | None = None) -> dict[str, Any]:
+    """Exact-match accuracy of greedy answers on ``problems`` (rows with ``prompt`` and ``answer``), sampled
+    from ``model`` with the engine ``generation`` describes (default: ``hf``, 32 rows at a time).
 
     Returns ``{"accuracy": float, "n": int, "samples": [{prompt, completion, answer, correct}]}``.
     """
-    from .generation import SamplingParams, make_engine
-    from .rewards import call_reward, load_reward
+    from alignkit.generation import SamplingParams
+    from alignkit.rewards.programs import load_reward
+    from alignkit.rewards.values import call_reward
 
     answer_match = load_reward(MATH_REWARD)
     prompts = [render_prompt(tokenizer, row["prompt"], chat=chat) for row in problems]
-    engine = make_engine(backend, model=model, tokenizer=tokenizer, batch_size=batch_size)
+    engine = (generation or HFSpec(batch_size=32)).build(model=model, tokenizer=tokenizer)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, n=1)
     was_training = model.training
     model.eval()

@@ -89,7 +89,7 @@ def hacking_signals(texts: Sequence[str], token_lengths: Sequence[int], rewards:
 @functools.cache
 def math_answer_tools() -> tuple[Callable[[str], str | None], Callable[[str], Any]]:
     """``(extract_answer, plain_number)`` of the shipped ``reward/math.py``: the verifier's own reading."""
-    from .rewards import load_reward
+    from alignkit.rewards.programs import load_reward
 
     return load_reward("reward/math.py:extract_answer"), load_reward("reward/math.py:plain_number")
 

@@ -18,7 +18,7 @@ A constitution is a YAML file::
 
 Recipes name one by a bare name (``harmless``: ``reward/constitutions/harmless.yaml`` in the recipe's
 directory or the working directory if there is one, else the one shipped with alignkit, see
-:mod:`alignkit.shipped`) or a path (``my/principles.yaml``, looked up relative to the recipe's directory,
+:mod:`alignkit.run.shipped`) or a path (``my/principles.yaml``, looked up relative to the recipe's directory,
 then the working directory, then the shipped folders' root, like reward programs). A principle is drawn per
 example with :meth:`Constitution.sample`, from a ``random.Random`` the caller seeds, so a rerun draws the
 same ones.
@@ -33,9 +33,9 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from .config import Spec
-from .errors import RecipeError
-from .shipped import find, is_shipped, note, shipped_dir, shipped_names, shipped_root
+from alignkit.core.config import Spec
+from alignkit.core.errors import RecipeError
+from alignkit.run.shipped import find, is_shipped, note, shipped_dir, shipped_names, shipped_root
 
 #: where the shipped constitutions are (a bare name is looked up in the user's reward/constitutions/ first)
 CONSTITUTIONS_DIR = shipped_dir("constitutions")

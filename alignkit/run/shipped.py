@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the alignkit package (this file is alignkit/run/shipped.py)
 #: the folder of each kind of shipped file, relative to :func:`shipped_root`
 FOLDERS = {"recipes": "recipes", "reward": "reward", "eval": "eval", "constitutions": "reward/constitutions"}
 

@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from .errors import AlignkitError
+from alignkit.core.errors import AlignkitError
 
 RECIPE = """\
 # {name}: a starter recipe written by `alignkit init`. From this folder:
@@ -70,7 +70,7 @@ from __future__ import annotations
 
 import re
 
-from alignkit.rewards import completion_text
+from alignkit.rewards.values import completion_text
 
 FINAL_ANSWER = re.compile(r"The answer is (-?[0-9][0-9,]*(?:\\\\.[0-9]+)?)")
 

@@ -28,14 +28,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
+from alignkit.core.errors import DataError
 
 Prompt = str | list[dict[str, Any]]
 
 
 def _flatten_messages(messages: list[dict[str, Any]]) -> str:
     """Messages as ``Role: content`` lines, for tokenizers without a chat template."""
-    from .rewards import completion_text
+    from alignkit.rewards.values import completion_text
 
     return "\n".join(f"{m.get('role', 'user').capitalize()}: {completion_text([m])}" for m in messages)
 
@@ -46,8 +46,8 @@ def pair_texts(tokenizer: Any, prompt: Prompt, completion: Any) -> tuple[str, st
     ``completion`` is a string or TRL conversational ``[{"role": "assistant", "content": ...}]``.
     With a chat template, ``completion_text`` is the rendered assistant turn (template suffix included).
     """
-    from .prompts import as_messages
-    from .rewards import completion_text
+    from alignkit.data.prompts import as_messages
+    from alignkit.rewards.values import completion_text
 
     reply = completion_text(completion)
     if getattr(tokenizer, "chat_template", None):
@@ -151,7 +151,7 @@ class RewardModelScorer:
     def __init__(self, model_path: str | Path, batch_size: int = 16, max_length: int = 1024, dtype: str = "auto"):
         import torch
 
-        from .models import load_model, load_tokenizer
+        from alignkit.modeling.models import load_model, load_tokenizer
 
         self.model_path, self.batch_size, self.max_length = str(model_path), batch_size, max_length
         self.__name__ = f"reward_model:{Path(self.model_path).name}"  # TRL logs a reward by its __name__
@@ -168,17 +168,3 @@ class RewardModelScorer:
             raise DataError(f"reward model {self.model_path}: {len(prompts)} prompts for {len(completions)} completions")
         encoded = [encode_pair(self.tokenizer, p, c, self.max_length) for p, c in zip(prompts, completions)]
         return score_ids(self.model, self.tokenizer.pad_token_id, encoded, batch_size=self.batch_size)
-
-
-def is_model_reward(program: str) -> bool:
-    """Whether a RewardSpec ``program`` names a trained reward model folder (see alignkit.rewards)."""
-    from .rewards import is_model_reward as _is_model_reward
-
-    return _is_model_reward(program)
-
-
-def reward_from_specs(specs: Sequence[Any], base_dir: str | Path | None = None) -> Any:
-    """The weighted sum of ``specs`` as one TRL-convention function (``model:``/``prm:`` folders included)."""
-    from .rewards import combine_rewards
-
-    return combine_rewards(list(specs), base_dir)

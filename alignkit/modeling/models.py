@@ -43,8 +43,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from alignkit.config import LoraSpec, QuantSpec, torch_dtype
-from alignkit.errors import ModelError
+from alignkit.core.config import LoraSpec, QuantSpec, torch_dtype
+from alignkit.core.errors import ModelError
 
 if TYPE_CHECKING:  # imported lazily at run time: `import transformers` costs seconds
     from peft import LoraConfig, PeftModel
@@ -326,7 +326,7 @@ def load_model(
     """Load ``name`` for ``task`` (causal-lm, seq-cls, token-cls), optionally 4/8-bit quantized.
 
     - ``dtype``: ``auto`` is bfloat16 on CUDA with bf16 support, else float32
-      (:func:`alignkit.config.torch_dtype`), not transformers' "whatever the checkpoint says".
+      (:func:`alignkit.core.config.torch_dtype`), not transformers' "whatever the checkpoint says".
     - seq-cls/token-cls from a causal-LM checkpoint get a new, random ``score`` head with ``num_labels``
       outputs; ``config.pad_token_id`` is set from the tokenizer if missing (sequence classifiers find
       each row's last real token through it).
@@ -403,7 +403,7 @@ def _load_with_adapter(name: str, path: str, task: str, num_labels: int, options
     if quantized and is_adapter_dir(resolve_model(base)):
         raise ModelError(
             f"model {name!r}: its base {base!r} is itself an adapter, which cannot be stacked on a quantized "
-            "model; merge the base first (alignkit.models.merge_adapter) and point the adapter at the result"
+            "model; merge the base first (alignkit.modeling.models.merge_adapter) and point the adapter at the result"
         )
     head = adapter_num_labels(path)
     if task != "causal-lm" and head is not None and head != num_labels:

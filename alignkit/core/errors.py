@@ -45,7 +45,7 @@ class GenerationError(AlignkitError, RuntimeError):
 
 
 class RunFolderBusy(AlignkitError):
-    """Another live ``alignkit run`` holds the run folder (:mod:`alignkit.runlock`); the message names it."""
+    """Another live ``alignkit run`` holds the run folder (:mod:`alignkit.core.runlock`); the message names it."""
 
 
 class TrainingDiverged(AlignkitError, RuntimeError):

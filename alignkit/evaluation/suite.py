@@ -14,7 +14,7 @@ Tasks (``task:``):
   Cobbe et al. 2021, PRM with min/prod/last step aggregation as in Lightman et al. 2023 and Math-Shepherd)
   and ``weighted_vote`` (the answer with the largest total verifier score, Uesato et al. 2022). Curves
   subsample N of the n samples without replacement and average over draws
-  (:func:`alignkit.metrics.selection_curve`).
+  (:func:`alignkit.maths.selection.selection_curve`).
 - ``preference``: an ORM's pairwise accuracy on chosen/rejected pairs.
 - ``stepwise``: a PRM's step-level accuracy and first-error detection on labelled step lists.
 
@@ -22,11 +22,11 @@ Choices, each a departure from a naive reading:
 
 1. Votes group samples by the grader: every sample graded correct goes to one bucket (each equals the gold
    answer, so an exact equivalence check would group them together); wrong answers group by their
-   normalised answer. This keeps :class:`alignkit.metrics.Pool`'s rule (correctness is a function of the
+   normalised answer. This keeps :class:`alignkit.maths.selection.Pool`'s rule (correctness is a function of the
    answer) true when the grader accepts forms the normaliser keeps apart (``0.5`` and ``\frac{1}{2}``).
 2. ORM scores are raw rewards (Bradley-Terry logits). Best-of-N uses them as they are; a weighted vote
    needs non-negative weights, so it sums ``sigmoid(score)``. PRM step scores are already probabilities.
-3. For a PRM, a completion is split into steps on the PRM's own separator (``alignkit.prm.split_steps``;
+3. For a PRM, a completion is split into steps on the PRM's own separator (``alignkit.rewards.prm.split_steps``;
    a newline by default, alignkit's one-step-per-line format); a completion without any gets step scores
    ``[]`` and score 0.
 """
@@ -45,12 +45,12 @@ from typing import Any, Literal, Protocol
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from .config import DataSpec, Spec
-from .errors import RecipeError
-from .generation import GenerationSpec
-from .metrics import Pool, aggregate_steps, selection_curve
-from .rewards import RewardSpec
-from .shipped import note, shipped_dir, shipped_names, shipped_root
+from alignkit.core.config import DataSpec, Spec
+from alignkit.core.errors import RecipeError
+from alignkit.generation import FastSpec, GenerationSpec
+from alignkit.maths.selection import Pool, aggregate_steps, selection_curve
+from alignkit.rewards.programs import RewardSpec
+from alignkit.run.shipped import note, shipped_dir, shipped_names, shipped_root
 
 SUITES_DIR = shipped_dir("eval")  # the shipped suites (the clone's eval/, or the installed package's copy)
 METHODS = ("greedy", "pass", "majority", "best_of_n", "weighted_vote")
@@ -62,7 +62,7 @@ _SHORT = {"pass": "pass", "majority": "maj", "best_of_n": "bon", "weighted_vote"
 
 
 class PromptSpec(Spec):
-    """How a dataset prompt becomes model input (same rendering as training: alignkit.prompts)."""
+    """How a dataset prompt becomes model input (same rendering as training: alignkit.data.prompts)."""
 
     chat: bool = Field(True, description="Apply the model's chat template (false: raw text + newline).")
     system: str | None = Field(None, description="System message prepended in chat mode; None: none.")
@@ -116,7 +116,7 @@ class Suite(Spec):
     step_threshold: float = Field(0.5, ge=0, le=1, description="stepwise: a step is judged correct at >= this.")
     orm: str | None = Field(None, description="Outcome reward model folder (a stage's `orm:` / --orm wins).")
     prm: str | None = Field(None, description="Process reward model folder (a stage's `prm:` / --prm wins).")
-    generation: GenerationSpec = Field(default_factory=GenerationSpec, description="Sampling backend.")
+    generation: GenerationSpec = Field(default_factory=FastSpec, description="Sampling backend.")
     shuffle: bool = Field(True, description="Store each problem's samples in a seeded random order (ties in "
                           "votes go to the earlier sample; engines may return short samples first).")
     shard_size: int = Field(32, gt=0, description="Problems per shard: the unit of resume and of progress.")
@@ -228,8 +228,8 @@ def _localise_data_paths(suite: Suite, suite_dir: Path) -> Suite:
 
 
 def render(tokenizer: Any, prompt: Any, spec: PromptSpec) -> str:
-    """Model input for a dataset prompt: the template filled, then the chat template (alignkit.prompts)."""
-    from .prompts import render_prompt
+    """Model input for a dataset prompt: the template filled, then the chat template (alignkit.data.prompts)."""
+    from alignkit.data.prompts import render_prompt
 
     text = spec.template.replace("{prompt}", prompt) if isinstance(prompt, str) else prompt
     return render_prompt(tokenizer, text, chat=spec.chat, system=spec.system)
@@ -247,7 +247,7 @@ def pool_order(samples: list, seed: int, index: int, shuffle: bool) -> list:
 
 
 class OutcomeScorer(Protocol):
-    """An ORM in TRL's reward convention (``alignkit.reward_model.RewardModelScorer`` is one): one score
+    """An ORM in TRL's reward convention (``alignkit.rewards.reward_model.RewardModelScorer`` is one): one score
     per (prompt, completion), higher is better, any scale (a raw Bradley-Terry reward)."""
 
     def __call__(self, completions: list[str], prompts: list[Any]) -> list[float]: ...
@@ -355,12 +355,12 @@ def first_error(labels: Sequence[bool]) -> int:
 
 def stepwise_metrics(scores: Sequence[Sequence[float]], labels: Sequence[Sequence[bool]], threshold: float
                      ) -> dict[str, float]:
-    """A PRM against step labels: the PRM stage's :func:`alignkit.prm.step_metrics` (step accuracy, F1 of
+    """A PRM against step labels: the PRM stage's :func:`alignkit.rewards.prm.step_metrics` (step accuracy, F1 of
     finding bad steps, ``first_error_found`` on solutions with an error, ``no_error_kept`` on those
     without) plus ``first_error_f1``, the harmonic mean of the last two (ProcessBench's score: a PRM that
     flags nothing is perfect on correct solutions alone). NaN when either kind of solution is missing.
     """
-    from .prm import step_metrics
+    from alignkit.rewards.prm import step_metrics
 
     out = {**step_metrics(scores, labels, threshold), "solutions": float(len(labels))}
     found, kept = out["first_error_found"], out["no_error_kept"]
@@ -373,8 +373,8 @@ def stepwise_metrics(scores: Sequence[Sequence[float]], labels: Sequence[Sequenc
 
 def score_pairs(rows: Sequence[dict[str, Any]], orm: OutcomeScorer) -> dict[str, Any]:
     """A preference suite's outcome: the ORM scores chosen and rejected of every row."""
-    from .reward_model import pairwise_stats  # the reward stage's numbers (ties count as wrong there too)
-    from .rewards import call_reward, reward_name
+    from alignkit.rewards.reward_model import pairwise_stats  # the reward stage's numbers (ties count as wrong there too)
+    from alignkit.rewards.values import call_reward, reward_name
 
     prompts = [row["prompt"] for row in rows]
     chosen, rejected = (call_reward(orm, reward_name(orm), [row[side] for row in rows], {"prompts": prompts},
@@ -389,7 +389,7 @@ def score_pairs(rows: Sequence[dict[str, Any]], orm: OutcomeScorer) -> dict[str,
 
 def score_steps(rows: Sequence[dict[str, Any]], prm: StepScorer, threshold: float) -> dict[str, Any]:
     """A stepwise suite's outcome: the PRM scores each row's steps, compared with their labels."""
-    from .rewards import check_step_scores, reward_name
+    from alignkit.rewards.values import check_step_scores, reward_name
 
     steps = [r["completions"] for r in rows]
     scores = check_step_scores(prm.score_batch([r["prompt"] for r in rows], steps), steps, reward_name(prm))

@@ -5,7 +5,7 @@ the resolved recipe, every finished stage's metrics and a model card built with 
 :class:`~huggingface_hub.ModelCard`. The card's load snippet is chosen by what the folder holds (causal LM,
 reward model, PRM, LoRA adapter), so it loads the head that was trained. An adapter never points at a run
 folder: its ``base_model_name_or_path`` is rewritten to the Hub id the chain started from, or the base is
-exported too, into ``base/``. Everything written is passed through :func:`alignkit.secrets.redact` first.
+exported too, into ``base/``. Everything written is passed through :func:`alignkit.core.secrets.redact` first.
 Pushing needs ``HF_TOKEN`` (or a cached login). See docs/hub.md.
 """
 
@@ -19,11 +19,11 @@ from typing import Any
 
 import yaml
 
-from .artifacts import Manifest, atomic_dir
-from .config import DataSpec, HubSpec
-from .errors import AlignkitError
-from .recipe import PlannedStage, Recipe
-from .secrets import redact, redact_text
+from alignkit.core.artifacts import Manifest, atomic_dir
+from alignkit.core.config import DataSpec, HubSpec
+from alignkit.core.errors import AlignkitError
+from alignkit.run.recipe import PlannedStage, Recipe
+from alignkit.core.secrets import redact, redact_text
 
 # Trainer state a loader never needs; training_args.bin is pickled config that redact() cannot see into
 NOT_EXPORTED = frozenset({"training_args.bin", "trainer_state.json", "optimizer.pt", "scheduler.pt",
@@ -97,7 +97,7 @@ def export_stage(recipe: Recipe, stage: PlannedStage, manifest: Manifest, out_di
                  repo_id: str | None = None) -> Path:
     """Write ``<stage>/export`` (or ``out_dir``): weights, tokenizer, recipe, metrics, README model card.
 
-    A PRM is always exported merged (:class:`alignkit.prm.PRMScorer` reads a full model folder).
+    A PRM is always exported merged (:class:`alignkit.rewards.prm.PRMScorer` reads a full model folder).
     """
     out_dir = Path(out_dir or stage.run_dir / "export")
     repo_id = repo_id or (stage_repo_id(recipe.hub, stage) if recipe.hub else "PATH")
@@ -130,7 +130,7 @@ def _copy_model_files(source: Path, target: Path) -> None:
 
 
 def _is_prm(folder: Path) -> bool:
-    from .prm import PRM_CONFIG
+    from alignkit.rewards.prm import PRM_CONFIG
 
     return (folder / PRM_CONFIG).is_file()
 
@@ -141,7 +141,7 @@ def portable_base(name: str) -> str | None:
     The built-in alias ``smollm2-135m-instruct`` (and its converted cache folder) map to
     ``HuggingFaceTB/SmolLM2-135M-Instruct``, the model its GGUF was made from.
     """
-    from .models import _HUB_ID, SMOLLM2_ALIAS, cache_root
+    from alignkit.modeling.models import _HUB_ID, SMOLLM2_ALIAS, cache_root
 
     if not name:
         return None
@@ -203,7 +203,7 @@ def detect_head(folder: Path) -> Head:
     split = (folder / ADAPTER_SUBFOLDER / "adapter_config.json").is_file()
     adapter_dir = folder / ADAPTER_SUBFOLDER if split else folder
     if (adapter_dir / "adapter_config.json").is_file():
-        from .models import adapter_num_labels
+        from alignkit.modeling.models import adapter_num_labels
 
         config = json.loads((adapter_dir / "adapter_config.json").read_text())
         task = _PEFT_TASKS.get(str(config.get("task_type") or "CAUSAL_LM"), "causal-lm")
@@ -252,7 +252,7 @@ def _base_model(chain: list[PlannedStage]) -> str | None:
 
 def _datasets(chain: list[PlannedStage]) -> tuple[list[str], list[str]]:
     """``(every data source, the Hub dataset ids among them)`` of the chain's stages."""
-    from .models import _HUB_ID
+    from alignkit.modeling.models import _HUB_ID
 
     sources, hub_ids = [], []
     for planned in chain:
@@ -272,7 +272,7 @@ def load_snippet(head: Head, repo: str) -> str:
     """Python that loads ``repo`` with the head that was trained (what the card prints)."""
     if head.prm:
         return "\n".join([
-            "from alignkit.prm import PRMScorer  # pip install alignkit",
+            "from alignkit.rewards.prm import PRMScorer  # pip install alignkit",
             f'scorer = PRMScorer("{repo}")',
             'print(scorer.score_steps("Tom has 3 apples. He buys 4 more. How many?", '
             '["Add 4: 3 + 4 = 7.", "The answer is 7."]))  # p(good) per step',
@@ -354,7 +354,7 @@ def model_card(recipe: Recipe, stage: PlannedStage, metrics: dict[str, dict[str,
                   "dequantized from its Q4_1 GGUF); on the original weights it behaves slightly differently.", ""]
     if head.task == "seq-cls" and not head.adapter:
         lines += ["To score (prompt, completion) pairs exactly as in training, use "
-                  f'`alignkit.reward_model.RewardModelScorer("{repo}")(completions, prompts=prompts)`.', ""]
+                  f'`alignkit.rewards.reward_model.RewardModelScorer("{repo}")(completions, prompts=prompts)`.', ""]
     lines += ["The full recipe is in `alignkit_recipe.yaml` and every stage's metrics in `alignkit_metrics.json`.",
               ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n" + "\n".join(lines))

@@ -3,7 +3,7 @@
 This is the pair-making step of rejection-sampling / iterative DPO (Xiong et al. 2024, "Iterative
 Preference Learning from Human Feedback", Alg. 1; Pang et al. 2024, "Iterative Reasoning Preference
 Optimization", sec. 2): the policy being trained samples ``k`` completions per prompt, a reward (a verifier
-such as ``reward/math.py:answer_match``, a trained ORM via :class:`alignkit.reward_model.RewardModelScorer`,
+such as ``reward/math.py:answer_match``, a trained ORM via :class:`alignkit.rewards.reward_model.RewardModelScorer`,
 or a PRM) scores them, and the highest- and lowest-scored completions become (chosen, rejected).
 
 The work is done in shards of prompts, each written to ``<dir>/shard-00000.jsonl`` (temp file, then
@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .artifacts import write_jsonl_atomic
-from .rewards import call_reward, reward_name
-from .shards import path as shard_path
+from alignkit.core.artifacts import write_jsonl_atomic
+from alignkit.rewards.values import call_reward, reward_name
+from alignkit.core.shards import path as shard_path
 
 #: (shard number, its prompt rows) -> samples[prompt][k] (texts); seed sampling by shard for reproducibility
 SampleFn = Callable[[int, list[dict[str, Any]]], list[list[str]]]

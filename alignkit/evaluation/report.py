@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .artifacts import write_json_atomic
+from alignkit.core.artifacts import write_json_atomic
 
 PLOT = "accuracy_vs_n.png"
 _MAX_TRACKED_SAMPLES = 500  # rows of the W&B samples table; the full set is in samples.jsonl
@@ -57,8 +57,9 @@ def sample_rows(outcome: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def write_report(outcome: dict[str, Any], out_dir: Path, *, tracker: Any = None) -> dict[str, str]:
-    """Write every output file (and log them when a tracker is given); returns their paths."""
+def write_report(outcome: dict[str, Any], out_dir: Path, *, tracker: Any = None, prefix: str = "eval"
+                 ) -> dict[str, str]:
+    """Write every output file (and log them under ``prefix/`` when a tracker is given); returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     suite = outcome["suite"]
@@ -77,7 +78,7 @@ def write_report(outcome: dict[str, Any], out_dir: Path, *, tracker: Any = None)
         plot_curves(outcome, Path(artifacts["plot"]))
     Path(artifacts["report"]).write_text(markdown_report(outcome), encoding="utf-8")
     if tracker is not None:
-        log_to_tracker(tracker, outcome, rows, artifacts)
+        log_to_tracker(tracker, outcome, rows, artifacts, prefix)
     return artifacts
 
 
@@ -227,19 +228,19 @@ def _examples(problems: list[dict[str, Any]], count: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------- W&B
 
 
-def log_to_tracker(tracker: Any, outcome: dict[str, Any], rows: list[dict[str, Any]], artifacts: dict[str, str]
-                   ) -> None:
+def log_to_tracker(tracker: Any, outcome: dict[str, Any], rows: list[dict[str, Any]], artifacts: dict[str, str],
+                   prefix: str = "eval") -> None:
     """Numbers as metrics, curves and samples as tables, the plot as an image."""
-    tracker.log({f"eval/{k}": v for k, v in outcome["summary"].items() if isinstance(v, (int, float))})
+    tracker.log({f"{prefix}/{k}": v for k, v in outcome["summary"].items() if isinstance(v, (int, float))})
     if outcome["curves"]:
         curve_rows = [[method_title(label), n, acc] for label, curve in outcome["curves"].items()
                       for n, acc in curve.items()]
-        tracker.log_table("eval/curves", ["method", "N", "accuracy"], curve_rows)
-        tracker.log_image("eval/accuracy_vs_n", artifacts["plot"])
+        tracker.log_table(f"{prefix}/curves", ["method", "N", "accuracy"], curve_rows)
+        tracker.log_image(f"{prefix}/accuracy_vs_n", artifacts["plot"])
     if rows:
         columns = list(rows[0])
         table = uniform_columns([[_cell(row.get(c)) for c in columns] for row in rows[:_MAX_TRACKED_SAMPLES]])
-        tracker.log_table("eval/samples", columns, table)
+        tracker.log_table(f"{prefix}/samples", columns, table)
 
 
 def uniform_columns(table: list[list[Any]]) -> list[list[Any]]:

@@ -61,8 +61,8 @@ from typing import Any, Literal, Protocol
 
 from pydantic import Field, field_validator, model_validator
 
-from .config import QuantSpec, Spec
-from .errors import GenerationError, ModelError, RecipeError
+from alignkit.core.config import QuantSpec, Spec
+from alignkit.core.errors import GenerationError, ModelError, RecipeError
 
 LABELS = ("A", "B")
 LEAD = "Consider the following conversation between a human and an assistant:"
@@ -256,7 +256,7 @@ class HFJudge:
     def load(cls, name: str, *, dtype: str = "auto", quantization: QuantSpec | None = None,
              device: Any = None, **options: Any) -> HFJudge:
         """Load a judge model by name (folder, Hub id or alias) onto ``device``."""
-        from .models import is_quantized, load_model, load_tokenizer
+        from alignkit.modeling.models import is_quantized, load_model, load_tokenizer
 
         model = load_model(name, quantization=quantization, dtype=dtype)
         if device is not None and not is_quantized(model):
@@ -264,7 +264,7 @@ class HFJudge:
         return cls(model.eval(), load_tokenizer(name), **options)
 
     def presented(self, items: Sequence[Comparison], *, progress: bool = False) -> list[float]:
-        from .prompts import render_prompt
+        from alignkit.data.prompts import render_prompt
 
         if self.cot:
             rationales = self._rationales([render_prompt(self.tokenizer, cot_messages(i)) for i in items])
@@ -274,7 +274,7 @@ class HFJudge:
         return self.label_probs([render_prompt(self.tokenizer, c) for c in conversations], progress=progress)
 
     def _rationales(self, prompts: list[str]) -> list[str]:
-        from .generation import SamplingParams, make_engine
+        from alignkit.generation import SamplingParams, make_engine
 
         engine = make_engine("hf", model=self.model, tokenizer=self.tokenizer, batch_size=self.batch_size)
         outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=self.cot_max_new_tokens),
@@ -288,7 +288,7 @@ class HFJudge:
         import torch
         from tqdm.auto import tqdm
 
-        from .generation.engine import eos_token_ids, inference_mode, pad_token_id
+        from alignkit.generation.engine import eos_token_ids, inference_mode, pad_token_id
 
         encoded = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))  # longest first: OOM shows at once
@@ -380,7 +380,7 @@ class HTTPJudge:
             entries = ((choice.get("logprobs") or {}).get("content") or [{}])[0].get("top_logprobs")
             top = {e["token"]: float(e["logprob"]) for e in entries} if entries else None
             return (choice.get("message") or {}).get("content") or "", top
-        from .prompts import render_prompt
+        from alignkit.data.prompts import render_prompt
 
         body["prompt"] = render_prompt(self.tokenizer, messages)
         body.update({"logprobs": self.top_logprobs} if logprobs else {})
@@ -400,7 +400,7 @@ class HTTPJudge:
         return probs[item.first] / (probs[item.first] + probs[item.second])
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        from .generation.openai import post_json
+        from alignkit.generation.openai import post_json
 
         answer = post_json(self.root + path, body, api_key=self._api_key, **self._post_options)
         usage = answer.get("usage") or {}
@@ -462,7 +462,7 @@ def build_judge(spec: JudgeSpec, *, default_model: str, device: Any = None, load
         if loaded is not None and name == default_model:
             return HFJudge(*loaded, **cot)
         return HFJudge.load(name, dtype=spec.dtype, quantization=quantization, device=device, **cot)
-    from .models import load_tokenizer
+    from alignkit.modeling.models import load_tokenizer
 
     tokenizer = load_tokenizer(name) if spec.api == "completions" else None
     return HTTPJudge(spec.base_url, spec.model_name, api=spec.api, tokenizer=tokenizer,

@@ -1,0 +1,2 @@
+"""Constitutional AI and RLAIF: constitutions (:mod:`~alignkit.cai.constitution`) and AI judges
+(:mod:`~alignkit.cai.judges`)."""

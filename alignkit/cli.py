@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import signal
 import sys
 from pathlib import Path
@@ -115,6 +116,9 @@ def _run(args) -> int:
     shipped.reset()
     recipe = load_recipe(find_recipe(args.recipe), args.overrides, output_dir=args.output_dir)
     actions = plan_actions(recipe, args.from_stage)  # an unknown --from stage: one line, before any data is read
+    if os.environ.get("RANK", "0") == "0":  # one copy under accelerate launch
+        for note in recipe.notes:
+            print(f"alignkit: note: {note}", file=sys.stderr)
     # the first rows of every local dataset a stage to run reads, checked against that stage's format: a bad
     # file in stage 3 is one line now, not after stage 1 trained (and before any model is loaded)
     lines = check_recipe_data([stage for stage, action in actions if action != "skip"])
@@ -174,13 +178,32 @@ def _training_lines(config) -> list[str]:
     if quant is not None:
         applies = "applies"
         if quant.cuda_only:
-            import torch
-
-            applies = "applies: CUDA is available" if torch.cuda.is_available() else \
+            applies = "applies: CUDA is available" if _cuda_here() else \
                 "not applied here: cuda_only and no CUDA, so it loads unquantized"
         lines.append(f"quantization: {quant.bits}-bit {quant.quant_type if quant.bits == 4 else ''}".rstrip()
                      + f" ({applies})")
     return lines
+
+
+def _cuda_here() -> bool:
+    """``torch.cuda.is_available()``, told without importing torch when it is not loaded yet (the import takes
+    seconds, which ``--dry-run`` does not spend): torch is a CUDA or ROCm build (its ``version.py`` says which)
+    and the driver shows a GPU that ``CUDA_VISIBLE_DEVICES`` does not hide."""
+    import glob
+    import importlib.util
+    import os
+    import re
+
+    if "torch" in sys.modules:
+        return sys.modules["torch"].cuda.is_available()
+    spec = importlib.util.find_spec("torch")
+    version = Path(next(iter(spec.submodule_search_locations or []), "")) / "version.py" if spec else None
+    text = version.read_text() if version is not None and version.is_file() else ""
+    build = re.search(r"^(cuda|hip)\b[^=\n]*=\s*['\"]", text, re.MULTILINE)  # cuda: Optional[str] = '12.4'
+    if build is None or os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
+        return False
+    devices = "/dev/nvidia[0-9]*" if build.group(1) == "cuda" else "/dev/kfd"
+    return bool(glob.glob(devices))
 
 
 def _tracking_line(tracking) -> str:

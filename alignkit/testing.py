@@ -97,3 +97,19 @@ def make_tiny_model(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def stage_context(recipe, stage_name: str, *, rank: int = 0, world: int = 1):
+    """A real :class:`~alignkit.core.stage.StageContext` for calling a stage's ``run`` directly, as rank
+    ``rank`` of ``world`` processes (no tracking; barriers are no-ops: tests run the ranks one after another)."""
+    from types import SimpleNamespace
+
+    from alignkit.core.stage import StageContext
+    from alignkit.core.tracking import Tracker
+
+    stage = recipe.stage(stage_name)
+    tracker = Tracker(recipe.tracking, group=recipe.name, job_type=stage.kind, name=stage.name, config={},
+                      directory=stage.run_dir, enabled=False)
+    state = SimpleNamespace(process_index=rank, num_processes=world, is_main_process=rank == 0,
+                            wait_for_everyone=lambda: None)
+    return StageContext(recipe=recipe, stage=stage, tracker=tracker, is_main=rank == 0, state=state)

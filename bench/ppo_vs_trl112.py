@@ -50,7 +50,7 @@ PRESETS = {
                    "vocab": 151936, "batch": 32, "prompt": 128, "response": 128, "steps": 6, "lora_r": 16,
                    "lr": 1e-4},
 }
-SHARED = {"ppo_epochs": 4, "num_mini_batches": 1, "kl_coef": 0.05, "clip_eps": 0.2, "value_clip_eps": 0.2,
+SHARED = {"ppo_epochs": 4, "num_mini_batches": 1, "beta": 0.05, "epsilon": 0.2, "value_epsilon": 0.2,
           "vf_coef": 0.1, "gamma": 1.0, "lam": 0.95, "temperature": 1.0}
 
 
@@ -156,7 +156,7 @@ def run_ours(s: dict) -> dict:
     from alignkit.ppo import RewardSources, ppo_step
     from alignkit.rewards.programs import combine_rewards
     from alignkit.rewards.programs import RewardSpec
-    from alignkit.stages.ppo import Config, _build_models, _kl_controller, _optimizer
+    from alignkit.stages.ppo import Config, _build_models, _kl_controller, _optimizer, hyper_from_config
 
     rows = [{"prompt": r["prompt"]} for r in s["prompts"]]
     config = Config(model=s["policy"], value_model=s["reward_model"], lora={"r": s["lora_r"], "alpha": 2 * s["lora_r"],
@@ -172,11 +172,12 @@ def run_ours(s: dict) -> dict:
     sources = RewardSources(combine_rewards([RewardSpec(program=f"model:{s['reward_model']}")]))
     optimizer, scheduler = _optimizer(config, groups, config.max_steps)
     kl = _kl_controller(config)
+    hyper = hyper_from_config(config)
     rss_start, times, scores, kls = current_rss_gib(), [], [], []
     phases: dict[str, list[float]] = {"sample": [], "experience": [], "update": []}
     for step in range(config.max_steps):
         started = time.perf_counter()
-        metrics = ppo_step(step, models, sources, rows, optimizer, groups, kl, config, 0, device)
+        metrics = ppo_step(step, models, sources, rows, optimizer, groups, kl, hyper, 0, device)
         scheduler.step()
         times.append(time.perf_counter() - started)
         scores.append(metrics["reward/score"])
@@ -205,8 +206,8 @@ def run_trl(s: dict, out_dir: Path) -> dict:
         output_dir=str(out_dir / "trl-out"), per_device_train_batch_size=s["batch"], gradient_accumulation_steps=1,
         num_mini_batches=SHARED["num_mini_batches"], num_ppo_epochs=SHARED["ppo_epochs"],
         total_episodes=s["steps"] * s["batch"], local_rollout_forward_batch_size=s["batch"],
-        response_length=s["response"], temperature=SHARED["temperature"], kl_coef=SHARED["kl_coef"],
-        cliprange=SHARED["clip_eps"], cliprange_value=SHARED["value_clip_eps"], vf_coef=SHARED["vf_coef"],
+        response_length=s["response"], temperature=SHARED["temperature"], kl_coef=SHARED["beta"],
+        cliprange=SHARED["epsilon"], cliprange_value=SHARED["value_epsilon"], vf_coef=SHARED["vf_coef"],
         gamma=SHARED["gamma"], lam=SHARED["lam"], learning_rate=s["lr"], lr_scheduler_type="linear",
         logging_steps=1, save_strategy="no", report_to=[], num_sample_generations=0, stop_token="eos",
         bf16=cuda, use_cpu=not cuda, seed=0, gradient_checkpointing=s.get("gradient_checkpointing", False),

@@ -40,8 +40,9 @@ def run_two_processes(recipe: Path, output_dir: Path, *overrides: str, stages: i
         command += ["--set", override]
     proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=recipe.parent, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    # every rank echoes "<stage>: running (<kind>)"; only the main one prints the closing summary
-    assert proc.stdout.count(": running (") == 2 * stages, proc.stdout[-3000:]
+    # the main rank alone echoes "<stage>: running (<kind>) on 2 processes" and the closing summary
+    assert proc.stdout.count(": running (") == stages, proc.stdout[-3000:]
+    assert proc.stdout.count(") on 2 processes") == stages, proc.stdout[-3000:]
     assert proc.stdout.count("finished; outputs in") == 1, proc.stdout[-3000:]
     return proc
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from alignkit.core import shards
 from alignkit.core.errors import RecipeError
 from alignkit.evaluation.report import method_title
 from alignkit.evaluation.suite import (
@@ -194,7 +195,7 @@ def test_shards_resume_and_go_stale(tmp_path):
                       echo=lambda *_: None)
     assert again["metrics"] == first["metrics"]
     # A lost shard is redone alone: only problem c (shard 1) is sampled.
-    (out / "shards" / "samples-00001.jsonl").unlink()
+    shards.path(out / "shards" / "samples", 1).unlink()
     engine, orm = PlannedEngine(), FakeORM()
     run_suite(suite, "m", out, engine=engine, orm_scorer=orm, echo=lambda *_: None)
     assert [p.strip() for p in engine.prompts] == ["p-c", "p-c"] and orm.calls == 1  # greedy + samples
@@ -202,7 +203,50 @@ def test_shards_resume_and_go_stale(tmp_path):
     engine = PlannedEngine()
     run_suite(planned_suite(tmp_path, sampling={"temperature": 0.5}), "m", out, engine=engine,
               echo=lambda *_: None)
-    assert len(engine.prompts) == 6 and not (out / "shards" / "orm-00000.json").exists()
+    assert len(engine.prompts) == 6 and not shards.path(out / "shards" / "orm", 0).exists()
+
+
+def test_half_written_shards_are_redone_and_complete_ones_kept(tmp_path):
+    """What a kill -9 leaves behind: counts without rows, a torn temp file. Only those shards are redone,
+    and the numbers equal the uninterrupted run's."""
+    out, suite = tmp_path / "out", planned_suite(tmp_path)
+    first = run_suite(suite, "m", out, engine=PlannedEngine(), orm_scorer=FakeORM(), prm_scorer=FakePRM(),
+                      echo=lambda *_: None)
+    first_rows = (out / "samples.jsonl").read_text()
+    samples, orm_dir, prm_dir = (out / "shards" / kind for kind in ("samples", "orm", "prm"))
+    assert sorted(p.name for p in samples.iterdir()) == [
+        "shard-00000.jsonl", "shard-00000.meta.json", "shard-00001.jsonl", "shard-00001.meta.json"]
+    # killed while writing sample shard 1 (its counts were in place, its rows only in a temp file) ...
+    shards.path(samples, 1).unlink()
+    (samples / ".shard-00001.jsonl.4242.tmp").write_text('{"index": 2, "prompt": "p-')
+    # ... and, in another run, while writing ORM shard 0
+    shards.path(orm_dir, 0).unlink()
+    engine, orm, prm = PlannedEngine(), FakeORM(), FakePRM()
+    again = run_suite(suite, "m", out, engine=engine, orm_scorer=orm, prm_scorer=prm, echo=lambda *_: None)
+    assert [p.strip() for p in engine.prompts] == ["p-c", "p-c"]  # greedy + samples of shard 1 only
+    assert (orm.calls, prm.calls) == (2, 1)  # ORM: shard 0 (half-written), shard 1 (sampled again); PRM: shard 1
+    assert all(shards.meta(d, k)["model"] == f"<Fake{d.name.upper()}>" for d in (orm_dir, prm_dir) for k in (0, 1))
+    assert again["metrics"] == first["metrics"] and (out / "samples.jsonl").read_text() == first_rows
+
+
+def test_ranks_stripe_the_shards_and_count_what_one_process_counts(tmp_path):
+    """Rank r of w samples and scores the shards K % w == r; the main process counts the union."""
+    suite = planned_suite(tmp_path, shard_size=1)  # three shards: rank 0 takes 0 and 2, rank 1 takes 1
+    one = run_suite(suite, "m", tmp_path / "one", engine=PlannedEngine(), orm_scorer=FakeORM(), echo=lambda *_: None)
+    out, engines, orms, waits = tmp_path / "two", [PlannedEngine(), PlannedEngine()], [FakeORM(), FakeORM()], []
+
+    def barrier():  # rank 1 runs to the end while rank 0 waits at its first barrier (after the stale check)
+        if not waits:
+            assert run_suite(suite, "m", out, engine=engines[1], orm_scorer=orms[1], rank=1, world=2,
+                             echo=lambda *_: None) is None
+        waits.append(1)
+
+    two = run_suite(suite, "m", out, engine=engines[0], orm_scorer=orms[0], rank=0, world=2, barrier=barrier,
+                    echo=lambda *_: None)
+    assert [p.strip() for p in engines[0].prompts] == ["p-a", "p-a", "p-c", "p-c"]
+    assert [p.strip() for p in engines[1].prompts] == ["p-b", "p-b"]
+    assert (orms[0].calls, orms[1].calls, len(waits)) == (2, 1, 2)
+    assert two["metrics"] == one["metrics"]
 
 
 def _renamed(obj, name):
@@ -289,7 +333,7 @@ def test_shipped_suites_load_and_bad_fields_name_the_field(tmp_path):
 TINY_SUITE = """
 name: tiny
 dataset: {source: arith, seed: 3, params: {n: 3, steps: 1}}
-sampling: {n: 2, max_new_tokens: 6}
+sampling: {n: 2, max_completion_length: 6}
 generation: {backend: fast, batch_size: 8}
 shard_size: 2
 """
@@ -362,7 +406,7 @@ def test_gsm8k_grader_agrees_with_every_reference_solution():
 def test_smollm2_on_arith_writes_report_and_plot(tmp_path, smollm2_dir):
     out = tmp_path / "smol"
     suite = load_suite(REPO / "eval" / "arith.yaml", {"dataset": {"params": {"n": 3}}, "shard_size": 2,
-                                                      "sampling": {"n": 4, "max_new_tokens": 96}})
+                                                      "sampling": {"n": 4, "max_completion_length": 96}})
     result = run_suite(suite, str(smollm2_dir), out, echo=lambda *_: None)
     m = result["metrics"]
     assert m["pass@1"] <= m["pass@2"] <= m["pass@4"] <= 1.0 and 0.0 <= m["greedy"] <= 1.0

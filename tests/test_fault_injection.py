@@ -51,11 +51,11 @@ def label_recipe(folder: Path, model: Path) -> Path:
           - kind: label
             model: {model}
             data: {{source: arith, params: {{n: 6, steps: 1, max_operand: 9}}}}
-            samples_per_problem: 2
+            num_generations: 2
             completions_per_step: 2
             agreement_ns: [1, 2]
-            solution_max_new_tokens: 16
-            continuation_max_new_tokens: 8
+            max_completion_length: 16
+            max_continuation_length: 8
             shard_size: 2
             generation: {{backend: hf, batch_size: 8}}
         """))

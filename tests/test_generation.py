@@ -81,7 +81,8 @@ class _DecodeRowCounter:
         self.handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, module, args, kwargs):
-        if isinstance(kwargs.get("past_key_values"), fast_module.SlotCache):
+        cache = kwargs.get(fast_module.cache_argument(module))  # `cache` (`past_key_values` in older transformers)
+        if isinstance(cache, fast_module.SlotCache):
             self.rows += kwargs["input_ids"].shape[0]
 
 

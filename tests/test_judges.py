@@ -174,7 +174,7 @@ def test_hf_judge_cot_writes_a_rationale_then_clamps(tiny):
     model, tokenizer = tiny
     plain = HFJudge(model, tokenizer)
     compare(plain, ITEMS[:2])
-    judge = HFJudge(model, tokenizer, cot=True, cot_clamp=(0.45, 0.55), cot_max_new_tokens=6)
+    judge = HFJudge(model, tokenizer, cot=True, cot_clamp=(0.45, 0.55), max_cot_length=6)
     verdicts = compare(judge, ITEMS[:2])
     for v in verdicts:
         assert 0.45 <= v.p_ab <= 0.55 and 0.45 <= v.p_ba <= 0.55
@@ -254,7 +254,7 @@ def test_http_judge_reads_top_logprobs(judge_stub, tiny, api):
 
 def test_http_judge_cot_asks_twice_and_clamps(judge_stub):
     url, server = judge_stub
-    judge = HTTPJudge(url, "judge-model", api="chat", cot=True, cot_max_new_tokens=64)
+    judge = HTTPJudge(url, "judge-model", api="chat", cot=True, max_cot_length=64)
     (verdict,) = compare(judge, [Comparison("q", "a safe reply", "a risky reply", "Which is safer?")])
     assert (verdict.p_ab, verdict.p_ba, verdict.p) == (0.6, 0.4, pytest.approx(0.6))
     rationale_request = next(body for _, body in server.requests if body["max_tokens"] > 1)

@@ -11,18 +11,15 @@ from alignkit.maths import (
     AdaptiveKLController,
     FixedKLController,
     aggregate_loss,
-    dpo_loss,
     entropy_from_logits,
     explained_variance,
     gae,
-    group_advantages,
     kl_estimate,
     masked_mean,
     masked_var,
     masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,
-    rloo_advantages,
 )
 
 T_, F_ = True, False
@@ -129,38 +126,6 @@ def test_gae_with_gamma_lam_one_is_reward_to_go_minus_value():
     adv, ret = gae(rewards, values, m([[T_] * 4]), gamma=1.0, lam=1.0)
     torch.testing.assert_close(ret, t([[1.2, 1.1, 1.3, 1.0]]))  # returns = undiscounted reward-to-go
     torch.testing.assert_close(adv, ret - values)
-
-
-# ---- group baselines ----------------------------------------------------------------------------------
-
-
-def test_group_advantages_hand_worked():
-    rewards = t([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
-    std = math.sqrt(1 / 3)  # unbiased std of (1, 0, 0, 1): sqrt(4 * 0.25 / 3)
-    scaled = group_advantages(rewards, group_size=4, eps=1e-4)
-    a = 0.5 / (std + 1e-4)
-    torch.testing.assert_close(scaled, t([a, -a, -a, a, 0.0, 0.0, 0.0, 0.0]))
-    unscaled = group_advantages(rewards, group_size=4, scale=False)
-    torch.testing.assert_close(unscaled, t([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]))
-    as_matrix = group_advantages(rewards.reshape(2, 4), group_size=4)
-    torch.testing.assert_close(as_matrix, scaled.reshape(2, 4))
-
-
-def test_rloo_advantages_hand_worked():
-    rewards = t([[1.0, 0.0, 0.0, 1.0], [3.0, 0.0, 0.0, 0.0]])
-    # row 0: 1 - (0 + 0 + 1)/3 = 2/3, 0 - 2/3; row 1: 3 - 0 = 3, 0 - 3/3 = -1
-    want = t([[2 / 3, -2 / 3, -2 / 3, 2 / 3], [3.0, -1.0, -1.0, -1.0]])
-    torch.testing.assert_close(rloo_advantages(rewards, 4), want)
-    # identity: RLOO = G / (G - 1) * (r - group mean)
-    torch.testing.assert_close(rloo_advantages(rewards, 4), 4 / 3 * group_advantages(rewards, 4, scale=False))
-
-
-@pytest.mark.parametrize("shape,g", [((6,), 4), ((2, 3), 4), ((4,), 1)])
-def test_group_advantages_rejects_bad_groups(shape, g):
-    with pytest.raises(ValueError):
-        group_advantages(torch.zeros(shape), g)
-    with pytest.raises(ValueError):
-        rloo_advantages(torch.zeros(shape), g)
 
 
 # ---- KL -----------------------------------------------------------------------------------------------
@@ -302,6 +267,28 @@ def test_entropy_matches_naive_and_is_chunk_invariant():
     torch.testing.assert_close(entropy_from_logits(uniform), torch.full((2, 3), math.log(10)))
 
 
+def test_entropy_matches_trl_oracle():
+    """TRL 1.16's trl.trainer.utils.entropy_from_logits (its CPU path; on CUDA it dispatches to a Triton kernel)."""
+    from trl.trainer.utils import entropy_from_logits as trl_entropy
+
+    gen = torch.Generator().manual_seed(6)
+    shapes = [(17,), (3, 5, 17), (2, 7, 1), (4, 1000), (1, 1, 32_000), (0, 5), (2, 0, 9)]
+    for dtype in (torch.float32, torch.float64):
+        for shape in shapes:
+            for scale in (0.01, 1.0, 4.0, 30.0, 1e4):  # near-uniform to one-hot
+                logits = scale * torch.randn(*shape, generator=gen, dtype=dtype)
+                want = trl_entropy(logits, chunk_size=7)
+                for chunk_rows in (1, 1024):
+                    got = entropy_from_logits(logits, chunk_rows=chunk_rows)
+                    assert got.dtype == dtype and got.shape == want.shape
+                    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        uniform = torch.zeros(2, 3, 10, dtype=dtype)  # all logits equal: log V
+        torch.testing.assert_close(entropy_from_logits(uniform), trl_entropy(uniform), rtol=0, atol=1e-6)
+    # bf16 logits are upcast per chunk: TRL's CPU path on the same values in float32
+    bf16 = (4 * torch.randn(3, 5, 300, generator=gen)).to(torch.bfloat16)
+    torch.testing.assert_close(entropy_from_logits(bf16), trl_entropy(bf16.float()), rtol=0, atol=1e-6)
+
+
 def test_explained_variance():
     returns = t([[1.0, 2.0, 3.0, 100.0]])
     mask = m([[T_, T_, T_, F_]])
@@ -309,37 +296,3 @@ def test_explained_variance():
     assert explained_variance(torch.full_like(returns, 2.0), returns, mask).item() == pytest.approx(0.0)
     # V = (1, 2, 2): residuals (0, 0, 1): var 2/9; Var[R] = 2/3 -> 1 - 1/3
     assert explained_variance(t([[1.0, 2.0, 2.0, 0.0]]), returns, mask).item() == pytest.approx(2 / 3)
-
-
-# ---- DPO family ---------------------------------------------------------------------------------------
-
-
-def test_dpo_losses_hand_worked():
-    # margin h = (-1 - -2) - (-3 - -2) = 2
-    args = (t([-1.0]), t([-3.0]), t([-2.0]), t([-2.0]))
-    sig = math.log1p(math.exp(-1.0))  # -log sigmoid(0.5 * 2)
-    assert dpo_loss(*args, beta=0.5).item() == pytest.approx(sig)
-    smoothed = 0.9 * sig + 0.1 * math.log1p(math.exp(1.0))
-    assert dpo_loss(*args, beta=0.5, label_smoothing=0.1).item() == pytest.approx(smoothed)
-    assert dpo_loss(*args, beta=0.5, kind="ipo").item() == pytest.approx((2 - 1) ** 2)
-    assert dpo_loss(*args, beta=0.5, kind="hinge").item() == pytest.approx(0.0)
-    assert dpo_loss(*args, beta=0.25, kind="hinge").item() == pytest.approx(0.5)
-
-
-def test_dpo_sigmoid_properties():
-    h = torch.linspace(-50, 50, 101, dtype=torch.float64)
-    zeros = torch.zeros_like(h)
-    losses = dpo_loss(h, zeros, zeros, zeros, beta=1.0)
-    assert torch.isfinite(losses).all()  # stable for large margins
-    assert (losses.diff() < 0).all()  # a larger margin for the chosen answer lowers the loss
-    assert losses[50].item() == pytest.approx(math.log(2))  # h = 0: no preference
-
-
-def test_dpo_rejects_bad_arguments():
-    args = (t([0.0]), t([0.0]), t([0.0]), t([0.0]))
-    with pytest.raises(ValueError, match="sigmoid, ipo, hinge"):
-        dpo_loss(*args, beta=0.1, kind="kto")
-    with pytest.raises(ValueError, match="label_smoothing only"):
-        dpo_loss(*args, beta=0.1, kind="ipo", label_smoothing=0.1)
-    with pytest.raises(ValueError, match=r"\[0, 0.5\)"):
-        dpo_loss(*args, beta=0.1, label_smoothing=0.5)

@@ -97,12 +97,18 @@ def test_make_pairs_resumes_after_a_kill_without_duplicating_or_losing_prompts(t
     with pytest.raises(KeyboardInterrupt):
         make_pairs(PROMPTS, out, shard_size=4, sample=killed.sample, score=length_score)
     assert killed.calls == [0]
-    assert sorted(p.name for p in out.iterdir()) == ["shard-00000.jsonl"]  # nothing half-written
-    (out / ".shard-00001.jsonl.tmp-999").write_text('{"index": 4, "prompt"')  # a torn temp file from the kill
+    assert sorted(p.name for p in out.iterdir()) == ["shard-00000.jsonl", "shard-00000.meta.json"]  # nothing half-written
+    # leftovers of a kill -9 while writing shard 1: a torn temp file, and its counts without its rows
+    (out / ".shard-00001.jsonl.tmp-999").write_text('{"index": 4, "prompt"')
+    (out / "shard-00001.meta.json").write_text('{"prompts": 99, "pairs": 99}')
 
     resumed = FakePolicy(3)
-    rows, stats = make_pairs(PROMPTS, out, shard_size=4, sample=resumed.sample, score=length_score)
-    assert resumed.calls == [1, 2]  # shard 0 is read back, not sampled again
+    done = []
+    rows, stats = make_pairs(PROMPTS, out, shard_size=4, sample=resumed.sample, score=length_score,
+                             on_shard=lambda n, total: done.append((n, total)))
+    assert resumed.calls == [1, 2]  # shard 0 is read back, not sampled again; the half-written shard 1 is redone
+    assert done == [(2, 3), (3, 3)]
+    assert json.loads((out / "shard-00001.meta.json").read_text()) == {"prompts": 4, "pairs": 4}
     assert stats.sampled_now == 6 and stats.prompts == 10 and stats.pairs == 9
     assert [row["index"] for row in rows] == list(range(10))
     assert rows == reference  # same pairs as the run that was never killed
@@ -118,6 +124,21 @@ def test_make_pairs_refuses_shards_of_another_layout(tmp_path):
     make_pairs(PROMPTS, tmp_path, shard_size=4, sample=FakePolicy(2).sample, score=length_score)
     with pytest.raises(RuntimeError, match="delete the pairs folder"):
         make_pairs(PROMPTS, tmp_path, shard_size=5, sample=FakePolicy(2).sample, score=length_score)
+    shard_path(tmp_path, 0).unlink()  # shard 1 is checked before the missing shard 0 is sampled
+    policy = FakePolicy(2)
+    with pytest.raises(RuntimeError, match="delete the pairs folder"):
+        make_pairs(PROMPTS, tmp_path, shard_size=5, sample=policy.sample, score=length_score)
+    assert policy.calls == []
+
+
+def test_make_pairs_reads_shards_written_before_counts_were_kept(tmp_path):
+    """Pair shards of earlier versions have no .meta.json: a complete .jsonl is still a complete shard."""
+    reference, _ = make_pairs(PROMPTS, tmp_path, shard_size=4, sample=FakePolicy(3).sample, score=length_score)
+    for meta in tmp_path.glob("shard-*.meta.json"):
+        meta.unlink()
+    policy = FakePolicy(3)
+    rows, stats = make_pairs(PROMPTS, tmp_path, shard_size=4, sample=policy.sample, score=length_score)
+    assert policy.calls == [] and stats.sampled_now == 0 and rows == reference
 
 
 def test_stats_without_any_pair(tmp_path):

@@ -262,7 +262,7 @@ def test_stage_runs_evaluates_and_resumes(tmp_path, tiny_model_dir):
     from alignkit.run.recipe import load_recipe
 
     stage = ARITH_STAGE + ("      accuracy_data: {source: arith, seed: 5, params: {n: 2, steps: 1}}\n"
-                           "      accuracy_max_new_tokens: 4\n")
+                           "      accuracy_max_completion_length: 4\n")
     recipe = load_recipe(write_recipe(tmp_path, tiny_model_dir, stage), output_dir=str(tmp_path / "runs"))
     run_recipe(recipe, echo=lambda *_: None)
     run_dir = recipe.stages[0].run_dir

@@ -102,7 +102,7 @@ def test_same_model_on_both_sides_is_a_tie(tmp_path, tiny_model_dir, tiny_seqcls
         reward_model: {tiny_seqcls_dir}
         judge: {{backend: hf, batch_size: 4}}
         principle: overall
-        max_new_tokens: 8
+        max_completion_length: 8
         generation: {{backend: hf, batch_size: 4}}
     """
     recipe = recipe_at(tmp_path, text)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import random
 import textwrap
-from types import SimpleNamespace
 
 import pytest
 
@@ -19,6 +18,8 @@ from alignkit.generation import Completion
 from alignkit.run.pipeline import run_recipe
 from alignkit.run.recipe import load_recipe
 from alignkit.stages import cai_label
+from alignkit.core.stage import StageContext
+from alignkit.testing import stage_context
 
 # prompt k -> its two responses: k % 5 picks identical, one empty, a tie for the judge, safe first, safe second
 REPLIES = [("same", "same"), ("", "x"), ("meh one", "meh two"), ("safe reply", "risky reply"),
@@ -166,10 +167,8 @@ def test_ranks_take_alternate_shards_and_main_merges(tmp_path, monkeypatch):
     stage = recipe.stage("cai")
     stage.run_dir.mkdir(parents=True)
 
-    def ctx(rank: int) -> SimpleNamespace:
-        state = SimpleNamespace(process_index=rank, num_processes=2)
-        return SimpleNamespace(run_dir=stage.run_dir, name="cai", is_main=rank == 0, state=state,
-                               recipe=recipe, wait=lambda: None, log=lambda *a, **k: None)
+    def ctx(rank: int) -> StageContext:
+        return stage_context(recipe, "cai", rank=rank, world=2)
 
     assert cai_label.run(stage.config, ctx(1)).metrics == {}  # not main: its shards only, no merge
     assert sorted(p.name for p in (stage.run_dir / "shards").glob("*.jsonl")) == [
@@ -198,7 +197,7 @@ stages:
     model: {model}
     data: {{source: {data}}}
     threshold: 0.5
-    max_new_tokens: 8
+    max_completion_length: 8
     shard_size: 4
     judge: {{batch_size: 4}}
   - kind: dpo

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import random
 import textwrap
-from types import SimpleNamespace
 
 import pytest
 
@@ -20,6 +19,8 @@ from alignkit.generation import Completion
 from alignkit.run.pipeline import run_recipe
 from alignkit.run.recipe import load_recipe
 from alignkit.stages import cai_revise
+from alignkit.core.stage import StageContext
+from alignkit.testing import stage_context
 
 HARMLESS = load_constitution("harmless")
 CRITIQUES = {p.critique: p.name for p in HARMLESS.principles}
@@ -192,10 +193,8 @@ def test_ranks_take_alternate_shards_and_main_merges(tmp_path, monkeypatch):
     stage = recipe.stage("cai-revise")
     stage.run_dir.mkdir(parents=True)
 
-    def ctx(rank: int) -> SimpleNamespace:
-        state = SimpleNamespace(process_index=rank, num_processes=2)
-        return SimpleNamespace(run_dir=stage.run_dir, name="cai-revise", is_main=rank == 0, state=state,
-                               recipe=recipe, wait=lambda: None, log=lambda *a, **k: None)
+    def ctx(rank: int) -> StageContext:
+        return stage_context(recipe, "cai-revise", rank=rank, world=2)
 
     assert cai_revise.run(stage.config, ctx(1)).metrics == {}
     assert sorted(p.name for p in (stage.run_dir / "shards").glob("*.jsonl")) == [
@@ -245,9 +244,9 @@ def test_real_engine_feeds_the_sft_stage(tmp_path, tiny_model_dir):
         model: {tiny_model_dir}
         data: {{source: redteam, limit: 6, eval_size: 2}}
         shard_size: 2
-        response_max_new_tokens: 12
-        critique_max_new_tokens: 6
-        revision_max_new_tokens: 12
+        max_completion_length: 12
+        max_critique_length: 6
+        max_revision_length: 12
         generation: {{backend: fast, batch_size: 8}}
       - kind: sft
         model: {tiny_model_dir}
@@ -283,9 +282,9 @@ def test_smollm2_critiques_and_revises_in_english(tmp_path, smollm2_dir):
         model: {smollm2_dir}
         data: {{source: redteam, limit: 4}}
         temperature: 0
-        response_max_new_tokens: 24
-        critique_max_new_tokens: 16
-        revision_max_new_tokens: 24
+        max_completion_length: 24
+        max_critique_length: 16
+        max_revision_length: 24
         generation: {{backend: fast, batch_size: 4}}
     """
     recipe = recipe_at(tmp_path, text)

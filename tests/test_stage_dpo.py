@@ -119,13 +119,13 @@ stages:
     logging_steps: 1
     pairs:
       prompts: {{source: arith, params: {{n: 12, steps: 1}}}}
-      samples_per_prompt: 4
+      num_generations: 4
       rewards: [{{program: "parity.py:even_length"}}]
-      max_new_tokens: 12
+      max_completion_length: 12
       shard_size: 4
       generation: {{backend: fast, batch_size: 16}}
     accuracy_data: {{source: arith, seed: 1, params: {{n: 4, steps: 1}}}}
-    accuracy_max_new_tokens: 8
+    accuracy_max_completion_length: 8
 """
 
 
@@ -140,7 +140,7 @@ def test_on_policy_pairs_resume_after_a_kill_then_train(tmp_path, tiny_model_dir
     with pytest.raises(KeyboardInterrupt):  # killed while scoring the second shard
         run_recipe(recipe, echo=quiet)
     assert Manifest.read(run_dir).status == "interrupted"
-    assert sorted(p.name for p in (run_dir / "pairs").iterdir()) == ["shard-00000.jsonl"]
+    assert sorted(p.name for p in (run_dir / "pairs").iterdir()) == ["shard-00000.jsonl", "shard-00000.meta.json"]
 
     outcome = run_recipe(load_recipe(recipe_file, output_dir=str(tmp_path / "runs")), echo=quiet)[0]
     assert outcome.action == "resumed"
@@ -172,8 +172,8 @@ def test_on_policy_pairs_resume_after_a_kill_then_train(tmp_path, tiny_model_dir
         ("lr: 1.0e-4", "stages.dpo", "exactly one of"),
         ("pairs: {prompts: {source: arith}, rewards: [{program: nowhere.py:f}]}",
          "stages.dpo.pairs.rewards[0].program", "not found"),
-        ("pairs: {prompts: {source: arith}, samples_per_prompt: 1, rewards: [{program: r.py:f}]}",
-         "stages.dpo.pairs.samples_per_prompt", "greater than or equal to 2"),
+        ("pairs: {prompts: {source: arith}, num_generations: 1, rewards: [{program: r.py:f}]}",
+         "stages.dpo.pairs.num_generations", "greater than or equal to 2"),
         ("data: {source: arith}\n    trl: {betta: 0.2}", "stages.dpo.trl.betta", "DPOConfig has no argument"),
     ],
 )
@@ -211,7 +211,7 @@ def test_dpo_qlora_trains_on_4bit_weights(tmp_path, tiny_model_dir, monkeypatch)
                                files=_pairs_file(), name="dpo.yaml")
     recipe = load_recipe(recipe_file, [f"stages.dpo.quantization={QLORA}",
                                        "stages.dpo.accuracy_data={source: arith, params: {n: 2, steps: 1}}",
-                                       "stages.dpo.accuracy_max_new_tokens=4"], output_dir=str(tmp_path / "runs"))
+                                       "stages.dpo.accuracy_max_completion_length=4"], output_dir=str(tmp_path / "runs"))
     metrics = run_recipe(recipe, echo=quiet)[0].metrics
 
     assert spy.quantized_layers() == {"Linear4bit": 14} and spy.packed_at_train_start == 0
@@ -266,9 +266,9 @@ stages:
     max_length: 96
     pairs:
       prompts: {{source: arith, params: {{n: 8, steps: 1}}}}
-      samples_per_prompt: 4
+      num_generations: 4
       rewards: [{{program: "parity.py:even_length"}}]
-      max_new_tokens: 12
+      max_completion_length: 12
       shard_size: 4
       generation: {{backend: fast, batch_size: 16}}
 """

@@ -86,7 +86,7 @@ def test_grpo_raises_reward_through_the_pipeline(tmp_path, tiny_model_dir):
     manifest, logged = run_stage(tmp_path, tiny_model_dir, """
         - kind: grpo
           accuracy_data: {source: arith, seed: 9, params: {n: 4, steps: 1, max_operand: 9}}
-          accuracy_max_new_tokens: 8
+          accuracy_max_completion_length: 8
           lr: 3.0e-2
           max_steps: 12
           save_steps: 12
@@ -274,7 +274,7 @@ def test_grpo_qlora_trains_on_4bit_weights(tmp_path, steerable_model_dir, monkey
           quantization: {QLORA}
           lora: {{r: 8, alpha: 32, dropout: 0.0}}
           accuracy_data: {{source: arith, seed: 9, params: {{n: 2, steps: 1, max_operand: 9}}}}
-          accuracy_max_new_tokens: 4
+          accuracy_max_completion_length: 4
           lr: 1.0e-1
           max_steps: 12
           save_steps: 12

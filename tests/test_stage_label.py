@@ -6,7 +6,6 @@ import json
 import random
 import re
 import textwrap
-from types import SimpleNamespace
 
 import pytest
 
@@ -27,6 +26,8 @@ from alignkit.run.pipeline import run_recipe
 from alignkit.rewards.prm import split_steps
 from alignkit.run.recipe import load_recipe
 from alignkit.stages import label
+from alignkit.core.stage import StageContext
+from alignkit.testing import stage_context
 
 _RESULT_RE = re.compile(r"= (-?\d+)\.?$")
 
@@ -101,7 +102,7 @@ stages:
   - kind: label
     model: fake-policy
     data: {source: arith, params: {n: 7, steps: [1, 3], max_operand: 9}}
-    samples_per_problem: 2
+    num_generations: 2
     completions_per_step: 4
     agreement_ns: [1, 2, 4, 8]
     shard_size: 2
@@ -146,7 +147,7 @@ def test_oracle_completer_gives_exact_labels(tmp_path, monkeypatch):
 
 def test_a_prefix_shared_by_solutions_is_rolled_out_once(tmp_path, monkeypatch):
     _, completer = fake_samplers(monkeypatch, p=0.5)
-    recipe = recipe_at(tmp_path, RECIPE.replace("samples_per_problem: 2", "samples_per_problem: 4"))
+    recipe = recipe_at(tmp_path, RECIPE.replace("num_generations: 2", "num_generations: 4"))
     (outcome,) = run_recipe(recipe, echo=lambda *_: None)
     rows = read_rows(recipe.stage("label").run_dir / "data.jsonl")
     # samples 0 and 2 are the same gold solution; every prefix before a planted error is shared too
@@ -224,10 +225,8 @@ def test_ranks_take_alternate_shards_and_main_merges(tmp_path, monkeypatch):
     stage = recipe.stage("label")
     stage.run_dir.mkdir(parents=True)
 
-    def ctx(rank: int) -> SimpleNamespace:
-        state = SimpleNamespace(process_index=rank, num_processes=2)
-        return SimpleNamespace(run_dir=stage.run_dir, name="label", is_main=rank == 0, state=state,
-                               recipe=recipe, wait=lambda: None, log=lambda *a, **k: None)
+    def ctx(rank: int) -> StageContext:
+        return stage_context(recipe, "label", rank=rank, world=2)
 
     assert label.run(stage.config, ctx(1)).metrics == {}  # not main: labels its shards, merges nothing
     assert sorted(p.name for p in (stage.run_dir / "shards").glob("*.jsonl")) == [
@@ -278,11 +277,11 @@ def test_real_engines_label_and_feed_the_prm_stage(tmp_path, tiny_model_dir, bac
       - kind: label
         model: {tiny_model_dir}
         data: {{source: arith, params: {{n: 3, steps: 1, max_operand: 9}}}}
-        samples_per_problem: 2
+        num_generations: 2
         completions_per_step: 2
         agreement_ns: [1, 2]
-        solution_max_new_tokens: 24
-        continuation_max_new_tokens: 12
+        max_completion_length: 24
+        max_continuation_length: 12
         generation: {{backend: {backend}, batch_size: 8}}
       - kind: prm
         model: {tiny_model_dir}
@@ -316,7 +315,7 @@ def test_cut_off_solution_is_not_correct_and_its_orm_target_is_wrong():
         def generate(self, prompts, params, *, progress=True):
             return [[Completion("The answer is 14.", [0], "eos")] * params.n for _ in prompts]
 
-    config = label.Config(model="m", data={"source": "arith"}, samples_per_problem=1, completions_per_step=2,
+    config = label.Config(model="m", data={"source": "arith"}, num_generations=1, completions_per_step=2,
                           agreement_ns=[2], quality_check=False)
     problem = {"prompt": "Tom has 3 apples and gets 4 more, then doubles them. How many?", "answer": "14"}
     (row,), _ = label.label_shard([problem], 0, label.Sampler(CutOff(), None), label.Sampler(Finisher(), None),

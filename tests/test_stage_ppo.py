@@ -130,7 +130,7 @@ def test_fixed_kl_coefficient_bounds_kl(tmp_path, steerable_model_dir):
     """With beta = 2 the reward cannot pay for leaving the reference. The first update, taken while the
     policy still equals the reference (no penalty yet), overshoots; the penalty then pulls the policy back and
     holds it there. (With beta = 0.05, the test above, KL climbs to 5-14 nats by step 18.)"""
-    _, history, _ = run_stage(tmp_path, steerable_model_dir, LEARN, ["stages.ppo.kl_coef=2.0",
+    _, history, _ = run_stage(tmp_path, steerable_model_dir, LEARN, ["stages.ppo.beta=2.0",
                                                                      "stages.ppo.max_steps=12"])
     kls = [row["kl/sequence"] for row in history]
     assert max(kls[2:]) < 1.0 and mean(kls[-4:]) < 0.5, kls
@@ -419,7 +419,7 @@ def test_micro_step_frees_the_policy_graph_before_the_value_forward(tiny_model_d
     from alignkit.maths import ppo_policy_loss, ppo_value_loss
     from alignkit.modeling.models import load_tokenizer
     from alignkit.ppo.logprobs import sequence_logps, sequence_values
-    from alignkit.stages.ppo import Config, _load_for_training
+    from alignkit.stages.ppo import Config, _load_for_training, hyper_from_config
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     rollout = _batch(tokenizer)
@@ -439,8 +439,8 @@ def test_micro_step_frees_the_policy_graph_before_the_value_forward(tiny_model_d
     # the reference: one backward of the summed loss
     logps, _ = sequence_logps(policy, ids, mask, rollout.response_mask)
     values = sequence_values(value, ids, mask, rollout.response_mask)
-    pg, _ = ppo_policy_loss(logps, rollout.old_logps, rollout.advantages, rollout.response_mask, config.clip_eps)
-    vf, _ = ppo_value_loss(values, rollout.old_values, rollout.returns, rollout.response_mask, config.value_clip_eps)
+    pg, _ = ppo_policy_loss(logps, rollout.old_logps, rollout.advantages, rollout.response_mask, config.epsilon)
+    vf, _ = ppo_value_loss(values, rollout.old_values, rollout.returns, rollout.response_mask, config.value_epsilon)
     expected = torch.autograd.grad((pg + config.vf_coef * vf) * 0.5, params)
 
     alive: list[weakref.ref] = []  # every tensor saved for backward, weakly: dead once its graph is freed
@@ -464,11 +464,30 @@ def test_micro_step_frees_the_policy_graph_before_the_value_forward(tiny_model_d
     for p in params:
         p.grad = None
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.tensor):
-        stats = update.micro_step(policy, value, rollout, config, scale=0.5)
+        stats = update.micro_step(policy, value, rollout, hyper_from_config(config), scale=0.5)
     assert alive and at_value_forward == [0]
     for p, want in zip(params, expected):
         torch.testing.assert_close(p.grad, want, rtol=1e-5, atol=1e-7)
     assert stats["policy/loss"] == pytest.approx(pg.item()) and stats["value/loss"] == pytest.approx(vf.item())
+
+
+def test_hyper_from_config_carries_every_field_the_phases_read():
+    """Each PPOHyper field is the config value of the same name (or the derived one), and it is frozen."""
+    import dataclasses
+
+    from alignkit.stages.ppo import Config, hyper_from_config
+
+    config = Config(model="m", lora={"r": 4, "alpha": 8}, data="arith",
+                    rewards=[{"program": "reward/math.py:answer_match"}], batch_size=3, grad_accum=2,
+                    num_mini_batches=2, num_generations=3, stop=["\n\n"], target_kl=0.1, missing_eos_penalty=1.0,
+                    kl_estimator="k3", temperature=0.7, max_grad_norm=None)
+    hyper = hyper_from_config(config)
+    assert hyper.name == "ppo" and hyper.prompts_per_step == 4 and hyper.stop == ("\n\n",)
+    for field in dataclasses.fields(hyper):
+        if field.name not in ("name", "prompts_per_step", "stop"):
+            assert getattr(hyper, field.name) == getattr(config, field.name), field.name
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        hyper.batch_size = 1  # type: ignore[misc]
 
 
 # --------------------------------------------------------------------------------- step reward placement
@@ -610,7 +629,7 @@ def test_pack_layout_and_select_trims_padding():
     ("lora: null", "lora"),
     ("trl: {kl_coef: 0.1}", "trl"),
     ("rewards: []", "rewards"),
-    ("samples_per_prompt: 3", "samples_per_prompt"),
+    ("num_generations: 3", "num_generations"),
     ("rewards: [{program: rewards.py:no_such}]", "rewards.0"),
 ])
 def test_recipe_mistakes_name_the_field(tmp_path, tiny_model_dir, change, field):

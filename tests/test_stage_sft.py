@@ -27,7 +27,7 @@ def sft_recipe(tmp_path: Path, model: Path, extra: str = "") -> Path:
           - kind: sft
             data: {{source: arith, params: {{n: 64, steps: 1, max_operand: 9}}}}
             accuracy_data: {{source: arith, seed: 5, params: {{n: 4, steps: 1, max_operand: 9}}}}
-            accuracy_max_new_tokens: 8
+            accuracy_max_completion_length: 8
             lr: 5.0e-3
             max_steps: 24
             batch_size: 8
@@ -64,8 +64,8 @@ def test_sft_lowers_loss_and_writes_loadable_models(tmp_path, tiny_model_dir):
     (wandb_run,) = [read_offline_run(d) for d in (recipe.root / "wandb").glob("offline-run-*")]
     losses = [row["train/loss"] for row in wandb_run["history"] if "train/loss" in row]
     assert len(losses) == 6 and losses[-1] < losses[0]
-    assert wandb_run["summary"]["accuracy_after"] == metrics["accuracy_after"]
-    assert wandb_run["run"]["job_type"] == "sft" and wandb_run["config"]["lr"] == 5e-3
+    assert wandb_run["summary"]["sft/accuracy_after"] == metrics["accuracy_after"]
+    assert wandb_run["run"]["job_type"] == "sft" and wandb_run["config"]["alignkit"]["lr"] == 5e-3
 
 
 def test_sft_resumes_from_last_checkpoint(tmp_path, tiny_model_dir, monkeypatch):

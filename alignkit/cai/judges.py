@@ -23,7 +23,7 @@ the transcript as its ``state``, so a local and a served judge read the same num
 "A" then gives 0.5 instead of a confident preference. :func:`position_bias` ``|p_AB - (1 - p_BA)|`` is how far
 the order moved it.
 
-Chain of thought (``cot: true``): the judge first writes a rationale (greedy, at most ``cot_max_new_tokens``),
+Chain of thought (``cot: true``): the judge first writes a rationale (greedy, at most ``max_cot_length``),
 then a second user turn asks for the letter only, and P(A) is read after that. CoT probabilities are clamped
 into ``cot_clamp`` (Bai et al. use 40-60%: a judge that has argued itself into an answer is near 0 or 1).
 
@@ -242,13 +242,13 @@ class HFJudge:
     """A :class:`Judge` on local weights (see the module docstring)."""
 
     def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 8, cot: bool = False,
-                 cot_clamp: tuple[float, float] = (0.4, 0.6), cot_max_new_tokens: int = 256,
+                 cot_clamp: tuple[float, float] = (0.4, 0.6), max_cot_length: int = 256,
                  variants: bool = True):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.label_ids = [label_token_ids(tokenizer, label, variants=variants) for label in LABELS]
         if set(self.label_ids[0]) & set(self.label_ids[1]):
             raise ModelError(f"the judge's tokenizer spells labels {LABELS} with a shared token")
-        self.cot, self.cot_max_new_tokens = cot, cot_max_new_tokens
+        self.cot, self.max_cot_length = cot, max_cot_length
         self.clamp = tuple(cot_clamp) if cot else None
         self.tokens = 0
 
@@ -277,7 +277,7 @@ class HFJudge:
         from alignkit.generation import SamplingParams, make_engine
 
         engine = make_engine("hf", model=self.model, tokenizer=self.tokenizer, batch_size=self.batch_size)
-        outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=self.cot_max_new_tokens),
+        outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=self.max_cot_length),
                                progress=False)
         self.tokens += sum(len(samples[0].token_ids) for samples in outs)
         return [samples[0].text for samples in outs]
@@ -327,7 +327,7 @@ class HTTPJudge:
 
     def __init__(self, base_url: str, model_name: str, *, api: str = "completions", tokenizer: Any = None,
                  batch_size: int = 8, top_logprobs: int = 20, cot: bool = False,
-                 cot_clamp: tuple[float, float] = (0.4, 0.6), cot_max_new_tokens: int = 256,
+                 cot_clamp: tuple[float, float] = (0.4, 0.6), max_cot_length: int = 256,
                  api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 600.0, max_retries: int = 4,
                  backoff_s: float = 1.0):
         if api == "systemone" and cot:
@@ -339,7 +339,7 @@ class HTTPJudge:
                               field="judge.model")
         self.root, self.model_name, self.api, self.tokenizer = base_url.rstrip("/"), model_name, api, tokenizer
         self.batch_size, self.top_logprobs = batch_size, top_logprobs
-        self.cot, self.cot_max_new_tokens = cot, cot_max_new_tokens
+        self.cot, self.max_cot_length = cot, max_cot_length
         self.clamp = tuple(cot_clamp) if cot else None
         self._post_options = {"timeout_s": timeout_s, "max_retries": max_retries, "backoff_s": backoff_s}
         self._api_key = os.environ.get(api_key_env) or None  # private: never printed
@@ -360,7 +360,7 @@ class HTTPJudge:
             return self._systemone(item)
         messages = judge_messages(item)
         if self.cot:
-            messages = answer_messages(item, self._ask(cot_messages(item), max_tokens=self.cot_max_new_tokens)[0])
+            messages = answer_messages(item, self._ask(cot_messages(item), max_tokens=self.max_cot_length)[0])
         text, top = self._ask(messages, max_tokens=1, logprobs=True)
         if top is None:
             raise GenerationError(
@@ -415,6 +415,8 @@ class HTTPJudge:
 class JudgeSpec(Spec):
     """The ``judge:`` block of a stage: which model judges, where it runs, how it answers."""
 
+    RENAMED = {"cot_max_new_tokens": "max_cot_length"}
+
     backend: Literal["hf", "http"] = Field("hf", description="hf: local weights; http: an OpenAI-compatible "
                                            "server (vLLM, SGLang, transformers serve).")
     model: str | None = Field(None, description="hf: the judge's weights (default: the stage's policy, sharing "
@@ -424,7 +426,7 @@ class JudgeSpec(Spec):
     cot: bool = Field(False, description="Reason first, then answer (probabilities clamped into cot_clamp).")
     cot_clamp: tuple[float, float] = Field((0.4, 0.6), description="Band CoT probabilities are clamped into "
                                            "(Bai et al.: 0.4-0.6).")
-    cot_max_new_tokens: int = Field(256, gt=0, description="Longest CoT rationale.")
+    max_cot_length: int = Field(256, gt=0, description="Longest CoT rationale, in tokens.")
     api: Literal["completions", "chat", "systemone"] = Field(
         "completions", description="http: /completions with logprobs (vLLM, SGLang), /chat/completions with "
         "top_logprobs (OpenAI), or /systemone (transformers serve).")
@@ -455,7 +457,7 @@ def build_judge(spec: JudgeSpec, *, default_model: str, device: Any = None, load
                 quantization: QuantSpec | None = None) -> Judge:
     """The judge ``spec`` describes. ``loaded`` = (model, tokenizer) of ``default_model`` already in memory:
     an hf judge without its own ``model`` reuses them instead of loading a second copy."""
-    cot = {"cot": spec.cot, "cot_clamp": spec.cot_clamp, "cot_max_new_tokens": spec.cot_max_new_tokens,
+    cot = {"cot": spec.cot, "cot_clamp": spec.cot_clamp, "max_cot_length": spec.max_cot_length,
            "batch_size": spec.batch_size}
     name = spec.model or default_model
     if spec.backend == "hf":

@@ -8,16 +8,51 @@ once, as each field's ``description``. Nested specs (:class:`QuantSpec`, :class:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+#: Old field names met while validating, as (old, new); the recipe loader drains it into one note each.
+renamed_seen: list[tuple[str, str]] = []
 
 
 class Spec(BaseModel):
     """Base for every config block: unknown keys are errors, values are immutable, numbers are finite
-    (``lr: .inf`` would pass ``gt=0`` and train a nan model)."""
+    (``lr: .inf`` would pass ``gt=0`` and train a nan model).
+
+    ``RENAMED`` maps a field's old name to its new one: the old name is read for one release (with a note
+    from the recipe loader), and the config hash uses the old name, so a rename never reruns a finished stage.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=(), allow_inf_nan=False)
+    RENAMED: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_old_names(cls, data: Any) -> Any:
+        if not (cls.RENAMED and isinstance(data, dict)):
+            return data
+        data = dict(data)
+        for old, new in cls.RENAMED.items():
+            if old in data:
+                if new in data:
+                    raise ValueError(f"`{old}` is the old name of `{new}`: set only `{new}`")
+                data[new] = data.pop(old)
+                renamed_seen.append((old, new))
+        return data
+
+
+def hash_view(spec: Spec, dumped: dict[str, Any]) -> dict[str, Any]:
+    """``dumped`` (``spec.model_dump(mode="json")``) with renamed fields under their old names, nested specs
+    included: what the config hash is computed from, so renaming a field keeps finished stages finished."""
+    out = {}
+    for key, value in dumped.items():
+        inner = getattr(spec, key, None)
+        if isinstance(inner, Spec) and isinstance(value, dict):
+            value = hash_view(inner, value)
+        old = {new: old for old, new in type(spec).RENAMED.items()}.get(key, key)
+        out[old] = value
+    return out
 
 
 class QuantSpec(Spec):

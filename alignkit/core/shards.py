@@ -1,4 +1,6 @@
-"""Resumable work in numbered shards, shared by the generating stages (``label``, ``cai-label``, ``cai-revise``).
+"""Resumable work in numbered shards: the one scheme of the generating steps (the ``label``, ``cai-label`` and
+``cai-revise`` stages, on-policy DPO pairs in :mod:`alignkit.data.pairs`, the eval suite's samples and
+verifier scores in :mod:`alignkit.stages.eval`).
 
 Shard ``j`` holds items ``[j * size, (j + 1) * size)`` and is two files in the stage's shard folder:
 ``shard-<j>.meta.json`` (its counts) written first, then ``shard-<j>.jsonl`` (its rows), each atomically, so a
@@ -21,6 +23,11 @@ def count(n_items: int, size: int) -> int:
     return (n_items + size - 1) // size
 
 
+def items(j: int, n_items: int, size: int) -> range:
+    """The item indices shard ``j`` holds: ``[j * size, (j + 1) * size)``, cut at ``n_items``."""
+    return range(j * size, min((j + 1) * size, n_items))
+
+
 def path(shard_dir: Path, j: int) -> Path:
     return Path(shard_dir) / f"shard-{j:05d}.jsonl"
 
@@ -31,9 +38,28 @@ def pending(shard_dir: Path, n_items: int, size: int, rank: int, world: int) -> 
 
 
 def write(shard_dir: Path, j: int, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
-    """Counts first, rows last: a shard is complete exactly when its .jsonl exists."""
+    """Counts first, rows last: a shard is complete exactly when its .jsonl exists. A shard written again
+    loses its old rows first, so a crash mid-write never leaves new counts beside old rows."""
+    path(shard_dir, j).unlink(missing_ok=True)
     write_json_atomic(path(shard_dir, j).with_suffix(".meta.json"), meta)
     write_jsonl_atomic(path(shard_dir, j), rows)
+
+
+def discard(shard_dir: Path, j: int) -> None:
+    """Make shard ``j`` pending again (its rows first, then its counts); nothing happens if it is absent."""
+    path(shard_dir, j).unlink(missing_ok=True)
+    path(shard_dir, j).with_suffix(".meta.json").unlink(missing_ok=True)
+
+
+def read(shard_dir: Path, j: int) -> list[dict[str, Any]]:
+    """The rows of complete shard ``j``."""
+    text = path(shard_dir, j).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def meta(shard_dir: Path, j: int) -> dict[str, Any]:
+    """The counts written with shard ``j`` (present whenever the shard is complete)."""
+    return json.loads(path(shard_dir, j).with_suffix(".meta.json").read_text(encoding="utf-8"))
 
 
 def read_all(shard_dir: Path, n_shards: int, stage: str) -> list[tuple[list[dict[str, Any]], dict[str, Any]]]:
@@ -41,9 +67,4 @@ def read_all(shard_dir: Path, n_shards: int, stage: str) -> list[tuple[list[dict
     missing = [j for j in range(n_shards) if not path(shard_dir, j).is_file()]
     if missing:
         raise RuntimeError(f"{stage} shards {missing[:5]} are missing after every process finished; rerun the stage")
-    shards = []
-    for j in range(n_shards):
-        text = path(shard_dir, j).read_text(encoding="utf-8")
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        shards.append((rows, json.loads(path(shard_dir, j).with_suffix(".meta.json").read_text())))
-    return shards
+    return [(read(shard_dir, j), meta(shard_dir, j)) for j in range(n_shards)]

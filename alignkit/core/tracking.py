@@ -1,8 +1,13 @@
 """Experiment tracking: one W&B run per stage, grouped per recipe run.
 
-Each stage is a W&B run with ``group`` = the recipe run, ``job_type`` = the stage kind and ``config`` = the
-resolved (redacted) stage config. We open the run ourselves before TRL's trainer starts, so TRL's
-``WandbCallback`` logs its training curves into the same run. Only the main process tracks.
+Each stage is a W&B run with ``group`` = the recipe run and ``job_type`` = the stage kind. We open the run
+ourselves before TRL's trainer starts, so TRL's ``WandbCallback`` logs its training curves into the same run.
+Only the main process tracks.
+
+The run's config has two keys: ``alignkit``, the resolved (redacted) stage config (``lr``, ``batch_size``), and
+``trl``, everything the trainer's ``WandbCallback`` records (its TrainingArguments: ``learning_rate``,
+``per_device_train_batch_size``, ...; the model's config; the parameter count), redacted too. The summary holds
+each number once (:meth:`Tracker.summary`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,13 @@ from typing import Any
 from alignkit.core.config import TrackingSpec
 from alignkit.core.errors import AlignkitError
 from alignkit.core.secrets import redact, redact_argv, redact_text
+
+#: the run config's two keys: our resolved stage config, and what the TRL/transformers trainer records
+CONFIG_KEY, TRAINER_KEY = "alignkit", "trl"
+# TRL's end-of-training summary values that restate a stage metric: ours win. `train_loss` is the mean over the
+# steps this process ran, wrong after a resume, where `<stage>/train_loss` is the whole run's; `train_runtime` is
+# `<stage>/train_seconds`
+_TRAINER_SUMMARY_DROPPED = ("train_loss", "train_runtime")
 
 # WANDB_MODE values wandb itself accepts, read as ours
 _ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
@@ -89,7 +101,7 @@ class Tracker:
                 group=redact(wandb_spec.group or self.group),
                 job_type=self.job_type,
                 name=redact(self.name),
-                config=self.config,
+                config={CONFIG_KEY: self.config},
                 tags=redact(list(wandb_spec.tags)),
                 dir=str(self.directory),
                 mode=self.mode,
@@ -101,9 +113,22 @@ class Tracker:
             self.run.log(redact(metrics), step=step)
 
     def summary(self, metrics: dict[str, Any]) -> None:
-        if self.run is not None:
-            for key, value in redact(metrics).items():
-                self.run.summary[key] = value
+        """Write ``metrics`` into the run summary, each number once.
+
+        A metric that restates the last point of one of TRL's curves (``<stage>/train_steps`` is
+        ``train/global_step``, ``<stage>/last_logged_loss`` is ``train/loss``) is left out, and taken out where
+        ``ctx.log_metrics`` put it: TRL's curve keeps its number, as TRL's users know it under that name, and
+        the metric stays in the manifest and the history.
+        """
+        if self.run is None:
+            return
+        for key, value in redact(metrics).items():
+            curve = _restated_curve(key)
+            if curve is not None and value is not None and self.run.summary.get(curve) == value:
+                if self.run.summary.get(key) is not None:
+                    del self.run.summary[key]
+                continue
+            self.run.summary[key] = value
 
     def log_image(self, key: str, path: str | Path) -> None:
         if self.run is not None:
@@ -121,6 +146,81 @@ class Tracker:
         if self.run is not None:
             self.run.finish(exit_code=1 if failed else 0)
             self.run = None
+
+
+def _restated_curve(key: str) -> str | None:
+    """The TRL curve whose last point a stage metric (``<stage>/<name>``, named by ``stages.common.train_metrics``)
+    restates: ``train_steps`` -> ``train/global_step``, ``last_logged_<x>`` -> ``train/<x>`` (``reward_`` back
+    to ``rewards/``); None for any other metric.
+
+    >>> [_restated_curve(key) for key in ("sft/train_steps", "dpo/last_logged_reward_margins", "sft/train_loss")]
+    ['train/global_step', 'train/rewards/margins', None]
+    """
+    name = key.rsplit("/", 1)[-1]
+    if name == "train_steps":
+        return "train/global_step"
+    if name.startswith("last_logged_"):
+        return "train/" + name.removeprefix("last_logged_").replace("reward_", "rewards/", 1)
+    return None
+
+
+def use_nested_wandb_callback(trainer) -> None:
+    """Swap the transformers ``WandbCallback`` that ``report_to: wandb`` gave ``trainer`` for one that records its
+    config under ``trl`` (see the module docstring) and leaves out the end-of-training summary values that
+    restate ours; same place in the callback list, so the order of logging and stopping is unchanged."""
+    from transformers.integrations import WandbCallback
+
+    callbacks = trainer.callback_handler.callbacks
+    for index, callback in enumerate(callbacks):
+        if type(callback) is WandbCallback:
+            callbacks[index] = _nested_wandb_callback(WandbCallback)
+
+
+def _nested_wandb_callback(base: type):
+    class NestedWandbCallback(base):
+        """transformers' ``WandbCallback``, its config under ``trl`` and redacted; TRL's summary duplicates dropped."""
+
+        def setup(self, args, state, model, **kwargs):
+            wandb = self._wandb
+            self._wandb = _NestingWandb(wandb)  # setup() writes config through self._wandb.config only
+            try:
+                super().setup(args, state, model, **kwargs)
+            finally:
+                self._wandb = wandb
+
+        def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+            logs = {key: value for key, value in (logs or {}).items() if key not in _TRAINER_SUMMARY_DROPPED}
+            super().on_log(args, state, control, model=model, logs=logs, **kwargs)
+
+    return NestedWandbCallback()
+
+
+class _NestingWandb:
+    """The ``wandb`` module as ``WandbCallback.setup`` sees it: the same, except that ``config`` nests what is
+    written to it under :data:`TRAINER_KEY`, JSON-friendly and redacted."""
+
+    def __init__(self, wandb):
+        self._wandb, self.config = wandb, _NestedConfig(wandb.config)
+
+    def __getattr__(self, name: str):
+        return getattr(self._wandb, name)
+
+
+class _NestedConfig:
+    def __init__(self, config):
+        self._config, self._values = config, {}
+
+    def update(self, values: dict[str, Any], allow_val_change: bool = False) -> None:
+        from wandb.util import json_friendly_val  # dataclasses (peft configs) to dicts, so redact() sees inside
+
+        self._values.update(json_friendly_val(dict(values)))
+        self._config.update({TRAINER_KEY: redact(self._values)}, allow_val_change=True)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.update({key: value})
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._values.get(key, default)
 
 
 def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
@@ -174,4 +274,6 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
         elif field == "summary":
             for item in record.summary.update:
                 summary[item.key or "/".join(item.nested_key)] = _json.loads(item.value_json)
+            for item in record.summary.remove:
+                summary.pop(item.key or "/".join(item.nested_key), None)
     return {"run": run, "config": config, "history": history, "summary": summary}

@@ -53,12 +53,12 @@ def check_head(spec: DataSpec, fmt: str, head: int = HEAD_ROWS) -> str:
     """Check the first ``head`` rows of ``spec`` as ``fmt``: a one-line verdict (``ok``/``skipped``), or
     DataError naming the file, row and problem."""
     from alignkit.data.adapters import ADAPTERS
-    from alignkit.data.loading import _convert, _rows, _to_dataset, is_saved_dataset, read_jsonl, read_saved
+    from alignkit.data.loading import _convert, _rows, check_rows, is_saved_dataset, read_jsonl, read_saved
 
     if spec.mixture is not None:
         return "; ".join(f"part {i}: {check_head(part, fmt, head)}" for i, part in enumerate(spec.mixture))
     if spec.source in ("arith", "redteam"):  # cheap to make: checked whole (its params, the format asked for)
-        _to_dataset(_rows(spec, fmt), fmt)
+        check_rows(_rows(spec, fmt), fmt)
         return f"ok (built-in {spec.source!r} as {fmt!r})"
     named = ADAPTERS.get(spec.source)
     location = spec.path if named is not None else spec.source
@@ -80,7 +80,7 @@ def check_head(spec: DataSpec, fmt: str, head: int = HEAD_ROWS) -> str:
     rows = _convert(table, checked, fmt, location, named.name if named else None)
     if not rows:
         return f"ok (the first {len(table)} rows were all skipped as unusable; later rows not checked)"
-    _to_dataset(rows, fmt)
+    check_rows(rows, fmt)  # what building the Dataset would refuse, without importing datasets for plain rows
     return f"ok (first {len(table)} rows as {fmt!r})"
 
 

@@ -40,6 +40,15 @@ FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
+# formats whose Dataset columns have fixed types (:func:`features`; the others' are inferred), and those types:
+# an Arrow type name, or a one-item list for a list of that type
+TYPED_FORMATS = ("problems", "stepwise", "text")
+COLUMN_TYPES: dict[str, str | list[str]] = {
+    "prompt": "string", "answer": "string", "steps": ["string"], "values": ["int64"], "completions": ["string"],
+    "labels": ["bool"], "soft_labels": ["float64"], "text": "string",
+}
+
+
 def check_format(fmt: str) -> None:
     """DataError unless ``fmt`` is a known format."""
     if fmt not in FORMATS:
@@ -104,19 +113,46 @@ def _conversation(record: dict[str, Any]) -> str | None:
 
 def _implicit_prompt(record: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
     """An implicit-prompt preference record (chosen/rejected whole conversations) -> (explicit record, None),
-    or (None, problem). The prompt is the turns both conversations share (``trl.data_utils.extract_prompt``)."""
+    or (None, problem). The prompt is the turns both conversations share (:func:`extract_prompt`, TRL's rule)."""
     chosen, rejected = record["chosen"], record["rejected"]
     if not (_is_messages(chosen) and _is_messages(rejected)):
         return None, ("without a 'prompt' column, 'chosen' and 'rejected' must both be whole conversations "
                       f"(lists of {{role, content}} messages), got {chosen!r:.60} / {rejected!r:.60}")
-    from trl.data_utils import extract_prompt
-
     split = extract_prompt({"chosen": chosen, "rejected": rejected})
     if not split["prompt"]:
         return None, "'chosen' and 'rejected' share no first turns, so there is no prompt to extract"
     if not split["chosen"] or not split["rejected"] or split["chosen"] == split["rejected"]:
         return None, "'chosen' and 'rejected' are the same conversation (no differing reply after the shared prompt)"
     return {**record, **split}, None
+
+
+def extract_prompt(example: dict[str, list]) -> dict[str, list]:
+    """Split an implicit-prompt preference row as TRL does (``trl.data_utils.extract_prompt``): the prompt is
+    what ``chosen`` and ``rejected`` (two conversations, or two texts) share before they first differ.
+
+    Two details of TRL's rule are kept, so that a row split here is the row TRL would train on: when one
+    reply is a prefix of the other, the last shared item stays with the replies (so neither reply is empty),
+    and in text a space just before the difference goes with the replies. Written here rather than imported
+    because importing ``trl`` takes seconds and ``--dry-run`` checks these rows without it;
+    tests/test_dry_run_speed.py checks that the two agree.
+
+    >>> user, blue, green = [{"role": r, "content": c} for r, c in
+    ...                      [("user", "Sky?"), ("assistant", "Blue."), ("assistant", "Green.")]]
+    >>> extract_prompt({"chosen": [user, blue], "rejected": [user, green]})["prompt"] == [user]
+    True
+    >>> extract_prompt({"chosen": "Sky? Blue.", "rejected": "Sky? Green."})["chosen"]
+    ' Blue.'
+    """
+    chosen, rejected = example["chosen"], example["rejected"]
+    shared = min(len(chosen), len(rejected))
+    first_difference = next((i for i in range(shared) if chosen[i] != rejected[i]), None)
+    if first_difference is None:
+        cut = shared - 1
+    elif first_difference > 0 and chosen[first_difference - 1] == " ":
+        cut = first_difference - 1
+    else:
+        cut = first_difference
+    return {"prompt": chosen[:cut], "chosen": chosen[cut:], "rejected": rejected[cut:]}
 
 
 def _string(row: dict[str, Any], column: str) -> str | None:
@@ -208,13 +244,11 @@ def to_format(record: dict[str, Any], fmt: str, where: str) -> dict[str, Any]:
 
 def features(fmt: str, columns: list[str]):
     """datasets Features for the typed formats (so empty lists keep their type), else None (inferred)."""
-    from datasets import Features, List, Value
-
-    typed = {
-        "prompt": Value("string"), "answer": Value("string"), "steps": List(Value("string")),
-        "values": List(Value("int64")), "completions": List(Value("string")), "labels": List(Value("bool")),
-        "soft_labels": List(Value("float64")), "text": Value("string"),
-    }
-    if fmt not in ("problems", "stepwise", "text"):
+    if fmt not in TYPED_FORMATS:
         return None
-    return Features({c: typed[c] for c in columns})
+    from datasets import Features, List, Value  # here, not at the top: it takes seconds, and is needed only now
+
+    def feature(kind: str | list[str]):
+        return List(Value(kind[0])) if isinstance(kind, list) else Value(kind)
+
+    return Features({c: feature(COLUMN_TYPES[c]) for c in columns})

@@ -29,7 +29,9 @@ from typing import Any
 from alignkit.core.config import DataSpec
 from alignkit.data import arith, redteam
 from alignkit.data.adapters import ADAPTERS, Adapter, SkipRow, adapter_params, detect
-from alignkit.data.formats import FORMATS, check_format, features, missing_columns, to_format
+from alignkit.data.formats import (
+    COLUMN_TYPES, FORMATS, TYPED_FORMATS, check_format, features, missing_columns, to_format,
+)
 from alignkit.core.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -333,16 +335,78 @@ def _mixture_rows(spec: DataSpec, fmt: str) -> list[dict[str, Any]]:
 
 
 def _to_dataset(rows: list[dict[str, Any]], fmt: str):
+    data = _column_lists(rows, fmt)
+    return _from_dict(data, None if "messages" in data else features(fmt, list(data)))
+
+
+def check_rows(rows: list[dict[str, Any]], fmt: str) -> None:
+    """DataError wherever :func:`_to_dataset` would raise one, building the Dataset only when in doubt.
+
+    A column whose values are all strings, or all lists of one plain type (strings, booleans, int64 integers,
+    floats, ``{role, content}`` string messages), of the type the format fixes if it fixes one, always makes a
+    Dataset; ``datasets`` takes seconds to import, which ``--dry-run`` does not spend on such data (plain JSONL,
+    the built-in generators).
+    """
+    data = _column_lists(rows, fmt)
+    fixed = fmt in TYPED_FORMATS and "messages" not in data
+    for column, values in data.items():
+        found = _column_type(values)
+        wanted = COLUMN_TYPES[column] if fixed else found
+        if found is None or not (found == wanted or (found == [] and isinstance(wanted, list))):
+            _to_dataset(rows, fmt)  # raises the DataError, or shows that Arrow takes the column after all
+            return
+
+
+def _column_lists(rows: list[dict[str, Any]], fmt: str) -> dict[str, list[Any]]:
+    """``rows`` as column -> values for a Dataset of format ``fmt``; DataError for rows of mixed forms."""
     if fmt == "sft" and any("messages" in r for r in rows):
         if not all("messages" in r for r in rows):
             raise DataError("sft rows mix `messages` conversations with prompt/completion rows; use one form")
-        return _from_dict({"messages": [r["messages"] for r in rows]})
+        return {"messages": [r["messages"] for r in rows]}
     columns = list(FORMATS[fmt][0]) + [c for c in FORMATS[fmt][1] if any(c in r for r in rows)]
     if any(c not in r for r in rows for c in columns):
         optional = [c for c in columns if c in FORMATS[fmt][1]]
         raise DataError(f"optional columns {optional} are present in some rows but not all (format {fmt!r})")
-    data = {c: [r[c] for r in rows] for c in columns}
-    return _from_dict(data, features(fmt, columns))
+    return {c: [r[c] for r in rows] for c in columns}
+
+
+def _column_type(values: list[Any]) -> str | list[str] | None:
+    """``"string"`` when every value is a string; ``[t]`` when every value is a list of items of plain type ``t``
+    (``[]``: all lists empty); None for anything else (mixed, nested, other types).
+
+    >>> _column_type(["a", "b"]), _column_type([[], ["a"]]), _column_type([[1], [2**63]]), _column_type([[1], [True]])
+    ('string', ['string'], None, None)
+    >>> _column_type([[{"role": "user", "content": "hi"}], [{"role": "user", "content": "hi", "name": "x"}]])
+    """
+    if all(_item_type(value) == "string" for value in values):
+        return "string"
+    if not all(isinstance(value, list) for value in values):
+        return None
+    kinds = {_item_type(item) for value in values for item in value}
+    return None if len(kinds) > 1 or None in kinds else list(kinds)
+
+
+def _item_type(item: Any) -> str | None:
+    if isinstance(item, str):  # a lone surrogate (JSON "\ud800") is valid Python but not UTF-8: Arrow refuses it
+        return "string" if item.isascii() or _utf8(item) else None
+    if isinstance(item, bool):
+        return "bool"
+    if isinstance(item, int):
+        return "int64" if -2**63 <= item < 2**63 else None
+    if isinstance(item, float):
+        return "float64"
+    if isinstance(item, dict):  # a message: exactly role and content, both strings
+        plain = item.keys() == {"role", "content"} and all(_item_type(v) == "string" for v in item.values())
+        return "message" if plain else None
+    return None
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _from_dict(data: dict[str, list[Any]], features: Any = None):

@@ -6,10 +6,11 @@ Optimization", sec. 2): the policy being trained samples ``k`` completions per p
 such as ``reward/math.py:answer_match``, a trained ORM via :class:`alignkit.rewards.reward_model.RewardModelScorer`,
 or a PRM) scores them, and the highest- and lowest-scored completions become (chosen, rejected).
 
-The work is done in shards of prompts, each written to ``<dir>/shard-00000.jsonl`` (temp file, then
-``os.replace``) only once fully sampled and scored, so a killed run restarts at the first missing shard and
-never duplicates or loses a prompt. Every prompt gets a row, with or without a usable pair, so the shard
-also records which prompts gave no pair (all samples tied, or unscorable).
+The work is done in shards of prompts (:mod:`alignkit.core.shards`: ``<dir>/shard-00000.meta.json``, then
+``<dir>/shard-00000.jsonl``, each temp file + ``os.replace``) written only once fully sampled and scored, so a
+killed run redoes at most the shard in progress and never duplicates or loses a prompt. Every prompt gets a
+row, with or without a usable pair, so the shard also records which prompts gave no pair (all samples tied,
+or unscorable).
 
 Departures from the papers:
 1. Ties: a prompt whose best and worst scores differ by ``min_margin`` or less gives no pair (Pang et al. keep
@@ -20,15 +21,15 @@ Departures from the papers:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from alignkit.core.artifacts import write_jsonl_atomic
-from alignkit.rewards.values import call_reward, reward_name
+from alignkit.core import shards
 from alignkit.core.shards import path as shard_path
+from alignkit.rewards.values import call_reward, reward_name
+
 
 #: (shard number, its prompt rows) -> samples[prompt][k] (texts); seed sampling by shard for reproducibility
 SampleFn = Callable[[int, list[dict[str, Any]]], list[list[str]]]
@@ -100,37 +101,39 @@ def make_pairs(prompts: Sequence[dict[str, Any]], directory: str | Path, *, shar
     """Sample, score and pair ``prompts`` shard by shard under ``directory``, skipping finished shards.
 
     Returns every prompt's row (in prompt order) and the statistics. ``on_shard(done, total)`` is called
-    after each shard is written. Shard ``s`` holds prompts ``[s * shard_size, (s + 1) * shard_size)``.
+    after each shard is written (``done`` counts the shards complete so far, earlier runs' included). Shard
+    ``s`` holds prompts ``[s * shard_size, (s + 1) * shard_size)`` (:func:`alignkit.core.shards.items`).
+    Complete shards are read back and checked before anything is sampled.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    n_shards = (len(prompts) + shard_size - 1) // shard_size
-    rows: list[dict[str, Any]] = []
+    n_shards = shards.count(len(prompts), shard_size)
+    todo = shards.pending(directory, len(prompts), shard_size, rank=0, world=1)
+    by_shard = {j: read_shard(directory, j, shards.items(j, len(prompts), shard_size))
+                for j in range(n_shards) if j not in todo}
     sampled_now = 0
-    for shard in range(n_shards):
-        indices = list(range(shard * shard_size, min((shard + 1) * shard_size, len(prompts))))
-        path = shard_path(directory, shard)
-        if path.exists():
-            shard_rows = read_shard(path, indices)
-        else:
-            chunk = [prompts[i] for i in indices]
-            texts = sample(shard, chunk)
-            shard_rows = pair_rows(indices, chunk, texts, score(chunk, texts), min_margin=min_margin)
-            write_jsonl_atomic(path, shard_rows)
-            sampled_now += len(indices)
-        rows += shard_rows
+    for j in todo:
+        indices = shards.items(j, len(prompts), shard_size)
+        chunk = [prompts[i] for i in indices]
+        texts = sample(j, chunk)
+        rows = pair_rows(indices, chunk, texts, score(chunk, texts), min_margin=min_margin)
+        shards.write(directory, j, rows, {"prompts": len(rows), "pairs": sum(r["chosen"] is not None for r in rows)})
+        by_shard[j] = rows
+        sampled_now += len(indices)
         if on_shard is not None:
-            on_shard(shard + 1, n_shards)
+            on_shard(len(by_shard), n_shards)
+    rows = [row for j in range(n_shards) for row in by_shard[j]]
     return rows, _stats(rows, sampled_now)
 
 
-def read_shard(path: Path, indices: Sequence[int]) -> list[dict[str, Any]]:
+def read_shard(directory: Path, shard: int, indices: Sequence[int]) -> list[dict[str, Any]]:
     """A finished shard's rows; it must hold exactly the prompts ``indices`` (else it is from another run)."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = shards.read(directory, shard)
     found = [row["index"] for row in rows]
     if found != list(indices):
-        raise RuntimeError(f"{path} holds prompts {found[:3]}... but this run expects {list(indices)[:3]}...; "
-                           "it was written with other prompts or shard_size: delete the pairs folder")
+        raise RuntimeError(f"{shard_path(directory, shard)} holds prompts {found[:3]}... but this run expects "
+                           f"{list(indices)[:3]}...; it was written with other prompts or shard_size: delete the "
+                           "pairs folder")
     return rows
 
 

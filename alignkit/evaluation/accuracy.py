@@ -21,6 +21,8 @@ def greedy_accuracy(model: Any, tokenizer: Any, problems: Any, *, max_new_tokens
 
     Returns ``{"accuracy": float, "n": int, "samples": [{prompt, completion, answer, correct}]}``.
     """
+    from tqdm.auto import tqdm
+
     from alignkit.generation import SamplingParams
     from alignkit.rewards.programs import load_reward
     from alignkit.rewards.values import call_reward
@@ -31,8 +33,10 @@ def greedy_accuracy(model: Any, tokenizer: Any, problems: Any, *, max_new_tokens
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, n=1)
     was_training = model.training
     model.eval()
-    try:
-        outputs = engine.generate(prompts, params, progress=progress)
+    try:  # the engine advances the bar per answered problem, as each greedy answer ends (not per batch)
+        with tqdm(total=len(prompts), unit="problem", desc="greedy accuracy", disable=not progress,
+                  dynamic_ncols=True, smoothing=0) as bar:
+            outputs = engine.generate(prompts, params, progress=bar)
     finally:
         model.train(was_training)
     completions = [samples[0].text for samples in outputs]

@@ -196,7 +196,7 @@ def markdown_report(outcome: dict[str, Any]) -> str:
              f"- grader: `{suite.grader.program}`; verifiers: ORM `{suite.orm}`, PRM `{suite.prm}`"]
     if outcome["curves"]:
         lines.append(f"- sampling: n={s.n}, temperature={s.temperature}, top_p={s.top_p}, top_k={s.top_k}, "
-                     f"max_new_tokens={s.max_new_tokens}, seed={s.seed}; curves average {suite.draws} "
+                     f"max_completion_length={s.max_completion_length}, seed={s.seed}; curves average {suite.draws} "
                      "subsets per N (all of them when fewer)")
         lines += ["", "## Accuracy (%)", ""]
         if "greedy" in outcome["metrics"]:

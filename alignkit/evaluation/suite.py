@@ -79,11 +79,13 @@ class PromptSpec(Spec):
 class SamplingSpec(Spec):
     """The one shared pool of samples per problem that every selection method draws from."""
 
+    RENAMED = {"max_new_tokens": "max_completion_length"}
+
     n: int = Field(16, gt=0, description="Samples per problem: N_max of the curves (pass@k needs n >= k).")
     temperature: float = Field(0.8, gt=0, description="Softmax temperature of the pool (greedy is separate).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus mass; 1 = off.")
     top_k: int = Field(0, ge=0, description="Keep the k likeliest tokens; 0 = off.")
-    max_new_tokens: int = Field(256, gt=0, description="Budget per completion; cut-off ones count as wrong.")
+    max_completion_length: int = Field(256, gt=0, description="Budget per completion; cut-off ones count as wrong.")
     stop: list[str] = Field(default_factory=list, description="Stop strings (excluded from the text).")
     seed: int = Field(0, description="Shard k samples with seed + k, so reruns and resumes reproduce it.")
 

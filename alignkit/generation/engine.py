@@ -24,6 +24,9 @@ Conventions shared by all backends:
 3. ``Completion.logprobs[i]`` is ``log_softmax(logits / temperature)[token_ids[i]]`` (temperature 0
    counts as 1) under the model's logits *before* top-k/top-p truncation: the same quantity TRL's
    GRPO/PPO trainers recompute for the policy, so old and new log-probs are comparable.
+4. Progress counts completions as they finish (:func:`progress_bar`): ``fast`` when a row retires, ``hf``
+   at the decode step a row reaches EOS, a stop string or ``max_new_tokens`` (not when its whole batch
+   returns), ``openai`` per response.
 """
 
 from __future__ import annotations
@@ -75,6 +78,13 @@ class Completion:
     logprobs: list[float] | None = None
 
 
+class Progress(Protocol):
+    """A caller's progress bar (a ``tqdm`` bar, or anything with ``update(n)``) that an engine advances."""
+
+    def update(self, n: int = 1) -> Any:
+        ...
+
+
 class Engine(Protocol):
     """Anything that turns prompts into completions."""
 
@@ -83,9 +93,13 @@ class Engine(Protocol):
         prompts: list[str] | list[list[int]],
         params: SamplingParams,
         *,
-        progress: bool = True,
+        progress: bool | Progress = True,
     ) -> list[list[Completion]]:
-        """Return ``params.n`` completions for each prompt: ``result[prompt][sample]``."""
+        """Return ``params.n`` completions for each prompt: ``result[prompt][sample]``.
+
+        ``progress``: True shows the engine's own bar, False none; a caller's bar (:class:`Progress`) is
+        advanced instead, by one per finished completion, so a stage can keep one bar over many calls.
+        """
         ...
 
 
@@ -200,8 +214,22 @@ def inference_mode(model: Any) -> Iterator[None]:
         model.train(was_training)
 
 
-def progress_bar(total: int, *, enabled: bool, backend: str) -> Any:
-    """A tqdm bar counting finished completions (its rate reads completions/s)."""
+def progress_bar(total: int, *, enabled: bool | Progress, backend: str) -> contextlib.AbstractContextManager[Any]:
+    """The bar a ``generate`` call advances by one per finished completion, as each one finishes (the local
+    backends at the decode step a row ends, the openai backend per response).
+
+    ``enabled`` is ``generate``'s ``progress``: a bool gives our own tqdm bar of ``total`` completions (hidden
+    when False), whose rate and ETA average over the whole call (``smoothing=0``: completions finish in bursts,
+    and a moving average of bursts swings); a caller's bar is handed back as it is, to be advanced, not closed.
+    """
+    if not isinstance(enabled, bool):
+        return contextlib.nullcontext(enabled)
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="compl", desc=f"generate[{backend}]", disable=not enabled, dynamic_ncols=True)
+    return tqdm(total=total, unit="compl", desc=f"generate[{backend}]", disable=not enabled, dynamic_ncols=True,
+                smoothing=0)
+
+
+def bar_is_shown(bar: Any) -> bool:
+    """Whether advancing ``bar`` shows anything (a disabled tqdm bar does not: skip work done only for it)."""
+    return not getattr(bar, "disable", False)

@@ -46,6 +46,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from alignkit.generation.engine import (
     Completion,
+    Progress,
     SamplingParams,
     copy_completion,
     encode_prompts,
@@ -105,7 +106,7 @@ def sample_next(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The slot cache, driven through the model's ``past_key_values`` argument.
+# The slot cache, driven through the model's cache argument (``cache``; ``past_key_values`` in older transformers).
 
 
 class SlotLayer(CacheLayerMixin):
@@ -181,6 +182,21 @@ class SlotCache(Cache):
             layer.values[d] = layer.values[s]
 
 
+def cache_argument(model: Any) -> str:
+    """The keyword ``model``'s forward takes its KV cache by: ``cache`` in current transformers (``past_key_values``
+    is deprecated there and warns on every call), ``past_key_values`` in the 5.x releases before the rename.
+    A PEFT model forwards keywords to its base model, whose signature decides."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def returned_cache(output: Any) -> Any:
+    """The KV cache a forward returned, read by its current name (``output.past_key_values`` logs a deprecation)."""
+    return output["cache"] if "cache" in output.keys() else output["past_key_values"]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Engine.
 
@@ -235,13 +251,14 @@ class FastEngine:
             warnings.warn(f"fast generation: {reason}; using the hf backend instead", RuntimeWarning, stacklevel=2)
             self.fallback = HFEngine(model, tokenizer, batch_size=batch_size)
         self.decode_forward = model
+        self.cache_argument = cache_argument(model)
         if compile and model.device.type == "cuda":
             self.decode_forward = torch.compile(model, dynamic=True)
         elif compile:
             warnings.warn("fast generation: compile=True is CUDA-only; running eagerly", RuntimeWarning, stacklevel=2)
 
     def generate(
-        self, prompts: list[str] | list[list[int]], params: SamplingParams, *, progress: bool = True
+        self, prompts: list[str] | list[list[int]], params: SamplingParams, *, progress: bool | Progress = True
     ) -> list[list[Completion]]:
         """See :class:`~alignkit.generation.engine.Engine`."""
         if self.fallback is not None:
@@ -325,11 +342,12 @@ class _Run:
         out = self.e.model(
             input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
         )
+        prefill_cache = returned_cache(out)
         if self.cache is None:
-            self.cache = SlotCache(out.past_key_values, self.slots, self.max_len)
+            self.cache = SlotCache(prefill_cache, self.slots, self.max_len)
         src = [k for k, (_, rows) in enumerate(take) for _ in range(rows)]  # prefill row of each new slot
         first, count = len(self.owner), len(src)
-        self.cache.load_prefill(out.past_key_values, torch.tensor(src, device=self.device), first, width)
+        self.cache.load_prefill(prefill_cache, torch.tensor(src, device=self.device), first, width)
         lengths = torch.tensor([len(prompts[k]) for k in src])
         self.start[first : first + count] = width - lengths
         self.write[first : first + count] = width
@@ -358,8 +376,8 @@ class _Run:
             input_ids=self.last[:active, None].to(self.device),
             position_ids=(write - start)[:, None],
             attention_mask=valid[:, None, None, :],  # 4D: transformers uses it as-is
-            past_key_values=self.cache,
             use_cache=True,
+            **{self.e.cache_argument: self.cache},
         )
         self.write[:active] += 1
         self._record(0, *sample_next(out.logits[:, -1].float(), self.params, self.generator))

@@ -11,6 +11,9 @@ It is the oracle the ``fast`` backend is tested against, so it favours obvious c
    Processors we do not expose (``repetition_penalty``, ``min_p``...) are set to their no-op values.
 4. Stop strings use ``stop_strings=`` (HF's ``StopStringCriteria``); rows are then truncated by
    :func:`~alignkit.generation.engine.finish_completion`, like every backend's.
+5. Progress: a call's rows finish at different decode steps, but ``generate`` returns them together; a
+   stopping criterion that stops nothing (:class:`_FinishedRows`) counts each row at the step it ends, so the
+   bar moves per finished sequence, not per call.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import torch
 
 from alignkit.generation.engine import (
     Completion,
+    Progress,
     SamplingParams,
+    bar_is_shown,
     copy_completion,
     encode_prompts,
     eos_token_ids,
@@ -88,6 +93,59 @@ class _LogprobRecorder:
         return torch.stack(self.steps, dim=1).tolist()  # [rows, steps]
 
 
+class _FinishedRows:
+    """Advances a progress bar by ``weight`` per row of one ``generate`` call, at the decode step the row ends.
+
+    ``generate`` calls its stopping criteria right after each new token is appended; this one stops nothing
+    and marks the rows whose new token is an EOS id, completes one of ``params.stop`` (the same
+    ``StopStringCriteria`` test ``generate`` runs for ``stop_strings=``) or is the ``max_new_tokens``-th:
+    exactly the rows ``generate`` finishes at that step. Finished rows keep receiving padding and are counted
+    once. :meth:`finish` counts any row left (one that ``generate`` ended for a reason of the checkpoint's own
+    ``generation_config``), so the bar always advances by ``rows * weight`` per call.
+    """
+
+    def __init__(self, bar: Any, weight: int, *, rows: int, prompt_width: int, eos_ids: list[int],
+                 params: SamplingParams, tokenizer: Any):
+        from transformers import StoppingCriteria, StopStringCriteria
+
+        counter = self
+        self.bar, self.weight, self.rows, self.counted = bar, weight, rows, 0
+        self.end = prompt_width + params.max_new_tokens  # sequence length at the last generated token
+        self.eos = torch.tensor(eos_ids)
+        self.stop = StopStringCriteria(tokenizer, list(params.stop)) if params.stop else None
+        self.done: torch.Tensor | None = None  # [rows] bool
+
+        class Count(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+                counter.step(input_ids)
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        self.criterion = Count()
+
+    def step(self, input_ids: torch.Tensor) -> None:
+        if self.done is None:
+            self.done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            self.eos = self.eos.to(input_ids.device)
+        if input_ids.shape[1] >= self.end:
+            ended = torch.ones_like(self.done)
+        else:
+            ended = torch.isin(input_ids[:, -1], self.eos)
+            if self.stop is not None:
+                ended |= self.stop(input_ids, None)
+        new = int((ended & ~self.done).sum())  # one small sync; generate syncs on its own stop check each step
+        if new:
+            self.done |= ended
+            self._advance(new)
+
+    def finish(self) -> None:
+        self._advance(self.rows - self.counted)
+
+    def _advance(self, rows: int) -> None:
+        if rows > 0:
+            self.counted += rows
+            self.bar.update(rows * self.weight)
+
+
 def _generation_kwargs(params: SamplingParams, *, eos_ids: list[int], pad_id: int) -> dict[str, Any]:
     kwargs: dict[str, Any] = dict(
         max_new_tokens=params.max_new_tokens,
@@ -124,7 +182,7 @@ class HFEngine:
         self.pad_id = pad_token_id(tokenizer, self.eos_ids)
 
     def generate(
-        self, prompts: list[str] | list[list[int]], params: SamplingParams, *, progress: bool = True
+        self, prompts: list[str] | list[list[int]], params: SamplingParams, *, progress: bool | Progress = True
     ) -> list[list[Completion]]:
         """See :class:`~alignkit.generation.engine.Engine`."""
         ids = encode_prompts(prompts, self.tokenizer)
@@ -137,16 +195,23 @@ class HFEngine:
             progress_bar(len(ids) * params.n, enabled=progress, backend=self.backend) as bar,
         ):
             for call, rows_each in plan_calls(order, 1 if greedy else params.n, self.batch_size):
-                rows = self._generate_call([ids[i] for i in call], rows_each, params)
+                # Greedy: each row stands for the prompt's n identical completions.
+                rows = self._generate_call([ids[i] for i in call], rows_each, params, bar, params.n if greedy else 1)
                 for k, i in enumerate(call):
                     got = rows[k * rows_each : (k + 1) * rows_each]
                     # Greedy: n identical rows; copies, so a caller mutating one does not change the others.
                     results[i].extend(got if not greedy else [copy_completion(got[0]) for _ in range(params.n)])
-                    bar.update(len(got) if not greedy else params.n)
         return results
 
-    def _generate_call(self, batch: list[list[int]], rows_each: int, params: SamplingParams) -> list[Completion]:
-        """One left-padded ``generate`` call; returns ``len(batch) * rows_each`` completions, prompt-major."""
+    def _generate_call(
+        self, batch: list[list[int]], rows_each: int, params: SamplingParams, bar: Any = None, weight: int = 1
+    ) -> list[Completion]:
+        """One left-padded ``generate`` call; returns ``len(batch) * rows_each`` completions, prompt-major.
+
+        ``bar`` is advanced by ``weight`` per row as it finishes (see :class:`_FinishedRows`).
+        """
+        from transformers import StoppingCriteriaList
+
         device = self.model.device
         width = max(len(p) for p in batch)
         input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in batch], device=device)
@@ -154,17 +219,28 @@ class HFEngine:
         kwargs = _generation_kwargs(params, eos_ids=self.eos_ids, pad_id=self.pad_id)
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        criteria = StoppingCriteriaList()
         recorder = _LogprobRecorder(params.temperature) if params.return_logprobs else None
         if recorder is not None:
-            from transformers import LogitsProcessorList, StoppingCriteriaList
+            from transformers import LogitsProcessorList
 
-            kwargs.update(
-                logits_processor=LogitsProcessorList([recorder.processor]),
-                stopping_criteria=StoppingCriteriaList([recorder.criterion]),
-            )
+            kwargs.update(logits_processor=LogitsProcessorList([recorder.processor]))
+            criteria.append(recorder.criterion)
+        rows = len(batch) * rows_each
+        counter = None
+        if bar is not None and bar_is_shown(bar):
+            counter = _FinishedRows(bar, weight, rows=rows, prompt_width=width, eos_ids=self.eos_ids, params=params,
+                                    tokenizer=self.tokenizer)
+            criteria.append(counter.criterion)
+        if criteria:
+            kwargs.update(stopping_criteria=criteria)
         out = self.model.generate(
             input_ids=input_ids, attention_mask=attention_mask, num_return_sequences=rows_each, **kwargs
         )
+        if counter is not None:
+            counter.finish()
+        elif bar is not None:
+            bar.update(rows * weight)
         generated = out[:, width:].tolist()
         logps = recorder.per_row() if recorder is not None else [None] * len(generated)
         return [

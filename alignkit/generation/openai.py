@@ -29,7 +29,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from alignkit.generation.engine import Completion, GenerationError, SamplingParams, progress_bar
+from alignkit.generation.engine import Completion, GenerationError, Progress, SamplingParams, progress_bar
 
 
 def request_body(prompt: str | list[int], params: SamplingParams, model_name: str, *, token_ids: bool) -> dict:
@@ -105,7 +105,7 @@ class OpenAIEngine:
         return f"OpenAIEngine(url={self.url!r}, model_name={self.model_name!r})"
 
     def generate(
-        self, prompts: list[str] | list[list[int]], params: SamplingParams, *, progress: bool = True
+        self, prompts: list[str] | list[list[int]], params: SamplingParams, *, progress: bool | Progress = True
     ) -> list[list[Completion]]:
         """See :class:`~alignkit.generation.engine.Engine`; one request per prompt, ``batch_size`` at a time."""
         results: list[list[Completion]] = [[] for _ in prompts]

@@ -1,13 +1,11 @@
-"""Masked statistics, whitening, GAE and group baselines: tensors in, tensors out.
+"""Masked statistics, whitening and GAE: tensors in, tensors out.
 
-Shapes: ``B`` sequences (prompts x samples), ``T`` tokens, ``G`` samples per prompt. Masks are bool
-``(B, T)`` tensors, True on the response tokens the policy generated (the "actions").
+Shapes: ``B`` sequences, ``T`` tokens. Masks are bool ``(B, T)`` tensors, True on the response tokens
+the policy generated (the "actions").
 
-Departures from the papers:
-1. :func:`gae` skips masked positions instead of treating them as zero-reward steps, so a hole in the
-   mask (tool output inside a response) is not a time step and is not discounted over.
-2. :func:`group_advantages` uses the unbiased (n - 1) group std, as TRL's GRPOTrainer does; the GRPO
-   paper (Shao et al. 2024) does not say which.
+Departure from the paper: :func:`gae` skips masked positions instead of treating them as zero-reward
+steps, so a hole in the mask (tool output inside a response) is not a time step and is not discounted
+over.
 """
 
 from __future__ import annotations
@@ -103,44 +101,3 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     advantages = torch.stack(columns[::-1], dim=1)  # (B, T)
     returns = torch.where(mask, advantages + values, torch.zeros_like(values))
     return advantages, returns
-
-
-def _grouped(rewards: Tensor, group_size: int) -> Tensor:
-    """(B * G,) or (B, G) -> (B, G), checking the grouping."""
-    if group_size < 2:
-        raise ValueError(f"group_size must be >= 2 (a group of one has no baseline), got {group_size}")
-    if rewards.dim() == 2 and rewards.shape[1] != group_size:
-        raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not have groups of {group_size}")
-    if rewards.dim() not in (1, 2) or rewards.numel() % group_size:
-        raise ValueError(f"rewards of shape {tuple(rewards.shape)} cannot split into groups of {group_size}")
-    return rewards.reshape(-1, group_size)
-
-
-def group_advantages(rewards: Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> Tensor:
-    """GRPO's group-relative advantage (Shao et al. 2024, arXiv:2402.03300, sec. 4.1.2), one per sample.
-
-        A_i = (r_i - mean(r_group)) / (std(r_group) + eps)    if scale
-        A_i =  r_i - mean(r_group)                             if not (Dr. GRPO, Liu et al. 2025)
-
-    ``rewards``: (B * G,) with each prompt's G samples adjacent, or (B, G); the result has the same shape.
-    std is unbiased (n - 1). ``eps`` keeps a group whose rewards are all equal at advantage 0; TRL uses 1e-4.
-    Dropping the std (``scale=False``) avoids up-weighting prompts that are nearly always or never solved.
-    """
-    grouped = _grouped(rewards, group_size)  # (B, G)
-    adv = grouped - grouped.mean(dim=1, keepdim=True)
-    if scale:
-        adv = adv / (grouped.std(dim=1, keepdim=True) + eps)
-    return adv.reshape(rewards.shape)
-
-
-def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
-    """REINFORCE leave-one-out advantage (Kool et al. 2019; Ahmadian et al. 2024, arXiv:2402.14740, eq. 3).
-
-        A_i = r_i - (1 / (G - 1)) * sum_{j != i} r_j  =  G / (G - 1) * (r_i - mean(r_group))
-
-    The baseline excludes the sample's own reward, so it is independent of it and the gradient estimate is
-    unbiased. ``rewards``: (B * G,) or (B, G) as in :func:`group_advantages`; same shape out.
-    """
-    grouped = _grouped(rewards, group_size)  # (B, G)
-    others_mean = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
-    return (grouped - others_mean).reshape(rewards.shape)

@@ -1,4 +1,4 @@
-"""Policy, value and preference losses, loss reduction, entropy and explained variance.
+"""PPO policy and value losses, loss reduction, entropy and explained variance.
 
 Shapes: ``B`` sequences, ``T`` tokens, ``V`` vocabulary. Token-level functions take (B, T) tensors and a
 bool ``mask`` (B, T) marking the response tokens; they return a scalar loss and a dict of detached 0-d
@@ -8,14 +8,12 @@ tensor stats (not floats: converting would force a device sync per call; the log
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from alignkit.maths.advantages import _check_mask, masked_mean, masked_var
 from alignkit.maths.kl import kl_estimate
 
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
-DPO_KINDS = ("sigmoid", "ipo", "hinge")
 
 
 def aggregate_loss(
@@ -110,22 +108,26 @@ def ppo_value_loss(
 
 
 def entropy_from_logits(logits: Tensor, chunk_rows: int = 1024) -> Tensor:
-    """Entropy of the softmax over the last dim: (..., V) -> (...).
+    """Entropy of the softmax over the last dim: (..., V) -> (...). Same quantity as TRL's
+    ``trl.trainer.utils.entropy_from_logits`` (checked against it in tests/test_maths.py).
 
-        H = logsumexp(l) - sum_v softmax(l)_v * l_v
+        H = -sum_v p_v * log p_v,   log p = log_softmax(l)
 
-    Processed ``chunk_rows`` rows (flattened leading dims) at a time, in float32 per chunk: the float32
-    softmax of a whole (B, T, V) batch is often larger than the logits themselves (bf16 logits of
-    8 x 2048 x 150k are 5 GB; their float32 softmax 10 GB). Chunking bounds that peak under ``no_grad``;
-    with autograd each chunk's softmax is kept for backward anyway.
+    Not ``logsumexp(l) - sum_v p_v * l_v``: for a peaked distribution both terms are near max(l) and
+    their float32 difference loses ~1e-5 (1e-4 at V = 50k), while log p stays small where p is not.
+    Processed ``chunk_rows`` rows (flattened leading dims) at a time, in at least float32 per chunk
+    (bf16 softmax loses ~2 digits; float64 stays float64): the float32 softmax of a whole (B, T, V)
+    batch is often larger than the logits themselves (bf16 logits of 8 x 2048 x 150k are 5 GB; their
+    float32 softmax 10 GB). Chunking bounds that peak under ``no_grad``; with autograd each chunk's
+    softmax is kept for backward anyway. A ``-inf`` logit gives NaN (0 * -inf), as in TRL.
     """
     flat = logits.reshape(-1, logits.shape[-1])  # (N, V)
+    dtype = torch.promote_types(logits.dtype, torch.float32)
     out = []
     for chunk in flat.split(chunk_rows):
-        chunk = chunk.float()  # bf16 logsumexp loses ~2 digits
-        probs = torch.softmax(chunk, dim=-1)
-        out.append(torch.logsumexp(chunk, dim=-1) - (probs * chunk).sum(dim=-1))
-    entropy = torch.cat(out) if out else flat.new_zeros(0, dtype=torch.float32)
+        logp = torch.log_softmax(chunk.to(dtype), dim=-1)
+        out.append(-(logp.exp() * logp).sum(dim=-1))
+    entropy = torch.cat(out) if out else flat.new_zeros(0, dtype=dtype)
     return entropy.reshape(logits.shape[:-1])
 
 
@@ -139,38 +141,3 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     """
     residual_var = masked_var(returns - values, mask, unbiased=False)
     return 1.0 - residual_var / masked_var(returns, mask, unbiased=False)
-
-
-def dpo_loss(
-    chosen_logps: Tensor,
-    rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    beta: float,
-    kind: str = "sigmoid",
-    label_smoothing: float = 0.0,
-) -> Tensor:
-    """Per-pair preference loss, shape (B,); take ``.mean()`` to train.
-
-    Inputs (B,): summed log-probs of each chosen / rejected response under the policy and the reference.
-    With the margin h = (chosen - ref_chosen) - (rejected - ref_rejected):
-
-    ``sigmoid`` (DPO, Rafailov et al. 2023, eq. 7; cDPO label smoothing eps, Mitchell 2023):
-        loss = -(1 - eps) * log sigmoid(beta * h) - eps * log sigmoid(-beta * h)
-    ``ipo`` (Azar et al. 2023, eq. 17): loss = (h - 1 / (2 * beta))^2. The IPO paper's log-probs are
-        averaged over tokens (as TRL does), so pass mean log-probs for ``ipo``.
-    ``hinge`` (SLiC, Zhao et al. 2023): loss = max(0, 1 - beta * h).
-    """
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if label_smoothing and kind != "sigmoid":
-        raise ValueError(f"label_smoothing only applies to kind='sigmoid', not {kind!r}")
-    h = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
-    if kind == "sigmoid":
-        # logsigmoid is stable for large |beta * h|, unlike log(sigmoid(.))
-        return -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    if kind == "ipo":
-        return (h - 1 / (2 * beta)) ** 2
-    if kind == "hinge":
-        return torch.relu(1 - beta * h)
-    raise ValueError(f"kind must be one of {', '.join(DPO_KINDS)}; got {kind!r}")

@@ -467,15 +467,23 @@ def apply_lora(model: PreTrainedModel, spec: LoraSpec, task: str, *, gradient_ch
     norms in float32, makes inputs require grad so checkpointed blocks get gradients). With TRL trainers,
     pass :func:`lora_config` as ``peft_config`` instead: they do the same preparation themselves.
     """
+    import inspect
+
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     checkpoint_kwargs = {"use_reentrant": False}  # reentrant checkpointing drops grads of frozen inputs
     if is_quantized(model):
+        # PEFT >= 0.22 and transformers >= 5.23 renamed gradient -> activation checkpointing; the old names warn
+        new_name = "activation_checkpointing_kwargs" in inspect.signature(prepare_model_for_kbit_training).parameters
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=checkpoint_kwargs
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            **{"activation_checkpointing_kwargs" if new_name else "gradient_checkpointing_kwargs": checkpoint_kwargs},
         )
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
         model.enable_input_require_grads()
     return get_peft_model(model, lora_config(spec, task))
 

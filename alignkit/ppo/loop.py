@@ -19,6 +19,7 @@ from alignkit.core.errors import TrainingDiverged
 from alignkit.rewards.hacking import math_signals
 from alignkit.maths import masked_mean
 from alignkit.core.perf import peak_memory_gib, reset_peak_memory
+from alignkit.ppo.hyper import PPOHyper
 from alignkit.ppo.logprobs import sequence_logps, sequence_values
 from alignkit.ppo.rewards import (
     StepScorer,
@@ -52,18 +53,18 @@ class RewardSources:
 
 
 @torch.no_grad()
-def fill_experience(models: PPOModels, rollout: Rollout, config: Any) -> None:
+def fill_experience(models: PPOModels, rollout: Rollout, hyper: PPOHyper) -> None:
     """Set ``old_logps``, ``entropy``, ``ref_logps`` and ``old_values`` of ``rollout``, ``batch_size`` rows
     per forward, with the same code (and dropout off) as the training forward, so the first ratios are 1."""
     shape = rollout.response_mask.shape
     fields = {name: torch.zeros(shape, device=rollout.response_ids.device) for name in
               ("old_logps", "entropy", "ref_logps", "old_values")}
-    for start in range(0, len(rollout), config.batch_size):
-        rows = list(range(start, min(start + config.batch_size, len(rollout))))
+    for start in range(0, len(rollout), hyper.batch_size):
+        rows = list(range(start, min(start + hyper.batch_size, len(rollout))))
         part = rollout.select(rows)
         ids, attention = part.inputs()
         mask, width = part.response_mask, part.response_mask.shape[1]
-        options = {"temperature": config.temperature, "chunk_tokens": config.logits_chunk_tokens}
+        options = {"temperature": hyper.temperature, "chunk_tokens": hyper.logits_chunk_tokens}
         logps, entropy = sequence_logps(models.policy, ids, attention, mask, with_entropy=True, **options)
         with models.policy.disable_adapter():
             ref_logps, _ = sequence_logps(models.policy, ids, attention, mask, **options)
@@ -113,57 +114,57 @@ def shape_rewards(rollout: Rollout, scores: Tensor, step_rewards: Tensor, beta: 
     return non_score + step_rewards + last_token_rewards(scores, rollout.response_mask)
 
 
-def sample_step(models: PPOModels, data: Sequence[dict[str, Any]], step: int, config: Any, rank: int,
+def sample_step(models: PPOModels, data: Sequence[dict[str, Any]], step: int, hyper: PPOHyper, rank: int,
                 device: torch.device) -> tuple[Rollout, int]:
-    """Sample this process's share of step ``step``'s prompts (``samples_per_prompt`` responses each)."""
+    """Sample this process's share of step ``step``'s prompts (``num_generations`` responses each)."""
     from alignkit.generation import SamplingParams
     from alignkit.data.prompts import render_prompt
 
-    per_process = config.prompts_per_step
-    chosen = step_prompt_indices(step, len(data), per_process * world_size(), config.seed)
+    per_process = hyper.prompts_per_step
+    chosen = step_prompt_indices(step, len(data), per_process * world_size(), hyper.seed)
     mine = chosen[rank * per_process: (rank + 1) * per_process]
-    texts = [render_prompt(models.tokenizer, data[i]["prompt"], chat=config.chat) for i in mine]
-    params = SamplingParams(max_new_tokens=config.max_completion_length, temperature=config.temperature,
-                            n=config.samples_per_prompt, stop=list(config.stop),
-                            seed=config.seed + 7919 * step + 104729 * rank)
+    texts = [render_prompt(models.tokenizer, data[i]["prompt"], chat=hyper.chat) for i in mine]
+    params = SamplingParams(max_new_tokens=hyper.max_completion_length, temperature=hyper.temperature,
+                            n=hyper.num_generations, stop=list(hyper.stop),
+                            seed=hyper.seed + 7919 * step + 104729 * rank)
     return sample(models.engine, models.tokenizer, texts, mine, params, device)
 
 
 def ppo_step(step: int, models: PPOModels, sources: RewardSources, data: Sequence[dict[str, Any]],
-             optimizer: Any, groups: list[list[Tensor]], kl_controller: Any, config: Any, rank: int,
+             optimizer: Any, groups: list[list[Tensor]], kl_controller: Any, hyper: PPOHyper, rank: int,
              device: torch.device) -> dict[str, float]:
     """Run PPO step ``step`` (0-based) on this process; returns metrics averaged over processes."""
     reset_peak_memory()
     started = time.perf_counter()
     # 1. Sample responses with the current policy.
-    rollout, generated = sample_step(models, data, step, config, rank, device)
+    rollout, generated = sample_step(models, data, step, hyper, rank, device)
     sampled = time.perf_counter()
     # 2. Score them; unscorable samples (a reward program returned None) leave the batch.
     scores, step_rewards, score_stats = score(rollout, sources, [data[i] for i in rollout.prompt_rows],
-                                              models.tokenizer, config.missing_eos_penalty)
+                                              models.tokenizer, hyper.missing_eos_penalty)
     keep = [i for i, s in enumerate(scores) if s is not None]
     rollout = rollout.select(keep)
     step_rewards = step_rewards[keep][:, : rollout.response_mask.shape[1]]  # select() trims padding columns
     rollout.scores = torch.tensor([scores[i] for i in keep], dtype=torch.float32, device=device)
     # 3. Old log-probs, reference log-probs and values of the samples, then per-token rewards and GAE.
-    fill_experience(models, rollout, config)
+    fill_experience(models, rollout, hyper)
     beta = kl_controller.value
-    rollout.rewards = shape_rewards(rollout, rollout.scores, step_rewards, beta, config.kl_estimator)
+    rollout.rewards = shape_rewards(rollout, rollout.scores, step_rewards, beta, hyper.kl_estimator)
     rollout.advantages, rollout.returns = advantages_and_returns(
-        rollout.rewards, rollout.old_values, rollout.response_mask, gamma=config.gamma, lam=config.lam,
-        whiten=config.whiten_advantages)
+        rollout.rewards, rollout.old_values, rollout.response_mask, gamma=hyper.gamma, lam=hyper.lam,
+        whiten=hyper.whiten_advantages)
     scored = time.perf_counter()
     # 4. PPO epochs over mini-batches (seeded per step: a resumed run shuffles as the original would).
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-    update = ppo_update(models.policy, models.value, optimizer, rollout, config, groups, generator)
+    generator = torch.Generator().manual_seed(hyper.seed * 1_000_003 + step)
+    update = ppo_update(models.policy, models.value, optimizer, rollout, hyper, groups, generator)
     # A nan/inf loss or gradient norm fails the stage at this step, before anything of it is saved (a nan loss on
     # one process makes every process's gradient norms nan: they are taken after the all-reduce).
     for key in ("policy/loss", "value/loss", "policy/grad_norm", "value/grad_norm"):
         if not math.isfinite(update.get(key, 0.0)):
-            raise TrainingDiverged(getattr(config, "name", None) or "ppo", step + 1, key, update[key])
+            raise TrainingDiverged(hyper.name, step + 1, key, update[key])
     finished = time.perf_counter()
     # 5. The KL coefficient follows the measured KL (adaptive controller only).
-    stats = rollout_stats(rollout, step_rewards, beta, config.kl_estimator)
+    stats = rollout_stats(rollout, step_rewards, beta, hyper.kl_estimator)
     metrics = average_over_processes({**stats, **score_stats, **update}, len(rollout))
     if metrics["samples"] > 0:
         kl_controller.update(metrics["kl/sequence"], int(metrics["samples"]))

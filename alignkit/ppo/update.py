@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from alignkit.maths import explained_variance, gae, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
+from alignkit.ppo.hyper import PPOHyper
 from alignkit.ppo.logprobs import sequence_logps, sequence_values
 from alignkit.ppo.rollout import Rollout
 
@@ -77,7 +78,7 @@ def sync_gradients(params: list[Tensor]) -> None:
         offset += size
 
 
-def micro_step(policy: Any, value_model: Any, micro: Rollout, config: Any, scale: float) -> dict[str, float]:
+def micro_step(policy: Any, value_model: Any, micro: Rollout, hyper: PPOHyper, scale: float) -> dict[str, float]:
     """Forward and backward of one micro-batch; returns its stats (floats, token-weighted by the caller).
 
     ``scale`` = this micro-batch's tokens / the global mini-batch's tokens (module docstring).
@@ -88,13 +89,13 @@ def micro_step(policy: Any, value_model: Any, micro: Rollout, config: Any, scale
     """
     input_ids, attention_mask = micro.inputs()
     mask = micro.response_mask
-    logps, _ = sequence_logps(policy, input_ids, attention_mask, mask, temperature=config.temperature,
-                              chunk_tokens=config.logits_chunk_tokens)
-    pg_loss, pg_stats = ppo_policy_loss(logps, micro.old_logps, micro.advantages, mask, config.clip_eps)
+    logps, _ = sequence_logps(policy, input_ids, attention_mask, mask, temperature=hyper.temperature,
+                              chunk_tokens=hyper.logits_chunk_tokens)
+    pg_loss, pg_stats = ppo_policy_loss(logps, micro.old_logps, micro.advantages, mask, hyper.epsilon)
     (pg_loss * scale).backward()
     values = sequence_values(value_model, input_ids, attention_mask, mask)
-    vf_loss, vf_stats = ppo_value_loss(values, micro.old_values, micro.returns, mask, config.value_clip_eps)
-    (config.vf_coef * vf_loss * scale).backward()
+    vf_loss, vf_stats = ppo_value_loss(values, micro.old_values, micro.returns, mask, hyper.value_epsilon)
+    (hyper.vf_coef * vf_loss * scale).backward()
     with torch.no_grad():
         error = masked_mean((values - micro.returns).abs(), mask)
     return {"policy/loss": pg_loss.item(), "policy/clipfrac": pg_stats["clipfrac"].item(),
@@ -130,7 +131,7 @@ def mini_batches(n: int, count: int, generator: torch.Generator) -> list[Tensor]
     return pieces + [order[:0]] * (count - len(pieces))
 
 
-def ppo_update(policy: Any, value_model: Any, optimizer: Any, rollout: Rollout, config: Any,
+def ppo_update(policy: Any, value_model: Any, optimizer: Any, rollout: Rollout, hyper: PPOHyper,
                groups: list[list[Tensor]], generator: torch.Generator) -> dict[str, float]:
     """``ppo_epochs`` passes over ``rollout`` in shuffled mini-batches; stops early on KL (``target_kl``).
 
@@ -141,28 +142,28 @@ def ppo_update(policy: Any, value_model: Any, optimizer: Any, rollout: Rollout, 
     """
     sums: dict[str, float] = defaultdict(float)
     weight, updates, stopped = 0.0, 0, False
-    for _ in range(config.ppo_epochs):
-        for index in mini_batches(len(rollout), config.num_mini_batches, generator):
+    for _ in range(hyper.ppo_epochs):
+        for index in mini_batches(len(rollout), hyper.num_mini_batches, generator):
             mini = rollout.select(index)
             mini_tokens = mini.response_mask.sum().item()
             global_tokens = all_reduce_sum(torch.tensor(float(mini_tokens), dtype=torch.float64)).item()
             if global_tokens == 0:  # every process drew an empty mini-batch: nothing to learn from
                 continue
             kl_sum = 0.0
-            for start in range(0, len(mini), config.batch_size):
-                micro = mini.select(range(start, min(start + config.batch_size, len(mini))))
+            for start in range(0, len(mini), hyper.batch_size):
+                micro = mini.select(range(start, min(start + hyper.batch_size, len(mini))))
                 tokens = micro.response_mask.sum().item()
-                stats = micro_step(policy, value_model, micro, config, tokens / global_tokens)
+                stats = micro_step(policy, value_model, micro, hyper, tokens / global_tokens)
                 for key, value in stats.items():
                     sums[key] += value * tokens
                 weight += tokens
                 kl_sum += stats["policy/approx_kl"] * tokens
-            norms = clip_and_step(optimizer, groups, config.max_grad_norm)
+            norms = clip_and_step(optimizer, groups, hyper.max_grad_norm)
             sums["policy/grad_norm"] += norms[0] * mini_tokens
             sums["value/grad_norm"] += norms[1] * mini_tokens
             updates += 1
             mini_kl = all_reduce_sum(torch.tensor(kl_sum, dtype=torch.float64)).item() / global_tokens
-            if config.target_kl is not None and mini_kl > 1.5 * config.target_kl:
+            if hyper.target_kl is not None and mini_kl > 1.5 * hyper.target_kl:
                 stopped = True
                 break
         if stopped:

@@ -116,6 +116,9 @@ def _run_folder_lock(root: Path, state):
 
 def _run_stages(recipe: Recipe, state, from_stage: str | None, echo) -> list[StageOutcome]:
     is_main = state.is_main_process
+    if not is_main:
+        echo = _quiet  # one console line per event under accelerate launch, not one per rank
+    processes = f" on {state.num_processes} processes" if state.num_processes > 1 else ""
     run_info = _run_info(recipe, is_main)
     state.wait_for_everyone()
     if is_main:
@@ -133,7 +136,7 @@ def _run_stages(recipe: Recipe, state, from_stage: str | None, echo) -> list[Sta
         if action == "run" and is_main and stage.run_dir.exists():
             shutil.rmtree(stage.run_dir)  # stale outputs of another config (or --from): start clean
         state.wait_for_everyone()
-        echo(f"[alignkit] {stage.name}: {'resuming' if action == 'resume' else 'running'} ({stage.kind})")
+        echo(f"[alignkit] {stage.name}: {'resuming' if action == 'resume' else 'running'} ({stage.kind}){processes}")
         manifest = _run_stage(recipe, stage, state, is_main, run_info["group"])
         outcomes.append(StageOutcome(stage.name, stage.kind, "resumed" if action == "resume" else "ran",
                                      manifest.metrics, manifest.duration_s))
@@ -141,6 +144,10 @@ def _run_stages(recipe: Recipe, state, from_stage: str | None, echo) -> list[Sta
             _maybe_push(recipe, stage, manifest, echo)
         state.wait_for_everyone()
     return outcomes
+
+
+def _quiet(*_args: Any) -> None:
+    pass
 
 
 def _run_info(recipe: Recipe, is_main: bool) -> dict[str, str]:
@@ -188,7 +195,9 @@ def _run_stage(recipe: Recipe, stage: PlannedStage, state, is_main: bool, group:
     manifest.artifacts = result.artifacts
     manifest.finished_at = time.time()
     manifest.status = "done"
-    tracker.summary(manifest.metrics)
+    # W&B summary: the stage's metrics once each, under `<stage>/<key>`: the names ctx.log_metrics logs them under
+    # (unique across a recipe's stages, so its runs compare in one table), not a second copy under the bare key
+    tracker.summary({f"{stage.name}/{key}": value for key, value in manifest.metrics.items()})
     tracker.finish()
     if is_main:
         manifest.write(stage.run_dir)

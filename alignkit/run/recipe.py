@@ -33,7 +33,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from alignkit.core.artifacts import config_hash
-from alignkit.core.config import DataSpec, HubSpec, TrackingSpec
+from alignkit.core.config import DataSpec, HubSpec, TrackingSpec, hash_view, renamed_seen
 from alignkit.core.errors import RecipeError
 from alignkit.core.stage import STAGES, StageConfig, get_stage, known_kinds
 from alignkit.generation.spec import BACKENDS, SPECS
@@ -67,6 +67,7 @@ class Recipe:
     tracking: TrackingSpec
     hub: HubSpec | None
     stages: tuple[PlannedStage, ...]
+    notes: tuple[str, ...] = ()  # one line per old field name read (see Spec.RENAMED), printed by the CLI
 
     def stage(self, name: str) -> PlannedStage:
         for planned in self.stages:
@@ -180,11 +181,12 @@ def parse_recipe(raw: Any, *, file: str | None, base_dir: Path, output_dir: str 
         raise RecipeError("must be a mapping of field: value", file=file, field="defaults")
 
     planned: list[PlannedStage] = []
+    notes: list[str] = []
     for index, stage_raw in enumerate(stages_raw):
-        planned.append(_plan_stage(index, stage_raw, defaults, planned, root, file, base_dir))
+        planned.append(_plan_stage(index, stage_raw, defaults, planned, root, file, base_dir, notes))
     _check_defaults_used(defaults, planned, file)
     _check_hub_stage(hub, planned, file)
-    return Recipe(name, str(raw.get("description") or ""), file, root, tracking, hub, tuple(planned))
+    return Recipe(name, str(raw.get("description") or ""), file, root, tracking, hub, tuple(planned), tuple(notes))
 
 
 def _check_hub_stage(hub: HubSpec | None, planned: list[PlannedStage], file) -> None:
@@ -204,7 +206,7 @@ def _check_hub_stage(hub: HubSpec | None, planned: list[PlannedStage], file) -> 
                           f"{model_stages}", file=file, field="hub.stage")
 
 
-def _plan_stage(index, stage_raw, defaults, earlier, root, file, base_dir) -> PlannedStage:
+def _plan_stage(index, stage_raw, defaults, earlier, root, file, base_dir, notes: list[str]) -> PlannedStage:
     field = f"stages[{index}]"
     if not isinstance(stage_raw, dict):
         raise RecipeError("each stage must be a mapping with a 'kind'", file=file, field=field)
@@ -220,13 +222,17 @@ def _plan_stage(index, stage_raw, defaults, earlier, root, file, base_dir) -> Pl
 
     module = get_stage(kind)
     fields = module.Config.model_fields
-    merged = {key: copy.deepcopy(value) for key, value in defaults.items() if key in fields and key not in stage_raw}
+    # defaults go by current names only: an old name (`max_steps` of label, now `max_solution_steps`) may mean
+    # something else in another stage, so it is never copied by its old name
+    renamed = {new: old for old, new in module.Config.RENAMED.items()}
+    merged = {key: copy.deepcopy(value) for key, value in defaults.items()
+              if key in fields and key not in stage_raw and renamed.get(key) not in stage_raw}
     merged.update(stage_raw)
     merged["name"] = name
     upstream: set[str] = set()
     resolved = _resolve_references(merged, earlier, file, field, upstream)
 
-    config = _validate_spec(module.Config, resolved, file, field)
+    config = _validate_spec(module.Config, resolved, file, field, notes)
     config = _check_local_paths(config, resolved, merged, file, field, base_dir)
     if hasattr(module, "check"):
         try:
@@ -237,7 +243,7 @@ def _plan_stage(index, stage_raw, defaults, earlier, root, file, base_dir) -> Pl
     upstream_hashes = [stage.hash for stage in earlier if stage.name in upstream]
     # Fields at their default are left out, so adding an optional field to a stage later does not
     # invalidate finished runs (a value set explicitly to the default is, rightly, the same config).
-    digest = config_hash(kind, config.model_dump(mode="json", exclude_defaults=True), upstream_hashes)
+    digest = config_hash(kind, hash_view(config, config.model_dump(mode="json", exclude_defaults=True)), upstream_hashes)
     outputs = {key: str(value) for key, value in module.outputs(run_dir).items()}
     return PlannedStage(index, name, kind, config, run_dir, outputs, digest, tuple(sorted(upstream)))
 
@@ -278,9 +284,14 @@ def _resolve_references(value: Any, earlier: list[PlannedStage], file, field: st
     return resolved
 
 
-def _validate_spec(spec_class: type[BaseModel], value: Any, file, field: str):
+def _validate_spec(spec_class: type[BaseModel], value: Any, file, field: str, notes: list[str] | None = None):
+    renamed_seen.clear()
     try:
-        return spec_class.model_validate(value)
+        config = spec_class.model_validate(value)
+        for old, new in dict.fromkeys(renamed_seen) if notes is not None else ():
+            notes.append(f"{file or 'recipe'}: {field}: `{old}` is now `{new}`; the old name is read until "
+                         f"alignkit 0.3 (docs/recipes.md lists every field)")
+        return config
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
@@ -416,4 +427,6 @@ def _existing(text: str, base_dir: Path, file, field: str, what: str) -> str:
 def _check_defaults_used(defaults: dict, planned: list[PlannedStage], file) -> None:
     for key in defaults:
         if not any(key in type(stage.config).model_fields for stage in planned):
-            raise RecipeError(f"no stage in this recipe has a field {key!r}", file=file, field=f"defaults.{key}")
+            now = sorted({type(stage.config).RENAMED[key] for stage in planned if key in type(stage.config).RENAMED})
+            hint = f"; it was renamed {' or '.join(now)}" if now else ""
+            raise RecipeError(f"no stage in this recipe has a field {key!r}{hint}", file=file, field=f"defaults.{key}")

@@ -42,12 +42,12 @@ from alignkit.core.config import DataSpec, QuantSpec
 from alignkit.core.errors import RecipeError
 from alignkit.generation import FastSpec, GenerationSpec
 from alignkit.cai.judges import JudgeSpec
-from alignkit.core.stage import StageConfig
-from alignkit.core.stage import StageContext, StageResult
+from alignkit.core.stage import StageConfig, StageContext, StageResult
 
 
 class Config(StageConfig):
     kind: str = "cai-compare"
+    RENAMED = {"max_new_tokens": "max_completion_length"}
     model: str = Field(..., description="The final model (e.g. ${ppo.model}).")
     baseline: str = Field(..., description="The model it is compared with (the start model).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype.")
@@ -59,7 +59,7 @@ class Config(StageConfig):
     constitution: str = Field("harmless", description="Constitution whose comparison questions the judge answers.")
     principle: str | None = Field(None, description="Ask only this principle's question (default: one drawn "
                                   "per prompt).")
-    max_new_tokens: int = Field(128, gt=0, description="Token budget of each answer.")
+    max_completion_length: int = Field(128, gt=0, description="Token budget of each answer.")
     temperature: float = Field(0.0, ge=0, description="Answer sampling temperature; 0 = greedy.")
     chat: bool = Field(True, description="Render prompts with the chat template.")
     generation: GenerationSpec = Field(default_factory=FastSpec, description="Backend and batch size.")
@@ -94,7 +94,7 @@ def run(config: Config, ctx: StageContext) -> StageResult:
     from alignkit.core.artifacts import write_json_atomic
     from alignkit.cai.constitution import load_constitution
     from alignkit.data import load_dataset
-    from alignkit.data.pairs import write_jsonl_atomic
+    from alignkit.core.artifacts import write_jsonl_atomic
 
     prompts = [row["prompt"] for row in load_dataset(config.data, "prompts")]
     if not ctx.is_main:  # small enough for one process; the others wait
@@ -125,7 +125,7 @@ def _answers(which: str, name: str, prompts: list[Any], config: Config, ctx: Any
     """One answer per prompt from ``name``; read back from answers-<which>.jsonl if a run made them already."""
     from alignkit.generation import SamplingParams
     from alignkit.modeling.models import is_quantized, load_model, load_tokenizer
-    from alignkit.data.pairs import write_jsonl_atomic
+    from alignkit.core.artifacts import write_jsonl_atomic
     from alignkit.data.prompts import render_prompt
 
     path = ctx.run_dir / f"answers-{which}.jsonl"
@@ -139,7 +139,7 @@ def _answers(which: str, name: str, prompts: list[Any], config: Config, ctx: Any
         model.to(ctx.state.device)
     model.eval()
     engine = config.generation.build(model=model, tokenizer=tokenizer)
-    params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed)
+    params = SamplingParams(max_new_tokens=config.max_completion_length, temperature=config.temperature, seed=config.seed)
     outs = engine.generate([render_prompt(tokenizer, p, chat=config.chat) for p in prompts], params,
                            progress=ctx.is_main)
     answers = [samples[0].text.strip() for samples in outs]

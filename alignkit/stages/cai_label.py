@@ -57,12 +57,12 @@ from alignkit.core.config import DataSpec, QuantSpec
 from alignkit.core.errors import DataError, RecipeError
 from alignkit.generation import HFSpec, GenerationSpec
 from alignkit.cai.judges import JudgeSpec
-from alignkit.core.stage import StageConfig
-from alignkit.core.stage import StageContext, StageResult
+from alignkit.core.stage import StageConfig, StageContext, StageResult
 
 
 class Config(StageConfig):
     kind: str = "cai-label"
+    RENAMED = {"max_new_tokens": "max_completion_length"}
     model: str = Field(..., description="Policy that writes the two responses (and judges, by default).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Policy weights dtype.")
     quantization: QuantSpec | None = Field(None, description="bitsandbytes quantization of local models.")
@@ -74,7 +74,7 @@ class Config(StageConfig):
     chat: bool = Field(True, description="Render prompts with the policy's chat template.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (> 0: greedy gives two equal replies).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    max_new_tokens: int = Field(256, gt=0, description="Token budget of a response.")
+    max_completion_length: int = Field(256, gt=0, description="Token budget of a response.")
     generation: GenerationSpec = Field(
         default_factory=HFSpec, description="Sampling backend and batch size.")
     shard_size: int = Field(16, gt=0, description="Prompts per shard (the unit of resumption).")
@@ -189,7 +189,7 @@ def label_shard(prompts: list[Any], first_index: int, policy: Policy, judge: Any
 
     started = time.perf_counter()
     params = SamplingParams(n=2, temperature=config.temperature, top_p=config.top_p,
-                            max_new_tokens=config.max_new_tokens, seed=seed)
+                            max_new_tokens=config.max_completion_length, seed=seed)
     outs = policy.engine.generate([policy.render(p) for p in prompts], params, progress=False)
     sampled = time.perf_counter()
     rows = []
@@ -222,7 +222,7 @@ def merge_shards(shard_dir: Path, n_shards: int, n_prompts: int, size: int,
                  out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Every prompt's row in order (checked: each shard holds exactly its prompts), and the shard counts;
     writes the kept pairs to ``out`` in the ``preference`` shape."""
-    from alignkit.data.pairs import write_jsonl_atomic
+    from alignkit.core.artifacts import write_jsonl_atomic
 
     rows, metas = [], []
     for j, (shard, meta) in enumerate(shards.read_all(shard_dir, n_shards, "cai-label")):

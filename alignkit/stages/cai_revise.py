@@ -54,14 +54,15 @@ from alignkit.core import shards
 from alignkit.core.config import DataSpec, QuantSpec
 from alignkit.core.errors import DataError, RecipeError
 from alignkit.generation import FastSpec, GenerationSpec
-from alignkit.core.stage import StageConfig
-from alignkit.core.stage import StageContext, StageResult
+from alignkit.core.stage import StageConfig, StageContext, StageResult
 
 Messages = list[dict[str, str]]
 
 
 class Config(StageConfig):
     kind: str = "cai-revise"
+    RENAMED = {"response_max_new_tokens": "max_completion_length", "critique_max_new_tokens": "max_critique_length",
+               "revision_max_new_tokens": "max_revision_length"}
     model: str = Field(..., description="The model that answers, critiques and revises (helpful, not yet harmless).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype.")
     quantization: QuantSpec | None = Field(None, description="bitsandbytes quantization of the model.")
@@ -76,9 +77,9 @@ class Config(StageConfig):
     system: str | None = Field(None, description="System message for every call (default: the template's own).")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature of every call; 0 = greedy.")
     top_p: float = Field(0.9, gt=0, le=1, description="Nucleus sampling mass.")
-    response_max_new_tokens: int = Field(160, gt=0, description="Token budget of the first response.")
-    critique_max_new_tokens: int = Field(96, gt=0, description="Token budget of a critique.")
-    revision_max_new_tokens: int = Field(160, gt=0, description="Token budget of a revision.")
+    max_completion_length: int = Field(160, gt=0, description="Token budget of the first response.")
+    max_critique_length: int = Field(96, gt=0, description="Token budget of a critique.")
+    max_revision_length: int = Field(160, gt=0, description="Token budget of a revision.")
     generation: GenerationSpec = Field(default_factory=FastSpec, description="Backend and batch size.")
     shard_size: int = Field(16, gt=0, description="Prompts per shard (the unit of resumption).")
     seed: int = Field(0, description="Seed of principle draws and sampling (each shard derives its own).")
@@ -102,7 +103,7 @@ def check(config: Config, base_dir: Path) -> None:
 def run(config: Config, ctx: StageContext) -> StageResult:
     from alignkit.core.artifacts import write_json_atomic
     from alignkit.cai.constitution import load_constitution
-    from alignkit.data.pairs import write_jsonl_atomic
+    from alignkit.core.artifacts import write_jsonl_atomic
 
     constitution = load_constitution(config.constitution, base_dir=ctx.recipe_dir)
     prompts, heldout = load_prompts(config)
@@ -193,19 +194,19 @@ def revise_shard(prompts: list[str | Messages], first_index: int, reviser: Revis
     demo = _demonstration(constitution) if config.demonstration else []
     conversations = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
     meta = {"prompts": len(prompts), "tokens": 0, "empty_revisions": 0, "truncated_revisions": 0}
-    initial = _generate(reviser, conversations, config.response_max_new_tokens, config, seed, meta)
+    initial = _generate(reviser, conversations, config.max_completion_length, config, seed, meta)
     current = [c.text.strip() for c in initial]
     conversations = [conv + [{"role": "assistant", "content": text}] for conv, text in zip(conversations, current)]
     chains: list[list[dict[str, Any]]] = [[] for _ in prompts]
     for r in range(config.rounds):
         principles = [constitution.sample(rng) for _ in prompts]
         conversations = [conv + [{"role": "user", "content": p.critique}] for conv, p in zip(conversations, principles)]
-        critiques = _generate(reviser, [demo + conv for conv in conversations], config.critique_max_new_tokens,
+        critiques = _generate(reviser, [demo + conv for conv in conversations], config.max_critique_length,
                               config, seed + 2 * r + 1, meta)
         conversations = [conv + [{"role": "assistant", "content": c.text.strip()},
                                  {"role": "user", "content": p.revision}]
                          for conv, c, p in zip(conversations, critiques, principles)]
-        revisions = _generate(reviser, [demo + conv for conv in conversations], config.revision_max_new_tokens,
+        revisions = _generate(reviser, [demo + conv for conv in conversations], config.max_revision_length,
                               config, seed + 2 * r + 2, meta)
         for i, (p, c, v) in enumerate(zip(principles, critiques, revisions)):
             text = clean_revision(v.text)
@@ -298,7 +299,7 @@ def _merge(shard_dir: Path, n_shards: int) -> tuple[list[dict[str, Any]], list[d
     empty = [row["index"] for row in rows if not row["completion"]]
     if empty:
         raise DataError(f"cai-revise: prompts {empty[:5]} ended with an empty answer and revision; raise "
-                        "response_max_new_tokens or check the model's chat template")
+                        "max_completion_length or check the model's chat template")
     return rows, metas
 
 

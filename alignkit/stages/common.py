@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,17 +57,25 @@ OWNED_TRL_ARGS = {
     "learning_rate": "lr", "num_train_epochs": "epochs", "max_steps": "max_steps",
     "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
     "warmup_steps": "warmup_ratio", "warmup_ratio": "warmup_ratio", "lr_scheduler_type": "lr_scheduler",
-    "weight_decay": "weight_decay", "gradient_checkpointing": "gradient_checkpointing", "seed": "seed",
+    "weight_decay": "weight_decay", "gradient_checkpointing": "gradient_checkpointing",
+    "activation_checkpointing": "gradient_checkpointing", "seed": "seed",
     "logging_steps": "logging_steps", "save_steps": "save_steps", "save_total_limit": "save_total_limit",
     "bf16": "dtype", "fp16": "dtype", "output_dir": "--output-dir (the run folder)",
     "run_name": "the stage's name", "report_to": "tracking.report_to",
 }
 
 
-def check_trl_passthrough(trl: dict[str, Any], config_class: type) -> None:
+def check_trl_passthrough(trl: dict[str, Any], config_class: str) -> None:
     """Unknown keys in ``trl:`` are recipe errors (raised at load, naming the key), not TRL crashes later;
-    so are keys our own fields set (:data:`OWNED_TRL_ARGS`) and credentials."""
-    known = {f.name for f in dataclasses.fields(config_class)}
+    so are keys our own fields set (:data:`OWNED_TRL_ARGS`) and credentials.
+
+    ``config_class`` names the config dataclass (``"trl.SFTConfig"``), imported only when ``trl:`` has keys:
+    importing TRL (and torch) takes seconds, which ``--dry-run`` and validation must not spend.
+    """
+    if not trl:
+        return
+    module, _, class_name = config_class.rpartition(".")
+    known = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), class_name))}
     for key, value in trl.items():
         if key in OWNED_TRL_ARGS:
             raise RecipeError(f"set by alignkit from the stage's own field: use `{OWNED_TRL_ARGS[key]}` instead",
@@ -78,7 +87,7 @@ def check_trl_passthrough(trl: dict[str, Any], config_class: type) -> None:
         if key not in known:
             close = sorted(k for k in known if key.split("_")[0] in k)[:5]
             hint = f"; similar: {close}" if close else ""
-            raise RecipeError(f"{config_class.__name__} has no argument {key!r}{hint}", field=f"trl.{key}")
+            raise RecipeError(f"{class_name} has no argument {key!r}{hint}", field=f"trl.{key}")
 
 
 def trl_args(config_class: type, config: TrainStageConfig, ctx, **stage_args: Any):
@@ -101,7 +110,9 @@ def trl_args(config_class: type, config: TrainStageConfig, ctx, **stage_args: An
         warmup_steps=config.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of total steps
         lr_scheduler_type=config.lr_scheduler,
         weight_decay=config.weight_decay,
-        gradient_checkpointing=config.gradient_checkpointing,
+        # transformers >= 5.23 renamed it activation_checkpointing (the old name warns, and TRL's configs
+        # default it to True: the new name must be set to keep it quiet)
+        **{_checkpointing_arg(config_class): config.gradient_checkpointing},
         seed=config.seed,
         logging_steps=config.logging_steps,
         save_strategy="steps",
@@ -120,6 +131,13 @@ def trl_args(config_class: type, config: TrainStageConfig, ctx, **stage_args: An
         raise RecipeError("set by the stage from its own fields; remove it from trl:", field=f"trl.{clash[0]}")
     args.update(config.trl)
     return config_class(**args)
+
+
+def _checkpointing_arg(config_class: type) -> str:
+    """The TRL config's name for activation checkpointing: ``activation_checkpointing`` where transformers has
+    it (``gradient_checkpointing`` is then a deprecated alias), else ``gradient_checkpointing``."""
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
 class _PastTheEnd(Exception):
@@ -145,7 +163,10 @@ def fit(trainer, checkpoint: str | None):
     kill between the last checkpoint and the model save costs nothing and changes nothing."""
     from transformers.trainer_utils import TrainOutput
 
+    from alignkit.core.tracking import use_nested_wandb_callback
+
     trainer.add_callback(_no_step_past_the_end())
+    use_nested_wandb_callback(trainer)  # W&B config: TRL's arguments under `trl`, ours under `alignkit`
     try:
         return trainer.train(resume_from_checkpoint=checkpoint)
     except _PastTheEnd:  # the weights and optimizer are the checkpoint's; the loss record is in the state
@@ -297,7 +318,7 @@ def save_trained_model(trainer, tokenizer, ctx, *, merged_dtype: str = "auto") -
 
 def measure_accuracy(model, tokenizer, problems, config, ctx, when: str, *, generation: Any = None,
                      reuse: bool = False) -> float:
-    """Greedy exact match on held-out problems (``config.accuracy_max_new_tokens``, ``config.chat``): the one
+    """Greedy exact match on held-out problems (``config.accuracy_max_completion_length``, ``config.chat``): the one
     accuracy check of every training stage. ``generation`` is a local engine spec (default: ``hf``).
 
     Writes ``accuracy_<when>.jsonl`` (one row per problem) in the stage folder and prints the figure;
@@ -311,7 +332,7 @@ def measure_accuracy(model, tokenizer, problems, config, ctx, when: str, *, gene
     if reuse and path.is_file():
         rows = read_jsonl(path)
         return sum(bool(row["correct"]) for row in rows) / max(len(rows), 1)
-    report = greedy_accuracy(model, tokenizer, problems, max_new_tokens=config.accuracy_max_new_tokens,
+    report = greedy_accuracy(model, tokenizer, problems, max_new_tokens=config.accuracy_max_completion_length,
                              chat=config.chat, progress=ctx.is_main, generation=generation)
     if ctx.is_main:
         write_jsonl_atomic(ctx.run_dir / f"accuracy_{when}.jsonl", report["samples"])

@@ -13,7 +13,7 @@ Recipe examples::
       lora: {r: 16, alpha: 32}
       pairs:
         prompts: {source: arith, seed: 2, params: {n: 256, steps: 2}}
-        samples_per_prompt: 8
+        num_generations: 8
         rewards: [{program: reward/math.py:answer_match}]     # or {program: "model:${rm.model}"}
         temperature: 1.0
       accuracy_data: {source: arith, seed: 1, params: {n: 64, steps: 2}}
@@ -37,7 +37,7 @@ Departures from plain TRL / the papers:
 2. Pairs are sampled and scored by the main process only, the others wait at a barrier; under
    ``accelerate launch`` the pair-making therefore does not scale with processes, the training does.
 3. Prompts are sent as chat conversations (``chat: true``) so pairs are sampled and trained with the same
-   template; a sample cut at ``max_new_tokens`` is kept, and the template closes its turn in training.
+   template; a sample cut at ``max_completion_length`` is kept, and the template closes its turn in training.
 """
 
 from __future__ import annotations
@@ -63,14 +63,16 @@ from alignkit.core.stage import StageContext, StageResult
 class PairsSpec(Spec):
     """How on-policy pairs are made: prompts, samples per prompt, rewards, sampling knobs."""
 
+    RENAMED = {"samples_per_prompt": "num_generations", "max_new_tokens": "max_completion_length"}
+
     prompts: DataSpec = Field(..., description="Prompts with gold answers (`problems` format) to sample on.")
-    samples_per_prompt: int = Field(4, ge=2, description="Completions sampled per prompt (k); more k, more pairs.")
+    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (k); more k, more pairs.")
     rewards: list[RewardSpec] = Field(
         ..., min_length=1, description="Reward programs summed with their weights; `model:<folder>` is a trained "
         "reward model (e.g. `model:${rm.model}`).")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (> 0: greedy samples would all tie).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    max_new_tokens: int = Field(256, gt=0, description="Most tokens per sampled completion.")
+    max_completion_length: int = Field(256, gt=0, description="Most tokens per sampled completion.")
     min_margin: float = Field(0.0, ge=0, description="Keep a pair only if best - worst score exceeds this.")
     shard_size: int = Field(32, gt=0, description="Prompts per shard (the unit of resumption).")
     generation: GenerationSpec = Field(default_factory=FastSpec, description="Sampling backend.")
@@ -78,6 +80,7 @@ class PairsSpec(Spec):
 
 class Config(TrainStageConfig):
     kind: str = "dpo"
+    RENAMED = {"accuracy_max_new_tokens": "accuracy_max_completion_length"}
     data: DataSpec | None = Field(None, description="Preference pairs (prompt/chosen/rejected); or use `pairs`.")
     pairs: PairsSpec | None = Field(None, description="Make pairs on-policy instead of reading `data`.")
     beta: float = Field(0.1, gt=0, description="KL strength: higher keeps the policy closer to the reference.")
@@ -87,7 +90,7 @@ class Config(TrainStageConfig):
         False, description="Compute reference log-probs once before training (saves the reference's memory).")
     accuracy_data: DataSpec | None = Field(
         None, description="Held-out problems (prompt + gold answer) for greedy exact-match before/after.")
-    accuracy_max_new_tokens: int = Field(128, gt=0, description="Generation budget for the accuracy check.")
+    accuracy_max_completion_length: int = Field(128, gt=0, description="Generation budget for the accuracy check.")
     chat: bool = Field(True, description="Format prompts with the model's chat template.")
     lr: float = Field(5e-5, gt=0, description="Peak learning rate (5e-5 suits LoRA; ~5e-7 for full).")
 
@@ -104,12 +107,10 @@ def outputs(run_dir: Path) -> dict[str, str]:
 
 
 def check(config: Config, base_dir: Path) -> None:
-    from trl import DPOConfig
-
     from alignkit.rewards.programs import is_model_reward
     from alignkit.rewards.programs import bind_reward
 
-    check_trl_passthrough(config.trl, DPOConfig)
+    check_trl_passthrough(config.trl, "trl.DPOConfig")
     if config.quantization is not None and config.lora is None:
         raise RecipeError("quantized weights cannot be trained in full; add a `lora:` block (QLoRA) or drop "
                           "`quantization`", field="quantization")
@@ -183,24 +184,28 @@ def _train(model, tokenizer, pairs: list[dict[str, Any]], config: Config, ctx) -
 def _on_policy_pairs(model, tokenizer, config: Config, ctx) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Make (or finish making) the pair shards on the main process, then read ``pairs.jsonl`` everywhere."""
     from alignkit.data import load_dataset
-    from alignkit.data.pairs import make_pairs, write_jsonl_atomic
+    from alignkit.core.artifacts import write_jsonl_atomic
+    from alignkit.data.pairs import make_pairs
 
     spec = config.pairs
     merged = ctx.run_dir / "pairs.jsonl"
     metrics: dict[str, Any] = {}
     if ctx.is_main:
         prompts = [dict(row) for row in load_dataset(spec.prompts, "problems")]
-        sample, score = _sampler(model, tokenizer, config), _scorer(config, ctx)
+        bar = _pairs_bar(len(prompts), ctx.run_dir / "pairs", spec.shard_size, ctx.name)
+        sample = _sampler(model, tokenizer, config, progress=_PromptProgress(bar, spec.num_generations))
+        score = _scorer(config, ctx)
         started = time.perf_counter()
-        rows, stats = make_pairs(prompts, ctx.run_dir / "pairs", shard_size=spec.shard_size, sample=sample,
-                                 score=score, min_margin=spec.min_margin,
-                                 on_shard=lambda done, total: print(f"[alignkit] {ctx.name}: pair shard {done}/{total}"))
+        with bar:
+            rows, stats = make_pairs(prompts, ctx.run_dir / "pairs", shard_size=spec.shard_size, sample=sample,
+                                     score=score, min_margin=spec.min_margin,
+                                     on_shard=lambda done, total: bar.set_postfix_str(f"shard {done}/{total}"))
         seconds = time.perf_counter() - started
         usable = [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"],
                    "chosen_score": r["chosen_score"], "rejected_score": r["rejected_score"]}
                   for r in rows if r["chosen"] is not None]
         write_jsonl_atomic(merged, usable)
-        completions = stats.sampled_now * spec.samples_per_prompt
+        completions = stats.sampled_now * spec.num_generations
         metrics = {
             "pair_prompts": stats.prompts,
             "pairs_made": stats.pairs,
@@ -215,14 +220,44 @@ def _on_policy_pairs(model, tokenizer, config: Config, ctx) -> tuple[list[dict[s
     ctx.wait()
     pairs = [json.loads(line) for line in merged.read_text().splitlines() if line.strip()]
     if not pairs:
-        raise DataError(f"{ctx.name}: no prompt gave a usable pair (every prompt's {spec.samples_per_prompt} samples "
-                        "scored the same); raise pairs.temperature or pairs.samples_per_prompt, or use a reward "
+        raise DataError(f"{ctx.name}: no prompt gave a usable pair (every prompt's {spec.num_generations} samples "
+                        "scored the same); raise pairs.temperature or pairs.num_generations, or use a reward "
                         "that separates samples (e.g. an ORM: `model:${rm.model}`)")
     return pairs, metrics
 
 
-def _sampler(model, tokenizer, config: Config):
-    """Shard sampler: k completions per prompt from the current policy, seeded by shard (reproducible)."""
+def _pairs_bar(n_prompts: int, shard_dir: Path, shard_size: int, name: str):
+    """A bar over the prompts of on-policy pair-making; the prompts of shards an earlier run finished count as
+    done from the start (the shards :func:`alignkit.data.pairs.make_pairs` will skip)."""
+    from tqdm.auto import tqdm
+
+    from alignkit.core import shards
+
+    todo = shards.pending(shard_dir, n_prompts, shard_size, rank=0, world=1)
+    left = sum(len(shards.items(j, n_prompts, shard_size)) for j in todo)
+    return tqdm(total=n_prompts, initial=n_prompts - left, unit="prompt", desc=f"{name}: pairs", dynamic_ncols=True,
+                smoothing=0)
+
+
+class _PromptProgress:
+    """Hands the generation engine a bar it advances per finished completion, and moves the prompt bar by one
+    per ``k`` of them (a prompt's worth of samples), so the bar moves within a shard and its rate and ETA
+    are in prompts. Every shard generates exactly ``k`` completions per prompt, so shards end on whole prompts."""
+
+    def __init__(self, bar: Any, k: int):
+        self.bar, self.k, self.completions = bar, k, 0
+        self.disable = getattr(bar, "disable", False)
+
+    def update(self, n: int = 1) -> None:
+        before = self.completions // self.k
+        self.completions += n
+        if self.completions // self.k > before:
+            self.bar.update(self.completions // self.k - before)
+
+
+def _sampler(model, tokenizer, config: Config, *, progress: Any = False):
+    """Shard sampler: k completions per prompt from the current policy, seeded by shard (reproducible);
+    ``progress`` is passed to the engine (a bar it advances per finished completion, or a bool)."""
     from alignkit.generation import SamplingParams
     from alignkit.data.prompts import render_prompt
 
@@ -230,10 +265,10 @@ def _sampler(model, tokenizer, config: Config):
     engine = spec.generation.build(model=model, tokenizer=tokenizer)
 
     def sample(shard: int, rows: list[dict[str, Any]]) -> list[list[str]]:
-        params = SamplingParams(max_new_tokens=spec.max_new_tokens, temperature=spec.temperature, top_p=spec.top_p,
-                                n=spec.samples_per_prompt, seed=config.seed * 100_003 + shard)
+        params = SamplingParams(max_new_tokens=spec.max_completion_length, temperature=spec.temperature, top_p=spec.top_p,
+                                n=spec.num_generations, seed=config.seed * 100_003 + shard)
         prompts = [render_prompt(tokenizer, row["prompt"], chat=config.chat) for row in rows]
-        return [[c.text for c in samples] for samples in engine.generate(prompts, params, progress=False)]
+        return [[c.text for c in samples] for samples in engine.generate(prompts, params, progress=progress)]
 
     return sample
 

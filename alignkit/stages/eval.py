@@ -14,11 +14,13 @@ Alone: ``alignkit eval eval/gsm8k.yaml --model PATH [--orm PATH] [--prm PATH] [-
 What a ``problems`` suite does, in order (the suite spec and the counting are in :mod:`alignkit.evaluation.suite`):
 
 1. **Sample.** Shard by shard (``shard_size`` problems): a greedy decode and ``n`` samples per problem,
-   written to ``shards/samples-K.jsonl`` under a temporary name and then ``os.replace``d, so a rerun skips
-   complete shards and redoes at most one. Shard K samples with ``seed + K``: a resumed run draws what an
-   uninterrupted one would. Under ``accelerate launch`` process r takes the shards with K % world == r.
-2. **Verify.** The policy is freed, then each verifier scores every shard (``shards/orm-K.json``,
-   ``shards/prm-K.json``; same resume rule, redone when the verifier path changes).
+   written as shard K of ``shards/samples/`` (:mod:`alignkit.core.shards`: counts, then rows, each under a
+   temporary name and then ``os.replace``d), so a rerun skips complete shards and redoes at most one. Shard K
+   samples with ``seed + K``: a resumed run draws what an uninterrupted one would. Under ``accelerate launch``
+   process r takes the shards with K % world == r.
+2. **Verify.** The policy is freed, then each verifier scores every shard (shard K of ``shards/orm/`` and
+   ``shards/prm/``, one row per problem; same resume rule, redone when the verifier path changes or the
+   shard is sampled again).
 3. **Grade and select** (main process): the suite's grader marks each sample, answers become vote keys,
    and every method is counted on the one pool (:func:`alignkit.evaluation.suite.selection_metrics`).
 4. **Report**: report.md, metrics.json, samples.jsonl, accuracy_vs_n.png, W&B tables/images
@@ -33,22 +35,19 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
-from alignkit.evaluation import suite as evalsuite
+from alignkit.core import shards
 from alignkit.core.errors import RecipeError
+from alignkit.evaluation import suite as evalsuite
 from alignkit.evaluation.suite import OutcomeScorer, StepScorer, Suite
-from alignkit.core.stage import StageConfig
-from alignkit.core.stage import StageContext, StageResult
+from alignkit.core.stage import StageConfig, StageContext, StageResult
 
 
 class Config(StageConfig):
@@ -134,12 +133,13 @@ def _problems(suite: Suite, model: str, rows: list, shard_dir: Path, engine: Any
               verifiers: dict[str, Any], suite_dir: Path | None, rank: int, world: int, barrier) -> dict | None:
     """Steps 1-3 of the module docstring; the outcome on the main process, None elsewhere."""
     if rank == 0:
-        _clear_stale(shard_dir, suite.fingerprint(model, len(rows)))
+        _clear_stale(shard_dir, suite.fingerprint(model, len(rows)), _verifier_names(verifiers),
+                     shards.count(len(rows), suite.shard_size))
     barrier()
     throughput = _sample(suite, model, rows, shard_dir, engine, tokenizer, rank, world)
     for kind, verifier in verifiers.items():
         if verifier is not None:
-            _verify(kind, verifier, shard_dir, _num_shards(rows, suite), rank, world)
+            _verify(kind, verifier, shard_dir, len(rows), suite.shard_size, rank, world)
     barrier()
     return _select(suite, rows, shard_dir, verifiers, suite_dir, throughput) if rank == 0 else None
 
@@ -165,29 +165,28 @@ def _load_verifier(kind: str, path: str) -> Any:
     return PRMScorer(path, device=str(PartialState().device))
 
 
-def _clear_stale(shard_dir: Path, fingerprint: str) -> None:
+#: Shard folder layout, stamped beside the fingerprint: folders of an older layout are cleared, not mixed in.
+LAYOUT = "samples/ orm/ prm/ (alignkit.core.shards)"
+
+
+def _clear_stale(shard_dir: Path, fingerprint: str, verifiers: dict[str, str], n_shards: int) -> None:
+    """Main process, before any sampling: remove every shard if the pool's fingerprint (or the layout) changed,
+    and the score shards a verifier of another name wrote."""
     stamp = shard_dir / "fingerprint.txt"
-    if shard_dir.exists() and (not stamp.exists() or stamp.read_text().strip() != fingerprint):
+    if shard_dir.exists() and (not stamp.exists() or stamp.read_text() != f"{fingerprint}\n{LAYOUT}\n"):
         shutil.rmtree(shard_dir)
     shard_dir.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(fingerprint + "\n")
+    stamp.write_text(f"{fingerprint}\n{LAYOUT}\n")
+    for kind, name in verifiers.items():
+        for k in range(n_shards):
+            if shards.path(shard_dir / kind, k).is_file() and shards.meta(shard_dir / kind, k)["model"] != name:
+                shards.discard(shard_dir / kind, k)
 
 
-def _num_shards(rows: list, suite: Suite) -> int:
-    return -(-len(rows) // suite.shard_size)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name, then rename: a shard is either complete or absent."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
-def _read_shard(shard_dir: Path, k: int) -> list[dict[str, Any]]:
-    lines = (shard_dir / f"samples-{k:05d}.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+def _verifier_names(verifiers: dict[str, Any]) -> dict[str, str]:
+    """The name each given verifier's score shards record: its path, or ``<ClassName>`` for an object."""
+    return {kind: verifier if isinstance(verifier, str) else f"<{type(verifier).__name__}>"
+            for kind, verifier in verifiers.items() if verifier is not None}
 
 
 # ------------------------------------------------------------------------------------- 1. sampling
@@ -200,36 +199,36 @@ def _sample(suite: Suite, model: str, rows: list, shard_dir: Path, engine: Any, 
 
     from alignkit.generation import SamplingParams
 
-    todo = [k for k in range(_num_shards(rows, suite))
-            if k % world == rank and not (shard_dir / f"samples-{k:05d}.jsonl").exists()]
+    size = suite.shard_size
+    todo = shards.pending(shard_dir / "samples", len(rows), size, rank, world)
     if not todo:
         return None
     if engine is None:
         engine, tokenizer = _load_engine(suite, model)
     s = suite.sampling
-    pool = {"max_new_tokens": s.max_new_tokens, "top_p": s.top_p, "top_k": s.top_k, "stop": s.stop}
+    pool = {"max_new_tokens": s.max_completion_length, "top_p": s.top_p, "top_k": s.top_k, "stop": s.stop}
     per_problem = s.n + ("greedy" in suite.methods)
-    total = sum(len(rows[k * suite.shard_size:(k + 1) * suite.shard_size]) for k in todo) * per_problem
+    total = sum(len(shards.items(k, len(rows), size)) for k in todo) * per_problem
     started, done = time.perf_counter(), 0
-    with tqdm(total=total, unit="sample", desc=f"eval[{suite.name}]", disable=rank != 0) as bar:
+    with tqdm(total=total, unit="sample", desc=f"eval[{suite.name}]", disable=rank != 0, smoothing=0) as bar:
         for k in todo:
-            chunk = rows[k * suite.shard_size:(k + 1) * suite.shard_size]
+            indices = shards.items(k, len(rows), size)
+            chunk = [rows[i] for i in indices]
             prompts = [evalsuite.render(tokenizer, row["prompt"], suite.prompt) for row in chunk]
-            greedy = (engine.generate(prompts, SamplingParams(**pool, temperature=0.0, n=1), progress=False)
+            # the engine advances the bar per finished completion (progress=bar), not once per shard
+            greedy = (engine.generate(prompts, SamplingParams(**pool, temperature=0.0, n=1), progress=bar)
                       if "greedy" in suite.methods else [[None]] * len(chunk))
             sampled = engine.generate(prompts, SamplingParams(**pool, temperature=s.temperature, n=s.n,
-                                                              seed=s.seed + k), progress=False)
-            records = [{"index": k * suite.shard_size + i, "prompt": row["prompt"], "gold": row["answer"],
-                        "greedy": _completion(g[0]),
-                        "samples": evalsuite.pool_order([_completion(c) for c in samples], s.seed,
-                                                        k * suite.shard_size + i, suite.shuffle)}
-                       for i, (row, g, samples) in enumerate(zip(chunk, greedy, sampled))]
+                                                              seed=s.seed + k), progress=bar)
+            records = [{"index": i, "prompt": row["prompt"], "gold": row["answer"], "greedy": _completion(g[0]),
+                        "samples": evalsuite.pool_order([_completion(c) for c in samples], s.seed, i, suite.shuffle)}
+                       for i, row, g, samples in zip(indices, chunk, greedy, sampled)]
             for kind in ("orm", "prm"):  # scores of the shard's previous samples no longer apply
-                (shard_dir / f"{kind}-{k:05d}.json").unlink(missing_ok=True)
-            _write_atomic(shard_dir / f"samples-{k:05d}.jsonl",
-                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+                shards.discard(shard_dir / kind, k)
+            shards.write(shard_dir / "samples", k, records,
+                         {"problems": len(records), "samples": len(chunk) * per_problem, "seed": s.seed + k})
             done += len(chunk) * per_problem
-            bar.update(len(chunk) * per_problem)
+            bar.update(max(done - bar.n, 0))  # what an engine did not count (a fake's, say): the shard is done
     del engine
     _free_memory()
     return done / max(time.perf_counter() - started, 1e-9)
@@ -268,15 +267,12 @@ def _free_memory() -> None:
 # ------------------------------------------------------------------------------------ 2. verifiers
 
 
-def _verify(kind: str, verifier: Any, shard_dir: Path, n_shards: int, rank: int, world: int) -> None:
+def _verify(kind: str, verifier: Any, shard_dir: Path, n_rows: int, size: int, rank: int, world: int) -> None:
     """Score every sample of this process's shards with one verifier (``orm``: a float per sample;
-    ``prm``: step scores per sample). Shards already scored by the same verifier are kept."""
-    name = verifier if isinstance(verifier, str) else f"<{type(verifier).__name__}>"
-    todo = []
-    for k in range(n_shards):
-        path = shard_dir / f"{kind}-{k:05d}.json"
-        if k % world == rank and (not path.exists() or json.loads(path.read_text())["model"] != name):
-            todo.append(k)
+    ``prm``: step scores per sample), one row per problem in shard K of ``shard_dir/<kind>``. Shards already
+    scored are kept (those of another verifier were discarded by :func:`_clear_stale`)."""
+    name = _verifier_names({kind: verifier})[kind]
+    todo = shards.pending(shard_dir / kind, n_rows, size, rank, world)
     if not todo:
         return
     from alignkit.rewards.prm import DEFAULT_SEPARATOR, split_steps
@@ -284,7 +280,7 @@ def _verify(kind: str, verifier: Any, shard_dir: Path, n_shards: int, rank: int,
 
     scorer = _load_verifier(kind, verifier) if isinstance(verifier, str) else verifier
     for k in todo:
-        problems = _read_shard(shard_dir, k)
+        problems = shards.read(shard_dir / "samples", k)
         prompts = [p["prompt"] for p in problems for _ in p["samples"]]
         texts = [s["text"] for p in problems for s in p["samples"]]
         if kind == "orm":  # checked: a NaN score would rank samples arbitrarily
@@ -294,7 +290,8 @@ def _verify(kind: str, verifier: Any, shard_dir: Path, n_shards: int, rank: int,
             flat = _prm_scores(scorer, name, prompts, [split_steps(t, separator) for t in texts])
         sizes = [len(p["samples"]) for p in problems]
         grouped = [flat[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(sizes))]
-        _write_atomic(shard_dir / f"{kind}-{k:05d}.json", json.dumps({"model": name, "scores": grouped}))
+        shards.write(shard_dir / kind, k, [{"index": p["index"], "scores": g} for p, g in zip(problems, grouped)],
+                     {"model": name, "problems": len(problems)})
     del scorer
     _free_memory()
 
@@ -317,9 +314,10 @@ def _prm_scores(scorer: StepScorer, name: str, prompts: list, steps: list[list[s
 
 def _select(suite: Suite, rows: list, shard_dir: Path, verifiers: dict[str, Any], suite_dir: Path | None,
             throughput: float | None) -> dict[str, Any]:
-    problems = [p for k in range(_num_shards(rows, suite)) for p in _read_shard(shard_dir, k)]
-    raw = {kind: [row for k in range(_num_shards(rows, suite))
-                  for row in json.loads((shard_dir / f"{kind}-{k:05d}.json").read_text())["scores"]]
+    n_shards = shards.count(len(rows), suite.shard_size)
+    problems = [p for done, _ in shards.read_all(shard_dir / "samples", n_shards, "eval samples") for p in done]
+    raw = {kind: [row["scores"] for done, _ in shards.read_all(shard_dir / kind, n_shards, f"eval {kind}")
+                  for row in done]
            for kind, verifier in verifiers.items() if verifier is not None}
     _grade(problems, suite, suite_dir)
     for i, problem in enumerate(problems):

@@ -78,9 +78,8 @@ def outputs(run_dir: Path) -> dict[str, str]:
 
 def check(config: Config, base_dir: Path) -> None:
     from alignkit.core.errors import RecipeError
-    from trl import GRPOConfig
 
-    check_rl(config, base_dir, GRPOConfig)
+    check_rl(config, base_dir, "trl.GRPOConfig")
     if config.loss_type == "luspo" and config.importance_sampling_level != "sequence":
         raise RecipeError("loss_type luspo is a sequence-level loss; set importance_sampling_level: sequence",
                           field="importance_sampling_level")

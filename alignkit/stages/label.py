@@ -5,13 +5,13 @@ Recipe example::
     - kind: label
       model: ${sft.model}                      # the policy that writes solutions (and, by default, completes)
       data: {source: arith, seed: 1, params: {n: 200, steps: [2, 3]}}   # problems with gold answers
-      samples_per_problem: 4                   # k solutions per problem
+      num_generations: 4                       # k solutions per problem
       completions_per_step: 8                  # N continuations per step prefix (the paper's N)
       generation: {backend: fast, batch_size: 64}
 
 What it does, per shard of ``shard_size`` problems:
 
-1. Solutions: the policy samples ``samples_per_problem`` per problem (``solutions: generate``), or the
+1. Solutions: the policy samples ``num_generations`` per problem (``solutions: generate``), or the
    problems' own ``steps`` are used (``solutions: given``). Steps are the solution split on ``separator``.
 2. Rollouts: from every step prefix ``s_1..s_i`` of every solution the completer samples N continuations to
    a final answer, all prefixes of the shard in one ``generate`` call with ``n = N``. A prefix that several
@@ -36,7 +36,7 @@ Departures from the paper:
    only restate or change the answer. Cut-off solutions get rollouts at every step.
 2. Shards are striped over ranks (``j % world``), not single problems: shard files are then the same for
    any number of processes, so a rerun with another world size still resumes.
-3. Solutions with no step or more than ``max_steps`` steps are skipped (counted in the metrics).
+3. Solutions with no step or more than ``max_solution_steps`` steps are skipped (counted in the metrics).
 """
 
 from __future__ import annotations
@@ -52,13 +52,14 @@ from alignkit.core import shards
 from alignkit.core.config import DataSpec, QuantSpec
 from alignkit.core.errors import DataError, RecipeError
 from alignkit.generation import HFSpec, GenerationSpec
-from alignkit.data.pairs import write_jsonl_atomic
-from alignkit.core.stage import StageConfig
-from alignkit.core.stage import StageContext, StageResult
+from alignkit.core.artifacts import write_jsonl_atomic
+from alignkit.core.stage import StageConfig, StageContext, StageResult
 
 
 class Config(StageConfig):
     kind: str = "label"
+    RENAMED = {"samples_per_problem": "num_generations", "solution_max_new_tokens": "max_completion_length",
+               "continuation_max_new_tokens": "max_continuation_length", "max_steps": "max_solution_steps"}
     model: str = Field(..., description="Policy that writes the solutions (and completes them by default).")
     completer: str | None = Field(None, description="Model that samples the continuations (default: `model`).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype.")
@@ -67,15 +68,15 @@ class Config(StageConfig):
     solutions: Literal["generate", "given"] = Field(
         "generate", description="Sample solutions from the policy, or label the problems' own `steps` "
         "(given solutions are complete: their last step must state the final answer).")
-    samples_per_problem: int = Field(4, gt=0, description="Solutions sampled per problem (k).")
+    num_generations: int = Field(4, gt=0, description="Solutions sampled per problem (k).")
     separator: str = Field("\n", min_length=1, description="Splits a solution into steps (and joins them back).")
     chat: bool = Field(True, description="Render problems with the chat template.")
     temperature: float = Field(0.8, ge=0, description="Sampling temperature of solutions and continuations.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    solution_max_new_tokens: int = Field(256, gt=0, description="Token budget of a solution.")
+    max_completion_length: int = Field(256, gt=0, description="Token budget of a solution.")
     completions_per_step: int = Field(8, gt=0, description="Continuations per step prefix (N; the paper's 8).")
-    continuation_max_new_tokens: int = Field(256, gt=0, description="Token budget of a continuation.")
-    max_steps: int = Field(16, gt=0, description="Skip solutions with more steps than this.")
+    max_continuation_length: int = Field(256, gt=0, description="Token budget of a continuation.")
+    max_solution_steps: int = Field(16, gt=0, description="Skip solutions with more steps than this.")
     reward: str = Field("reward/math.py:answer_match", description="Answer checker: fn(completions, answer=...).")
     quality_check: bool | Literal["auto"] = Field(
         "auto", description="Measure agreement with true step labels (arith only); auto = for `source: arith`.")
@@ -221,7 +222,7 @@ def label_shard(problems: list[dict[str, Any]], first_index: int, policy: Sample
     for q, prompt in enumerate(prompts):
         first.setdefault(prompt, q)
     params = SamplingParams(n=pool, temperature=config.temperature, top_p=config.top_p, seed=seed + 1,
-                            max_new_tokens=config.continuation_max_new_tokens)
+                            max_new_tokens=config.max_continuation_length)
     outs = completer.engine.generate(list(first), params, progress=False) if first else []
     texts = [prefixes[q] + c.text for q, samples in zip(first.values(), outs) for c in samples]
     golds = [solutions[queries[q][0]]["answer"] for q in first.values() for _ in range(pool)]
@@ -249,8 +250,8 @@ def _solutions(problems, first_index: int, policy: Sampler, config: Config, seed
     if config.solutions == "given":
         drafts = [[(row.get("steps") or [], "given")] for row in problems]
     else:
-        params = SamplingParams(n=config.samples_per_problem, temperature=config.temperature,
-                                top_p=config.top_p, max_new_tokens=config.solution_max_new_tokens, seed=seed)
+        params = SamplingParams(n=config.num_generations, temperature=config.temperature,
+                                top_p=config.top_p, max_new_tokens=config.max_completion_length, seed=seed)
         outs = policy.engine.generate([policy.render(row["prompt"]) for row in problems], params, progress=False)
         drafts = [[(split_steps(c.text, config.separator), c.finish_reason) for c in samples] for samples in outs]
         meta["completions"] = sum(len(samples) for samples in outs)
@@ -259,7 +260,7 @@ def _solutions(problems, first_index: int, policy: Sampler, config: Config, seed
     for p, (row, samples) in enumerate(zip(problems, drafts)):
         for k, (steps, reason) in enumerate(samples):
             meta["solutions"] += 1
-            if not steps or len(steps) > config.max_steps:
+            if not steps or len(steps) > config.max_solution_steps:
                 meta["skipped_empty" if not steps else "skipped_long"] += 1
                 continue
             solutions.append({"problem_index": first_index + p, "solution_index": k, "prompt": row["prompt"],
@@ -307,7 +308,7 @@ def merge_shards(shard_dir: Path, n_shards: int, out: Path) -> tuple[list[dict[s
     metas = [meta for _, meta in done]
     if not rows:
         raise DataError(f"no solution could be labelled ({sum(m['solutions'] for m in metas)} sampled, all "
-                        "empty or longer than max_steps): check the policy's output format and `separator`")
+                        "empty or longer than max_solution_steps): check the policy's output format and `separator`")
     write_jsonl_atomic(out, rows)
     return rows, metas
 

@@ -11,12 +11,12 @@ short loop built from :mod:`alignkit.ppo` and :mod:`alignkit.maths`. Recipe exam
       accuracy_data: {source: arith, seed: 9001, params: {n: 48, steps: 2}}
       rewards: [{program: reward/math.py:answer_match}]   # or model:<reward model folder> (an ORM)
       prm: {model: ${prm.model}, weight: 1.0}             # optional: step scores on step ends
-      kl_coef: 0.05                                        # Math-Shepherd's step-by-step PPO used 0.04
+      beta: 0.05                                           # Math-Shepherd's step-by-step PPO used 0.04
       batch_size: 8          # samples per forward/backward; rollout = batch_size * grad_accum * num_mini_batches
 
 Each step (:func:`alignkit.ppo.ppo_step`): sample ``batch_size * grad_accum * num_mini_batches`` responses
 per process; score them; compute the policy's, the reference's (adapters disabled) and the value model's
-per-token outputs; rewards = ``-kl_coef * KL`` per token + step scores on step ends + the sequence score on the
+per-token outputs; rewards = ``-beta * KL`` per token + step scores on step ends + the sequence score on the
 last token; GAE; ``ppo_epochs`` passes of clipped policy and value losses over mini-batches. Checkpoints every
 ``save_steps`` (adapters, optimizer, KL coefficient, random states) and resumes from the last one. Outputs:
 ``${<name>.model}`` (merged policy), ``${<name>.adapter}``, ``${<name>.value_model}`` (a one-label sequence
@@ -58,7 +58,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
@@ -68,6 +68,9 @@ from alignkit.generation import HFSpec, GenerationSpec
 from alignkit.rewards.programs import RewardSpec
 from alignkit.stages.common import TrainStageConfig, measure_accuracy
 from alignkit.core.stage import StageContext, StageResult
+
+if TYPE_CHECKING:
+    from alignkit.ppo import PPOHyper
 
 
 class PRMRewardSpec(Spec):
@@ -79,7 +82,7 @@ class PRMRewardSpec(Spec):
 
 
 class AdaptiveKLSpec(Spec):
-    """Ziegler et al.'s proportional controller for the KL coefficient (starts at `kl_coef`)."""
+    """Ziegler et al.'s proportional controller for the KL coefficient (starts at `beta`)."""
 
     target: float = Field(6.0, gt=0, description="Wanted KL per response (sum over tokens, nats).")
     horizon: float = Field(10000, gt=0, description="Samples over which the coefficient may change by 20%.")
@@ -87,6 +90,8 @@ class AdaptiveKLSpec(Spec):
 
 class Config(TrainStageConfig):
     kind: str = "ppo"
+    RENAMED = {"samples_per_prompt": "num_generations", "clip_eps": "epsilon", "value_clip_eps": "value_epsilon",
+               "kl_coef": "beta", "accuracy_max_new_tokens": "accuracy_max_completion_length"}
     # --- data and rewards
     data: DataSpec = Field(..., description="Training problems ('problems' format); every column but prompt "
                            "reaches the reward programs as a keyword list.")
@@ -100,7 +105,7 @@ class Config(TrainStageConfig):
         None, ge=0, description="Subtracted from the score of responses cut at max_completion_length.")
     accuracy_data: DataSpec | None = Field(
         None, description="Held-out problems (prompt + gold answer) for greedy exact-match before/after.")
-    accuracy_max_new_tokens: int = Field(128, gt=0, description="Generation budget for the accuracy check.")
+    accuracy_max_completion_length: int = Field(128, gt=0, description="Generation budget for the accuracy check.")
     chat: bool = Field(True, description="Send prompts through the model's chat template.")
     # --- models
     value_model: str | None = Field(
@@ -114,24 +119,24 @@ class Config(TrainStageConfig):
     max_completion_length: int = Field(128, gt=0, description="Most tokens sampled per response.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs use the same one.")
     stop: list[str] = Field(default_factory=list, description="Stop strings ending a response (besides EOS).")
-    samples_per_prompt: int = Field(1, gt=0, description="Responses sampled per prompt.")
+    num_generations: int = Field(1, gt=0, description="Responses sampled per prompt.")
     # --- batch arithmetic
     batch_size: int = Field(8, gt=0, description="Samples per forward/backward (micro-batch) per process.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step (one mini-batch).")
     num_mini_batches: int = Field(1, gt=0, description="Optimizer steps per pass over a rollout.")
     ppo_epochs: int = Field(4, gt=0, description="Passes over each rollout.")
-    max_steps: int = Field(-1, description="PPO steps (rollouts) to run (-1: `epochs` passes over `data`).")
+    max_steps: int = Field(-1, description="Training steps to take (-1: `epochs` passes over `data`); a PPO step is one rollout and its updates.")
     logits_chunk_tokens: int = Field(
         1024, gt=0, description="Response tokens whose full-vocabulary logits exist at once (memory knob: "
         "1024 x 152k-vocabulary float32 logits are 0.6 GB).")
     # --- losses and KL
-    clip_eps: float = Field(0.2, gt=0, description="Clip range of the policy ratio.")
-    value_clip_eps: float = Field(0.2, gt=0, description="Clip range of the value change (value units).")
+    epsilon: float = Field(0.2, gt=0, description="Clip range of the policy ratio.")
+    value_epsilon: float = Field(0.2, gt=0, description="Clip range of the value change (value units).")
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount (1: none, usual for language).")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     whiten_advantages: bool = Field(True, description="Normalise advantages to mean 0, variance 1.")
-    kl_coef: float = Field(0.05, ge=0, description="KL penalty coefficient beta (TRL 1.12: 0.05; "
+    beta: float = Field(0.05, ge=0, description="KL penalty coefficient (TRL 1.12: 0.05; "
                            "Math-Shepherd: 0.04); the start value with adaptive_kl.")
     kl_estimator: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimate in the reward.")
     adaptive_kl: AdaptiveKLSpec | None = Field(None, description="Steer the coefficient to a target KL.")
@@ -147,7 +152,7 @@ class Config(TrainStageConfig):
     @property
     def prompts_per_step(self) -> int:
         """Prompts per process and step."""
-        return self.rollout_size // self.samples_per_prompt
+        return self.rollout_size // self.num_generations
 
 
 def outputs(run_dir: Path) -> dict[str, str]:
@@ -175,10 +180,10 @@ def check(config: Config, base_dir: Path) -> None:
                 bind_reward(spec, base_dir)
             except RecipeError as error:
                 raise RecipeError(error.reason, field=f"rewards.{index}") from None
-    if config.rollout_size % config.samples_per_prompt:
+    if config.rollout_size % config.num_generations:
         raise RecipeError(f"batch_size * grad_accum * num_mini_batches = {config.rollout_size} samples per step is "
-                          f"not a multiple of samples_per_prompt={config.samples_per_prompt}",
-                          field="samples_per_prompt")
+                          f"not a multiple of num_generations={config.num_generations}",
+                          field="num_generations")
     if config.generation.backend == "openai":
         raise RecipeError("ppo samples from the policy being trained: use generation.backend hf or fast",
                           field="generation.backend")
@@ -217,9 +222,10 @@ def run(config: Config, ctx: StageContext) -> StageResult:
     if problems is not None:
         metrics["accuracy_before"] = _accuracy(models, problems, config, ctx, "before", reuse=True)
     # 5. Train.
+    hyper = hyper_from_config(config)
     started = time.perf_counter()
     for step in range(start, total):
-        step_metrics = ppo_step(step, models, sources, data, optimizer, groups, kl_controller, config,
+        step_metrics = ppo_step(step, models, sources, data, optimizer, groups, kl_controller, hyper,
                                 ctx.state.process_index, device)
         scheduler.step()
         history.append({"step": step + 1, "lr": scheduler.get_last_lr()[0], **step_metrics})
@@ -237,6 +243,24 @@ def run(config: Config, ctx: StageContext) -> StageResult:
 
 
 # ------------------------------------------------------------------------------------------ building blocks
+
+
+def hyper_from_config(config: Config) -> PPOHyper:
+    """What the phases of :mod:`alignkit.ppo` read, from the stage config: the one place that maps this config's
+    field names to theirs."""
+    from alignkit.ppo import PPOHyper
+
+    return PPOHyper(
+        name=config.name or "ppo", seed=config.seed,
+        prompts_per_step=config.prompts_per_step, num_generations=config.num_generations, chat=config.chat,
+        max_completion_length=config.max_completion_length, temperature=config.temperature,
+        stop=tuple(config.stop),
+        missing_eos_penalty=config.missing_eos_penalty, kl_estimator=config.kl_estimator,
+        gamma=config.gamma, lam=config.lam, whiten_advantages=config.whiten_advantages,
+        batch_size=config.batch_size, logits_chunk_tokens=config.logits_chunk_tokens,
+        ppo_epochs=config.ppo_epochs, num_mini_batches=config.num_mini_batches, epsilon=config.epsilon,
+        value_epsilon=config.value_epsilon, vf_coef=config.vf_coef, max_grad_norm=config.max_grad_norm,
+        target_kl=config.target_kl)
 
 
 def _check_prompt_lengths(data: list[dict[str, Any]], tokenizer: Any, config: Config) -> int:
@@ -331,10 +355,10 @@ def _kl_controller(config: Config) -> Any:
     from alignkit.maths import AdaptiveKLController, FixedKLController
 
     if config.adaptive_kl is None:
-        return FixedKLController(config.kl_coef)
-    if config.kl_coef <= 0:
-        raise RecipeError("adaptive_kl needs a starting kl_coef > 0", field="kl_coef")
-    return AdaptiveKLController(config.kl_coef, config.adaptive_kl.target, config.adaptive_kl.horizon)
+        return FixedKLController(config.beta)
+    if config.beta <= 0:
+        raise RecipeError("adaptive_kl needs a starting beta > 0", field="beta")
+    return AdaptiveKLController(config.beta, config.adaptive_kl.target, config.adaptive_kl.horizon)
 
 
 def _report(row: dict[str, Any], total: int, config: Config, ctx) -> None:

@@ -108,9 +108,7 @@ def outputs(run_dir: Path) -> dict[str, str]:
 
 
 def check(config: Config, base_dir: Path) -> None:
-    from transformers import TrainingArguments
-
-    check_trl_passthrough(config.trl, TrainingArguments)
+    check_trl_passthrough(config.trl, "transformers.TrainingArguments")
     if config.data.eval_size is not None and config.eval_data is not None:
         raise RecipeError("give either data.eval_size or eval_data, not both", field="eval_data")
 

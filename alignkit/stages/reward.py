@@ -68,9 +68,7 @@ def outputs(run_dir: Path) -> dict[str, str]:
 
 
 def check(config: Config, base_dir: Path) -> None:
-    from trl import RewardConfig
-
-    check_trl_passthrough(config.trl, RewardConfig)
+    check_trl_passthrough(config.trl, "trl.RewardConfig")
     if config.quantization is not None and config.lora is None:
         raise RecipeError("quantized weights cannot be trained in full; add a `lora:` block (QLoRA) or drop "
                           "`quantization`", field="quantization")

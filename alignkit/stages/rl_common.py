@@ -35,13 +35,15 @@ from alignkit.core.stage import StageResult
 class RLStageConfig(TrainStageConfig):
     """Fields of the reward-driven online RL stages (``grpo``, ``rloo``)."""
 
+    RENAMED = {"accuracy_max_new_tokens": "accuracy_max_completion_length"}
+
     data: DataSpec = Field(..., description="Training problems ('problems' format: prompt, answer, ...); "
                            "every column but prompt reaches the reward programs as a keyword list.")
     rewards: list[RewardSpec] = Field(
         ..., min_length=1, description="Reward programs and weights (weights become TRL's reward_weights).")
     accuracy_data: DataSpec | None = Field(
         None, description="Held-out problems (prompt + gold answer) for greedy exact-match before/after.")
-    accuracy_max_new_tokens: int = Field(128, gt=0, description="Generation budget for the accuracy check.")
+    accuracy_max_completion_length: int = Field(128, gt=0, description="Generation budget for the accuracy check.")
     chat: bool = Field(True, description="Send prompts as chat conversations (the model's chat template).")
     num_generations: int = Field(
         8, ge=2, description="Group size G: completions sampled per prompt (the baseline is the group's).")
@@ -63,8 +65,9 @@ class RLStageConfig(TrainStageConfig):
     lr: float = Field(1e-5, gt=0, description="Peak learning rate (RL wants small steps; LoRA tolerates ~1e-4).")
 
 
-def check_rl(config: RLStageConfig, base_dir: Path, trl_config_class: type) -> None:
-    """Load-time checks shared by grpo and rloo; raise RecipeError naming the field."""
+def check_rl(config: RLStageConfig, base_dir: Path, trl_config_class: str) -> None:
+    """Load-time checks shared by grpo and rloo (``trl_config_class``: e.g. ``"trl.GRPOConfig"``); raise
+    RecipeError naming the field."""
     check_trl_passthrough(config.trl, trl_config_class)
     for index, spec in enumerate(config.rewards):
         if is_model_reward(spec.program):

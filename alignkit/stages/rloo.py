@@ -52,9 +52,7 @@ def outputs(run_dir: Path) -> dict[str, str]:
 
 
 def check(config: Config, base_dir: Path) -> None:
-    from trl import RLOOConfig
-
-    check_rl(config, base_dir, RLOOConfig)
+    check_rl(config, base_dir, "trl.RLOOConfig")
 
 
 def run(config: Config, ctx: StageContext) -> StageResult:

@@ -44,10 +44,11 @@ from alignkit.core.stage import StageContext, StageResult
 
 class Config(TrainStageConfig):
     kind: str = "sft"
+    RENAMED = {"accuracy_max_new_tokens": "accuracy_max_completion_length"}
     data: DataSpec = Field(..., description="Training data, converted to prompt/completion.")
     accuracy_data: DataSpec | None = Field(
         None, description="Held-out problems (prompt + gold answer) for greedy exact-match before/after.")
-    accuracy_max_new_tokens: int = Field(128, gt=0, description="Generation budget for the accuracy check.")
+    accuracy_max_completion_length: int = Field(128, gt=0, description="Generation budget for the accuracy check.")
     chat: bool = Field(True, description="Format examples with the model's chat template.")
     completion_only_loss: bool = Field(True, description="Loss on the completion tokens only.")
     packing: bool = Field(False, description="Pack examples into full sequences (needs flash attention).")
@@ -59,9 +60,7 @@ def outputs(run_dir: Path) -> dict[str, str]:
 
 
 def check(config: Config, base_dir: Path) -> None:
-    from trl import SFTConfig
-
-    check_trl_passthrough(config.trl, SFTConfig)
+    check_trl_passthrough(config.trl, "trl.SFTConfig")
 
 
 def run(config: Config, ctx: StageContext) -> StageResult:

@@ -19,17 +19,18 @@ import json
 import sys
 from pathlib import Path
 
+from alignkit.data.loading import read_jsonl
 from alignkit.maths.selection import bootstrap_ci, sign_test
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         sys.exit(f"error: {path} is missing (did the run finish, with accuracy_data set?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def correctness(stage_dir: Path, when: str) -> tuple[list[str], list[float]]:
-    rows = read_jsonl(stage_dir / f"accuracy_{when}.jsonl")
+    rows = read_rows(stage_dir / f"accuracy_{when}.jsonl")
     return [row["prompt"] for row in rows], [1.0 if row["correct"] else 0.0 for row in rows]
 
 
@@ -55,7 +56,7 @@ def summarise(name: str, stage_dir: Path) -> dict:
     prompts_after, after = correctness(stage_dir, "after")
     if prompts != prompts_after:
         sys.exit(f"error: {stage_dir}: accuracy_before and accuracy_after hold different problems")
-    history = read_jsonl(stage_dir / "history.jsonl")
+    history = read_rows(stage_dir / "history.jsonl")
     steps = [row["time/step_s"] for row in history]
     return {
         "name": name, "dir": str(stage_dir), "prompts": prompts, "before": before, "after": after,

@@ -148,6 +148,9 @@ def describe_plan(recipe, actions) -> str:
         if getattr(config, "model", None):
             lines.append(f"   model: {config.model}")
             lines += [f"   {line}" for line in _training_lines(config)]
+        if getattr(config, "models", None):  # merge: its ingredients and how they are combined
+            lines.append(f"   {config.method} merge of: {', '.join(config.models)}"
+                         + (f" (base {config.base})" if getattr(config, "base", None) else ""))
         for key, value in config:
             if hasattr(value, "source"):
                 lines.append(f"   {key}: {value.source}" + (f" {value.params}" if value.params else ""))

@@ -22,6 +22,7 @@ class Config(StageConfig):
     repeat: int = Field(1, gt=0)
     fail: bool = False
     hold: str | None = None  # wait until this file exists (the manifest already says running)
+    main_only_seconds: float = 0.0  # the main rank works this long alone while the others wait at the barrier
 
 
 def outputs(run_dir: Path) -> dict[str, str]:
@@ -39,6 +40,8 @@ def run(config: Config, ctx) -> StageResult:
         text = Path(config.upstream).read_text() + "|" + text
     if config.fail:
         raise RuntimeError("planned failure")
+    if ctx.is_main:
+        time.sleep(config.main_only_seconds)
     if ctx.is_main:  # one writer: another rank may be reading it as an upstream
         (ctx.run_dir / "out.txt").write_text(text)
     ctx.log({"echo/length": len(text)})

@@ -282,3 +282,38 @@ def test_ranks_of_one_accelerate_launch_share_the_lock(tmp_path, recipe_file):
     assert shared.returncode == 0, shared.stdout[-3000:] + shared.stderr[-3000:]
     assert shared.stdout.count(") on 2 processes") == 2  # both stages ran, as one run of two ranks
     assert (recipe.stage("second").run_dir / "out.txt").read_text() == "z|b"
+
+
+def test_barrier_timeout_is_long_by_default_and_set_by_the_environment(monkeypatch):
+    from datetime import timedelta
+
+    from alignkit.core.errors import RecipeError
+    from alignkit.run.pipeline import BARRIER_TIMEOUT_ENV, barrier_timeout
+
+    monkeypatch.delenv(BARRIER_TIMEOUT_ENV, raising=False)
+    assert barrier_timeout() == timedelta(hours=6)  # far past torch's 30 (gloo) / 10 (NCCL) minutes
+    monkeypatch.setenv(BARRIER_TIMEOUT_ENV, "90")
+    assert barrier_timeout() == timedelta(seconds=90)
+    for bad in ("soon", "0", "-5"):
+        monkeypatch.setenv(BARRIER_TIMEOUT_ENV, bad)
+        with pytest.raises(RecipeError, match=BARRIER_TIMEOUT_ENV):
+            barrier_timeout()
+
+
+def test_main_only_work_waits_out_the_other_ranks_within_the_barrier_timeout(tmp_path, recipe_file):
+    """Under a 2-process launch the other rank waits at the barrier while the main rank works alone: the
+    process group's timeout is ours (a 3 s one ends the run, a 60 s one lets 6 s of main-only work finish)."""
+    from helpers import CPU_2PROC
+
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC)]
+
+    def run(timeout_s: str, out: Path) -> subprocess.CompletedProcess:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "ALIGNKIT_BARRIER_TIMEOUT_S": timeout_s}
+        return subprocess.run(launch + _echo_cli(recipe_file, out, "stages.first.main_only_seconds=6")[1:],
+                              capture_output=True, text=True, env=env, timeout=240)
+
+    patient = run("60", tmp_path / "patient")
+    assert patient.returncode == 0, patient.stdout[-2000:] + patient.stderr[-2000:]
+    assert patient.stdout.count(") on 2 processes") == 2
+    hasty = run("3", tmp_path / "hasty")
+    assert hasty.returncode != 0

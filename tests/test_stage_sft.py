@@ -191,7 +191,7 @@ def test_nan_weights_are_never_saved(tmp_path, tiny_model_dir, monkeypatch):
     """The last line of defence: with the training check off, the save refuses the nan model."""
     from alignkit.core.errors import ModelError
 
-    monkeypatch.setattr("alignkit.stages.sft.stop_on_nonfinite", lambda trainer, ctx: None)
+    monkeypatch.setattr("alignkit.stages.common.stop_on_nonfinite", lambda trainer, ctx: None)
     recipe = load_recipe(sft_recipe(tmp_path, tiny_model_dir), [*DIVERGE, "stages.sft.lr=1e30"],
                          output_dir=str(tmp_path / "runs"))
     with pytest.raises(ModelError, match=r"^sft: trained model: tensor \S+ has \d+ nan/inf values of \d+; not writing"):

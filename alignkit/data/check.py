@@ -32,6 +32,7 @@ STAGE_FORMATS: dict[str, dict[str, str]] = {
     "cai-revise": {"data": "prompts"},
     "cai-label": {"data": "prompts"},
     "cai-compare": {"data": "prompts"},
+    "merge": {"select_data": "problems"},
 }
 
 

@@ -56,7 +56,8 @@ SHARED_FIELDS: dict[str, str] = {
     "reward": "One reward program: the answer checker `fn(completions, answer=...)`.",
     "prm": "A process reward model that scores each step.",
     "chat": "Render prompts with the model's chat template.",
-    "accuracy_data": "Held-out problems for the greedy exact-match check before and after training.",
+    "accuracy_data": "Held-out problems for the greedy exact-match check: before and after training; of each "
+                     "ingredient and of the result in merge.",
     "accuracy_max_completion_length": "Most tokens per answer in the accuracy check.",
     "eval_data": "A separate held-out set (instead of splitting `data`).",
     "eval_batch_size": "Sequences per forward when scoring the held-out set.",
@@ -115,10 +116,14 @@ def nested_specs(annotation: Any) -> list[type[Spec]]:
 
 def markdown_table() -> str:
     """The shared-field table of docs/recipes.md."""
+    from alignkit.core.stage import STAGES
+
     kinds = stage_fields()
     lines = ["| field | meaning | stages |", "|---|---|---|"]
     for name, meaning in SHARED_FIELDS.items():
-        shown = "all" if len(kinds.get(name, [])) >= 12 else ", ".join(kinds.get(name, []))
+        have = kinds.get(name, [])
+        missing = [kind for kind in STAGES if kind not in have]
+        shown = "all" if not missing else f"all but {', '.join(missing)}" if len(missing) <= 2 else ", ".join(have)
         lines.append(f"| `{name}` | {meaning} | {shown} |")
     renamed = old_names()
     if renamed:

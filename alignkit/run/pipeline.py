@@ -24,6 +24,7 @@ import shutil
 import time
 import uuid
 from contextlib import contextmanager
+from datetime import timedelta
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from typing import Any
 import yaml
 
 from alignkit.core.artifacts import Manifest, write_json_atomic
-from alignkit.core.errors import RunFolderBusy
+from alignkit.core.errors import RecipeError, RunFolderBusy
 from alignkit.core.perf import peak_memory_gib, reset_peak_memory
 from alignkit.run.recipe import PlannedStage, Recipe
 from alignkit.core.stage import StageContext, get_stage
@@ -70,7 +71,8 @@ def process_state():
     each process of a CPU-only ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) believes it is alone:
     every rank is "main", writes the manifest and merges the model, and barriers are no-ops. So: ``cpu=True``
     when several processes were launched and torch sees no accelerator (or accelerate asked for CPU).
-    A single process is unaffected. The state is a singleton: later ``PartialState()`` calls share it.
+    A single process is unaffected. The state is a singleton: later ``PartialState()`` calls share it (TRL's
+    trainers included), so the process group's timeout set here is every barrier's: :func:`barrier_timeout`.
     """
     import torch
     from accelerate import PartialState
@@ -78,7 +80,28 @@ def process_state():
 
     several = int(os.environ.get("WORLD_SIZE", "1")) > 1
     cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (several and not torch.accelerator.is_available())
-    return PartialState(cpu=cpu)
+    return PartialState(cpu=cpu, timeout=barrier_timeout())
+
+
+BARRIER_TIMEOUT_ENV = "ALIGNKIT_BARRIER_TIMEOUT_S"
+
+
+def barrier_timeout() -> timedelta:
+    """How long a rank waits at a barrier for the others: 6 hours unless ``ALIGNKIT_BARRIER_TIMEOUT_S`` says.
+
+    Some work runs on the main process only while the other ranks wait (merging and saving a large model,
+    writing a stage's outputs, converting the default model on first use); torch's default (30 minutes for
+    gloo, 10 for NCCL) would kill a long run there. A rank that really died still ends the run: its peers
+    see the broken connection at once, not at the timeout.
+    """
+    value = os.environ.get(BARRIER_TIMEOUT_ENV, "").strip()
+    try:
+        seconds = float(value) if value else 6 * 3600.0
+    except ValueError:
+        raise RecipeError(f"{BARRIER_TIMEOUT_ENV}={value!r} is not a number of seconds") from None
+    if not seconds > 0:
+        raise RecipeError(f"{BARRIER_TIMEOUT_ENV}={value!r} must be a positive number of seconds")
+    return timedelta(seconds=seconds)
 
 
 def run_recipe(recipe: Recipe, *, from_stage: str | None = None, echo=print) -> list[StageOutcome]:

@@ -31,7 +31,6 @@ feedback they were built from.
 from __future__ import annotations
 
 import gc
-import json
 import random
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +42,7 @@ from alignkit.core.errors import RecipeError
 from alignkit.generation import FastSpec, GenerationSpec
 from alignkit.cai.judges import JudgeSpec
 from alignkit.core.stage import StageConfig, StageContext, StageResult
+from alignkit.data.loading import read_jsonl
 
 
 class Config(StageConfig):
@@ -130,7 +130,7 @@ def _answers(which: str, name: str, prompts: list[Any], config: Config, ctx: Any
 
     path = ctx.run_dir / f"answers-{which}.jsonl"
     if path.is_file():
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = read_jsonl(path)
         if [r["prompt"] for r in rows] == prompts and all(r["name"] == name for r in rows):
             return [r["answer"] for r in rows]
     tokenizer = load_tokenizer(name)

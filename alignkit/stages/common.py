@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import time
+from dataclasses import dataclass
 import importlib
 from pathlib import Path
 from typing import Any, Literal
@@ -158,19 +160,38 @@ def _no_step_past_the_end():
     return NoStepPastTheEnd()
 
 
-def fit(trainer, checkpoint: str | None):
-    """``trainer.train`` resumed from ``checkpoint``; resumed at the final checkpoint it trains no further, so a
-    kill between the last checkpoint and the model save costs nothing and changes nothing."""
+@dataclass(frozen=True)
+class Fitted:
+    """What :func:`fit` hands back: TRL's ``TrainOutput``, the wall time of this process's training, and the
+    checkpoint it resumed from (None for a fresh start)."""
+
+    result: Any
+    seconds: float
+    resumed_from: str | None
+
+
+def fit(trainer, ctx) -> Fitted:
+    """Train a stage's TRL/transformers trainer to the end, the one way every training stage does it:
+
+    - resumed from the newest checkpoint in the stage folder (resumed at the final one it trains no further,
+      so a kill between the last checkpoint and the model save costs nothing and changes nothing);
+    - stopped at the first nan/inf loss or gradient norm (:func:`stop_on_nonfinite`);
+    - with W&B's config split into ours (``alignkit``) and TRL's arguments (``trl``).
+    """
     from transformers.trainer_utils import TrainOutput
 
     from alignkit.core.tracking import use_nested_wandb_callback
 
+    checkpoint = last_checkpoint(ctx.run_dir)
+    stop_on_nonfinite(trainer, ctx)
     trainer.add_callback(_no_step_past_the_end())
-    use_nested_wandb_callback(trainer)  # W&B config: TRL's arguments under `trl`, ours under `alignkit`
+    use_nested_wandb_callback(trainer)
+    started = time.perf_counter()
     try:
-        return trainer.train(resume_from_checkpoint=checkpoint)
+        result = trainer.train(resume_from_checkpoint=checkpoint)
     except _PastTheEnd:  # the weights and optimizer are the checkpoint's; the loss record is in the state
-        return TrainOutput(trainer.state.global_step, 0.0, {})
+        result = TrainOutput(trainer.state.global_step, 0.0, {})
+    return Fitted(result, time.perf_counter() - started, checkpoint)
 
 
 def train_metrics(trainer, result, seconds: float, *, logged: tuple[str, ...] = ("loss",)) -> dict[str, Any]:
@@ -252,8 +273,7 @@ def stop_on_nonfinite(trainer, ctx) -> None:
     Without it a diverged run trains on to the end and is saved as ``done`` (the Trainer logs a nan loss as the
     mean so far, 0.0 at the start). The loss is checked after every optimizer step: the Trainer's running loss
     since the last log (non-finite once any step's was; gathered over processes so that every rank stops at the
-    same step); the gradient norm, which the Trainer keeps to itself, when it is logged. Call once the trainer
-    is built, before ``train()``.
+    same step); the gradient norm, which the Trainer keeps to itself, when it is logged. :func:`fit` adds it.
     """
     import math
 
@@ -317,12 +337,13 @@ def save_trained_model(trainer, tokenizer, ctx, *, merged_dtype: str = "auto") -
 
 
 def measure_accuracy(model, tokenizer, problems, config, ctx, when: str, *, generation: Any = None,
-                     reuse: bool = False) -> float:
+                     reuse: bool = False, label: str | None = None) -> float:
     """Greedy exact match on held-out problems (``config.accuracy_max_completion_length``, ``config.chat``): the one
     accuracy check of every training stage. ``generation`` is a local engine spec (default: ``hf``).
 
-    Writes ``accuracy_<when>.jsonl`` (one row per problem) in the stage folder and prints the figure;
-    ``reuse`` reads that file back instead when it exists (a resumed stage measured it before the crash).
+    Writes ``accuracy_<when>.jsonl`` (one row per problem) in the stage folder and prints the figure (``label``
+    names what was measured in that line; default ``<when> training``); ``reuse`` reads that file back instead
+    when it exists (a resumed stage measured it before the crash).
     """
     from alignkit.core.artifacts import write_jsonl_atomic
     from alignkit.data.loading import read_jsonl
@@ -336,6 +357,6 @@ def measure_accuracy(model, tokenizer, problems, config, ctx, when: str, *, gene
                              chat=config.chat, progress=ctx.is_main, generation=generation)
     if ctx.is_main:
         write_jsonl_atomic(ctx.run_dir / f"accuracy_{when}.jsonl", report["samples"])
-        print(f"[alignkit] {ctx.name}: greedy accuracy {when} training = {report['accuracy']:.3f} "
+        print(f"[alignkit] {ctx.name}: greedy accuracy {label or f'{when} training'} = {report['accuracy']:.3f} "
               f"on {report['n']} held-out problems")
     return report["accuracy"]

@@ -42,7 +42,6 @@ Departures from plain TRL / the papers:
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -54,10 +53,11 @@ from alignkit.core.errors import DataError, RecipeError
 from alignkit.generation import FastSpec, GenerationSpec
 from alignkit.rewards.programs import RewardSpec
 from alignkit.stages.common import (
-    TrainStageConfig, check_trl_passthrough, fit, last_checkpoint, measure_accuracy, restore_trainable_dtype,
-    save_trained_model, stop_on_nonfinite, train_metrics, trl_args,
+    TrainStageConfig, check_trl_passthrough, fit, measure_accuracy, restore_trainable_dtype,
+    save_trained_model, train_metrics, trl_args,
 )
 from alignkit.core.stage import StageContext, StageResult
+from alignkit.data.loading import read_jsonl
 
 
 class PairsSpec(Spec):
@@ -174,10 +174,8 @@ def _train(model, tokenizer, pairs: list[dict[str, Any]], config: Config, ctx) -
         peft_config=lora_config(config.lora, "causal-lm") if config.lora else None,
     )
     restore_trainable_dtype(trainer, config)  # QLoRA: keep the adapters in the model's dtype (TRL makes them bf16)
-    stop_on_nonfinite(trainer, ctx)  # a nan/inf loss or grad norm fails the stage at that step
-    started = time.perf_counter()
-    result = fit(trainer, last_checkpoint(ctx.run_dir))
-    metrics = {"train_pairs": len(train_data), **_train_metrics(trainer, result, time.perf_counter() - started)}
+    fitted = fit(trainer, ctx)
+    metrics = {"train_pairs": len(train_data), **_train_metrics(trainer, fitted.result, fitted.seconds)}
     return trainer, metrics
 
 
@@ -218,7 +216,7 @@ def _on_policy_pairs(model, tokenizer, config: Config, ctx) -> tuple[list[dict[s
         print(f"[alignkit] {ctx.name}: {stats.pairs}/{stats.prompts} prompts gave a pair "
               f"(mean score margin {stats.mean_margin:.3f})")
     ctx.wait()
-    pairs = [json.loads(line) for line in merged.read_text().splitlines() if line.strip()]
+    pairs = read_jsonl(merged)
     if not pairs:
         raise DataError(f"{ctx.name}: no prompt gave a usable pair (every prompt's {spec.num_generations} samples "
                         "scored the same); raise pairs.temperature or pairs.num_generations, or use a reward "

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,9 +61,7 @@ from alignkit.stages.common import (
     TrainStageConfig,
     check_trl_passthrough,
     fit,
-    last_checkpoint,
     save_trained_model,
-    stop_on_nonfinite,
     train_metrics,
     trl_args,
 )
@@ -157,12 +154,9 @@ def run(config: Config, ctx: StageContext) -> StageResult:
                               head=config.head, logprob_offset=config.logprob_offset, **trainer_args)
     else:
         trainer = Trainer(**trainer_args)
-    stop_on_nonfinite(trainer, ctx)  # a nan/inf loss or grad norm fails the stage at that step
-    started = time.perf_counter()
-    result = fit(trainer, last_checkpoint(ctx.run_dir))
-    seconds = time.perf_counter() - started
-    metrics.update(train_metrics(trainer, result, seconds),
-                   examples_per_second=round(result.metrics.get("train_samples_per_second", 0.0), 2))
+    fitted = fit(trainer, ctx)
+    metrics.update(train_metrics(trainer, fitted.result, fitted.seconds),
+                   examples_per_second=round(fitted.result.metrics.get("train_samples_per_second", 0.0), 2))
     artifacts = save_trained_model(trainer, tokenizer, ctx)
     if ctx.is_main:
         for folder in artifacts.values():

@@ -33,7 +33,6 @@ Departures from plain TRL:
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +41,8 @@ from pydantic import Field
 from alignkit.core.config import DataSpec
 from alignkit.core.errors import RecipeError
 from alignkit.stages.common import (
-    TrainStageConfig, check_trl_passthrough, fit, last_checkpoint, restore_trainable_dtype, save_trained_model,
-    stop_on_nonfinite, train_metrics, trl_args,
+    TrainStageConfig, check_trl_passthrough, fit, restore_trainable_dtype, save_trained_model,
+    train_metrics, trl_args,
 )
 from alignkit.core.stage import StageContext, StageResult
 
@@ -83,6 +82,9 @@ def run(config: Config, ctx: StageContext) -> StageResult:
 
     train_pairs, eval_pairs = _load_pairs(config)
     tokenizer = load_tokenizer(config.model, padding_side="right")
+    from transformers import set_seed
+
+    set_seed(config.seed)  # the score head is initialised here, before the Trainer seeds anything
     model = load_model(config.model, task="seq-cls", num_labels=1, quantization=config.quantization,
                        dtype=config.dtype, attn_implementation=config.attn_implementation, trainable=True)
     metrics: dict[str, Any] = {"train_pairs": len(train_pairs), "eval_pairs": len(eval_pairs or [])}
@@ -103,10 +105,8 @@ def run(config: Config, ctx: StageContext) -> StageResult:
         peft_config=lora_config(config.lora, "seq-cls") if config.lora else None,
     )
     restore_trainable_dtype(trainer, config)  # QLoRA on CPU: TRL's bf16 score head would meet float32 inputs
-    stop_on_nonfinite(trainer, ctx)  # a nan/inf loss or grad norm fails the stage at that step
-    started = time.perf_counter()
-    result = fit(trainer, last_checkpoint(ctx.run_dir))
-    metrics.update(_train_metrics(trainer, result, time.perf_counter() - started))
+    fitted = fit(trainer, ctx)
+    metrics.update(_train_metrics(trainer, fitted.result, fitted.seconds))
     artifacts = save_trained_model(trainer, tokenizer, ctx)
 
     if eval_pairs is not None:

@@ -16,7 +16,6 @@ Every batch's reward-hacking signals (:mod:`alignkit.rewards.hacking`) are logge
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,8 @@ from alignkit.core.config import DataSpec
 from alignkit.core.errors import DataError, RecipeError
 from alignkit.rewards.programs import RewardSpec, bind_reward, is_model_reward, load_reward
 from alignkit.stages.common import (
-    TrainStageConfig, check_trl_passthrough, fit, last_checkpoint, measure_accuracy, restore_trainable_dtype,
-    save_trained_model, stop_on_nonfinite,
+    TrainStageConfig, check_trl_passthrough, fit, measure_accuracy, restore_trainable_dtype,
+    save_trained_model,
 )
 from alignkit.core.stage import StageResult
 
@@ -171,16 +170,12 @@ def train_with_rewards(config: RLStageConfig, ctx, trainer_class: type, args: An
         peft_config=lora_config(config.lora, "causal-lm") if config.lora else None,
     )
     restore_trainable_dtype(trainer, config)  # QLoRA: keep the adapters in the model's dtype (TRL makes them bf16)
-    stop_on_nonfinite(trainer, ctx)  # a nan/inf loss or grad norm fails the stage at that step
-    checkpoint = last_checkpoint(ctx.run_dir)
-    started = time.perf_counter()
-    fit(trainer, checkpoint)
-    seconds = time.perf_counter() - started
+    fitted = fit(trainer, ctx)
 
     # 4. Save adapter + merged model, then accuracy after.
     artifacts = save_trained_model(trainer, tokenizer, ctx)
     metrics.update(reward_metrics(trainer.state.log_history))
-    metrics.update(throughput(trainer.state.global_step, args, seconds, resumed_from=checkpoint))
+    metrics.update(throughput(trainer.state.global_step, args, fitted.seconds, resumed_from=fitted.resumed_from))
     if problems is not None:
         metrics["accuracy_after"] = measure_accuracy(trainer.model, tokenizer, problems, config, ctx, "after")
     ctx.log_metrics(metrics)

@@ -55,7 +55,6 @@ Departures from the papers:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,6 +67,7 @@ from alignkit.generation import FastSpec, GenerationSpec
 from alignkit.rewards.programs import RewardSpec
 from alignkit.stages.grpo import Config as GRPOStageConfig
 from alignkit.core.stage import StageContext, StageResult
+from alignkit.data.loading import read_jsonl
 
 DEFAULT_INSTRUCTION = (
     "Here is the beginning of a text. Think about what comes next, then write the next word or number of "
@@ -232,7 +232,7 @@ def sample_split(config: Config, ctx: Any, tokenizer: Any, split: str, spec: Dat
             bar.update(1)
         bar.close()
     ctx.wait()
-    rows = [json.loads(line) for j in range(n_shards) for line in shards.path(shard_dir, j).read_text().splitlines()]
+    rows = [row for j in range(n_shards) for row in shards.read(shard_dir, j)]
     for row in rows:
         row["prompt"] = config.instruction.format(context=row["context"])
     if not rows:
@@ -290,7 +290,7 @@ def evaluate_cached(model, tokenizer, rows, thresholds, config: Config, ctx, whe
 
     path = ctx.run_dir / f"eval_{when}.jsonl"
     if path.is_file():
-        records = [json.loads(line) for line in path.read_text().splitlines()]
+        records = read_jsonl(path)
     else:
         records = evaluate(model, tokenizer, rows, config, progress=ctx.is_main)
         write_jsonl_atomic(path, records)
@@ -377,7 +377,7 @@ def prefilter(model, tokenizer, rows: list[dict[str, Any]], config: Config, ctx)
 
     path = ctx.run_dir / "prefilter.jsonl"
     if path.is_file():
-        successes = [json.loads(line)["successes"] for line in path.read_text().splitlines()]
+        successes = [row["successes"] for row in read_jsonl(path)]
     else:
         k = config.prefilter_samples
         engine = config.generation.build(model=model, tokenizer=tokenizer)
@@ -402,14 +402,13 @@ def prefilter(model, tokenizer, rows: list[dict[str, Any]], config: Config, ctx)
 
 def train_grpo(model, tokenizer, rows: list[dict[str, Any]], config: Config, ctx) -> tuple[dict, dict]:
     """TRL GRPO on the position prompts (resumes from the stage's last checkpoint); artifacts and metrics."""
-    import time
 
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
     from alignkit.modeling.models import lora_config
     from alignkit.rewards.programs import load_rewards
-    from alignkit.stages.common import fit, last_checkpoint, restore_trainable_dtype, save_trained_model, stop_on_nonfinite, trl_args
+    from alignkit.stages.common import fit, restore_trainable_dtype, save_trained_model, trl_args
     from alignkit.stages.rl_common import (
         HackingWatch,
         check_prompt_lengths,
@@ -432,15 +431,11 @@ def train_grpo(model, tokenizer, rows: list[dict[str, Any]], config: Config, ctx
                           processing_class=tokenizer,
                           peft_config=lora_config(config.lora, "causal-lm") if config.lora else None)
     restore_trainable_dtype(trainer, config)  # QLoRA: keep the adapters in the model's dtype (TRL makes them bf16)
-    stop_on_nonfinite(trainer, ctx)  # a nan/inf loss or grad norm fails the stage at that step
-    checkpoint = last_checkpoint(ctx.run_dir)
-    started = time.perf_counter()
-    fit(trainer, checkpoint)
-    seconds = time.perf_counter() - started
+    fitted = fit(trainer, ctx)
     artifacts = save_trained_model(trainer, tokenizer, ctx)
     metrics = {"train_prompts": len(dataset), "longest_prompt_tokens": longest,
                **reward_metrics(trainer.state.log_history),
-               **throughput(trainer.state.global_step, args, seconds, resumed_from=checkpoint)}
+               **throughput(trainer.state.global_step, args, fitted.seconds, resumed_from=fitted.resumed_from)}
     return artifacts, metrics
 
 

@@ -27,7 +27,6 @@ Departures from plain TRL:
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +35,8 @@ from pydantic import Field
 from alignkit.core.config import DataSpec
 from alignkit.core.errors import DataError
 from alignkit.stages.common import (
-    TrainStageConfig, check_trl_passthrough, fit, last_checkpoint, measure_accuracy, restore_trainable_dtype,
-    save_trained_model, stop_on_nonfinite, train_metrics, trl_args,
+    TrainStageConfig, check_trl_passthrough, fit, measure_accuracy, restore_trainable_dtype,
+    save_trained_model, train_metrics, trl_args,
 )
 from alignkit.core.stage import StageContext, StageResult
 
@@ -97,11 +96,8 @@ def run(config: Config, ctx: StageContext) -> StageResult:
         peft_config=lora_config(config.lora, "causal-lm") if config.lora else None,
     )
     restore_trainable_dtype(trainer, config)  # QLoRA: keep the adapters in the model's dtype (TRL makes them bf16)
-    stop_on_nonfinite(trainer, ctx)  # a nan/inf loss or grad norm fails the stage at that step
-    started = time.perf_counter()
-    result = fit(trainer, last_checkpoint(ctx.run_dir))
-    train_seconds = time.perf_counter() - started
-    metrics.update(train_metrics(trainer, result, train_seconds))
+    fitted = fit(trainer, ctx)
+    metrics.update(train_metrics(trainer, fitted.result, fitted.seconds))
     artifacts = save_trained_model(trainer, tokenizer, ctx)
 
     if problems is not None:

@@ -29,6 +29,10 @@ from alignkit.ppo import checkpoint as ppo_checkpoint
 
 SIGNAL = None if sys.argv[1] == "NONE" else getattr(signal, f"SIG{sys.argv[1]}")
 WHERE, N = sys.argv[2], int(sys.argv[3])
+# A process started in the background by a script inherits SIGINT as ignored (the shell's rule for background
+# jobs), and Python then installs no KeyboardInterrupt handler: restore it, so that the INT trials are a Ctrl-C
+# wherever the tests run (CI runners and `nohup ... &` included).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def fire() -> None:

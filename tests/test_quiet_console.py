@@ -54,6 +54,26 @@ class _recording:
         self.said += [(w.category.__name__, w.filename, str(w.message)) for w in self.records]
 
 
+
+def tiny_sft_recipe(tmp_path, model, name: str, *, rows: int, extra: str = ""):
+    """A 2-step LoRA sft on ``rows`` arith problems with a 2-problem accuracy check, before and after."""
+    return write_recipe(tmp_path, f"""
+        name: {name}
+        tracking: {{report_to: none}}
+        defaults:
+          model: {model}
+          lora: {{r: 4, alpha: 8, dropout: 0.0}}
+        stages:
+          - kind: sft
+            data: {{source: arith, params: {{n: {rows}, steps: 1, max_operand: 9}}}}
+            accuracy_data: {{source: arith, seed: 5, params: {{n: 2, steps: 1, max_operand: 9}}}}
+            accuracy_max_completion_length: 4
+            max_steps: 2
+            batch_size: 4
+            max_length: 64
+            {extra}
+    """)
+
 def ours(said: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
     """The deprecations among ``said`` that point at our code: raised from a file of the alignkit package, or one
     of the messages our calls used to cause."""
@@ -100,22 +120,7 @@ def test_sft_stage_raises_no_deprecation_of_ours(tmp_path, tiny_model_dir):
     from alignkit.run.pipeline import run_recipe
     from alignkit.run.recipe import load_recipe
 
-    path = write_recipe(tmp_path, f"""
-        name: quiet
-        tracking: {{report_to: none}}
-        defaults:
-          model: {tiny_model_dir}
-          lora: {{r: 4, alpha: 8, dropout: 0.0}}
-        stages:
-          - kind: sft
-            data: {{source: arith, params: {{n: 8, steps: 1, max_operand: 9}}}}
-            accuracy_data: {{source: arith, seed: 5, params: {{n: 2, steps: 1, max_operand: 9}}}}
-            accuracy_max_completion_length: 4
-            max_steps: 2
-            batch_size: 4
-            max_length: 64
-            gradient_checkpointing: true
-    """)
+    path = tiny_sft_recipe(tmp_path, tiny_model_dir, "quiet", rows=8, extra="gradient_checkpointing: true")
     recipe = load_recipe(path, output_dir=str(tmp_path / "runs"))
     with _recording() as said:
         run_recipe(recipe, echo=lambda *_: None)
@@ -139,21 +144,7 @@ def test_trl_args_set_checkpointing_by_its_current_name():
 def test_two_processes_print_each_stage_line_once(tmp_path, tiny_model_dir):
     """Under ``accelerate launch`` (2 CPU processes) every ``[alignkit]`` line appears once, the pipeline's
     ``<stage>: running (<kind>) on 2 processes`` included."""
-    path = write_recipe(tmp_path, f"""
-        name: twice
-        tracking: {{report_to: none}}
-        defaults:
-          model: {tiny_model_dir}
-          lora: {{r: 4, alpha: 8, dropout: 0.0}}
-        stages:
-          - kind: sft
-            data: {{source: arith, params: {{n: 16, steps: 1, max_operand: 9}}}}
-            accuracy_data: {{source: arith, seed: 5, params: {{n: 2, steps: 1, max_operand: 9}}}}
-            accuracy_max_completion_length: 4
-            max_steps: 2
-            batch_size: 4
-            max_length: 64
-    """)
+    path = tiny_sft_recipe(tmp_path, tiny_model_dir, "twice", rows=16)
     proc = run_two_processes(path, tmp_path / "runs")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("[alignkit]")]
     assert "[alignkit] sft: running (sft) on 2 processes" in lines

@@ -319,10 +319,30 @@ def test_main_only_work_waits_out_the_other_ranks_within_the_barrier_timeout(tmp
     assert hasty.returncode != 0
 
 
-@pytest.mark.xfail(strict=True, reason="issue 19 finding: a stage with a ${...} reference hashes the resolved "
-                   "path, so the same run folder spelled another way looks stale and the finished stage is deleted")
 def test_the_same_run_folder_spelled_another_way_skips_finished_stages(tmp_path, recipe_file, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run_recipe(load_recipe(recipe_file, output_dir="runs"), echo=lambda *_: None)
     again = run_recipe(load_recipe(recipe_file, output_dir=str(tmp_path / "runs")), echo=lambda *_: None)
     assert [o.action for o in again] == ["skipped", "skipped"]
+    (tmp_path / "link").symlink_to(tmp_path / "runs")
+    via_link = run_recipe(load_recipe(recipe_file, output_dir="link"), echo=lambda *_: None)
+    assert [o.action for o in via_link] == ["skipped", "skipped"]
+    # a different folder is a different run: the reference points elsewhere, so the hash still tells
+    moved = load_recipe(recipe_file, output_dir="elsewhere")
+    assert moved.stage("second").hash == load_recipe(recipe_file, output_dir="runs").stage("second").hash
+    assert [action for _, action in plan_actions(moved)] == ["run", "run"]
+
+
+def test_a_stage_finished_by_an_older_release_is_still_skipped(tmp_path, recipe_file):
+    """Releases up to 0.2 hashed the resolved reference path; those manifests are read until 0.3."""
+    recipe = load_recipe(recipe_file, output_dir=str(tmp_path / "runs"))
+    run_recipe(recipe, echo=lambda *_: None)
+    for stage in recipe.stages:
+        manifest = Manifest.read(stage.run_dir)
+        manifest.config_hash = stage.legacy_hash
+        manifest.write(stage.run_dir)
+    second = recipe.stage("second")
+    assert second.legacy_hash != second.hash  # its config holds a reference: the two schemes differ
+    again = run_recipe(load_recipe(recipe_file, output_dir=str(tmp_path / "runs")), echo=lambda *_: None)
+    assert [o.action for o in again] == ["skipped", "skipped"]
+    assert runs(recipe.root, "second") == 1

@@ -57,7 +57,7 @@ def plan_actions(recipe: Recipe, from_stage: str | None = None) -> list[tuple[Pl
     for stage in recipe.stages:
         manifest = Manifest.read(stage.run_dir)
         forced = start is not None and stage.index >= start
-        if manifest and manifest.config_hash == stage.hash and not forced:
+        if manifest and stage.same_config(manifest.config_hash) and not forced:
             actions.append((stage, "skip" if manifest.status == "done" else "resume"))
         else:
             actions.append((stage, "run"))

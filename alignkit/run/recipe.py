@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 import re
 import typing
 from dataclasses import dataclass
@@ -56,6 +57,11 @@ class PlannedStage:
     outputs: dict[str, str]
     hash: str
     upstream: tuple[str, ...]
+    legacy_hash: str = ""  # the hash alignkit <= 0.2.x wrote (it held the run folder's spelling); read until 0.3
+
+    def same_config(self, manifest_hash: str) -> bool:
+        """Whether a manifest's hash is this stage's config, by today's hash or the one older releases wrote."""
+        return manifest_hash in (self.hash, self.legacy_hash)
 
 
 @dataclass(frozen=True)
@@ -240,12 +246,37 @@ def _plan_stage(index, stage_raw, defaults, earlier, root, file, base_dir, notes
         except RecipeError as exc:
             raise RecipeError(exc.reason, file=file, field=f"{field}.{exc.field}" if exc.field else field) from None
     run_dir = root / name
-    upstream_hashes = [stage.hash for stage in earlier if stage.name in upstream]
     # Fields at their default are left out, so adding an optional field to a stage later does not
     # invalidate finished runs (a value set explicitly to the default is, rightly, the same config).
-    digest = config_hash(kind, hash_view(config, config.model_dump(mode="json", exclude_defaults=True)), upstream_hashes)
+    view = hash_view(config, config.model_dump(mode="json", exclude_defaults=True))
+    earlier_upstream = [stage for stage in earlier if stage.name in upstream]
+    # A ${stage.output} reference resolves to a path under the run folder; the hash sees it relative to the
+    # folder, so `-o runs` and `-o /abs/runs` are one run (the upstream stage's own hash is in the digest).
+    digest = config_hash(kind, _relative_to_run_folder(view, root), [stage.hash for stage in earlier_upstream])
+    legacy = config_hash(kind, view, [stage.legacy_hash or stage.hash for stage in earlier_upstream])
     outputs = {key: str(value) for key, value in module.outputs(run_dir).items()}
-    return PlannedStage(index, name, kind, config, run_dir, outputs, digest, tuple(sorted(upstream)))
+    return PlannedStage(index, name, kind, config, run_dir, outputs, digest, tuple(sorted(upstream)), legacy)
+
+
+RUN_FOLDER = "${run}"
+
+
+def _relative_to_run_folder(value: Any, root: Path) -> Any:
+    """``value`` with every path under ``root`` (however spelled: as given, absolute, resolved) as ``${run}/...``."""
+    spellings = sorted({str(root), os.path.abspath(root), str(root.resolve())}, key=len, reverse=True)
+
+    def rewrite(item: Any) -> Any:
+        if isinstance(item, dict):
+            return {key: rewrite(v) for key, v in item.items()}
+        if isinstance(item, list):
+            return [rewrite(v) for v in item]
+        if isinstance(item, str):
+            for spelling in spellings:
+                if item == spelling or item.startswith(spelling + os.sep):
+                    return RUN_FOLDER + item[len(spelling):]
+        return item
+
+    return rewrite(value)
 
 
 def _resolve_references(value: Any, earlier: list[PlannedStage], file, field: str, upstream: set[str]) -> Any:

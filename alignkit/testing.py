@@ -111,5 +111,5 @@ def stage_context(recipe, stage_name: str, *, rank: int = 0, world: int = 1):
     tracker = Tracker(recipe.tracking, group=recipe.name, job_type=stage.kind, name=stage.name, config={},
                       directory=stage.run_dir, enabled=False)
     state = SimpleNamespace(process_index=rank, num_processes=world, is_main_process=rank == 0,
-                            wait_for_everyone=lambda: None)
+                            wait_for_everyone=lambda: None, device="cpu")
     return StageContext(recipe=recipe, stage=stage, tracker=tracker, is_main=rank == 0, state=state)

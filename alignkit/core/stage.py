@@ -30,6 +30,7 @@ STAGES: dict[str, str] = {
     "grpo": "alignkit.stages.grpo",
     "rloo": "alignkit.stages.rloo",
     "label": "alignkit.stages.label",
+    "rejection": "alignkit.stages.rejection",
     "prm": "alignkit.stages.prm",
     "eval": "alignkit.stages.eval",
     "ppo": "alignkit.stages.ppo",

@@ -798,3 +798,47 @@ def unit_tests(completions: list, tests: list, *, timeout_s: float = 5.0, memory
                           _grade(pending, python, isolation, limits, timeout_s, concurrency, drop)):
         scores[row] = score
     return scores
+
+
+def single_tests(tests: Any) -> list[str] | None:
+    """A row's tests as separate sources, each with all of the setup: what :func:`unit_tests` counts, one by one.
+
+    >>> single_tests("import math\\nassert f(1) == 2\\nassert f(2) == 4")
+    ['import math\\nassert f(1) == 2', 'import math\\nassert f(2) == 4']
+    >>> single_tests(["assert f(1) == 2", "x = 3\\nassert f(x) == 6"])
+    ['assert f(1) == 2', 'x = 3\\nassert f(x) == 6']
+    """
+    if isinstance(tests, (list, tuple)):
+        return list(tests) if parse_tests(tests) is not None else None
+    body = _parse(tests) if isinstance(tests, str) else None
+    if body is None:
+        return None
+    setup = [ast.unparse(node) for node in body if not isinstance(node, ast.Assert)]
+    return ["\n".join(setup + [ast.unparse(node)]) for node in body if isinstance(node, ast.Assert)]
+
+
+def _unit_tests_feedback(completions: list, tests: list, *, most: int = 3, **options: Any) -> list[str | None]:
+    """Which tests a completion's code failed (up to ``most``, as source), for a revision request (the
+    ``rejection`` stage, Llama 3's execution feedback). Each test of a failing row runs again alone, in the same
+    sandbox and limits (``options`` are :func:`unit_tests`'); None where every test passed or none is usable."""
+    scores = unit_tests(completions, tests, **options)
+    jobs = []  # (row, test source)
+    for row, (score, row_tests) in enumerate(zip(scores, tests, strict=True)):
+        if score is not None and score < 1.0:
+            jobs += [(row, source) for source in single_tests(row_tests) or []]
+    if not jobs:
+        return [None] * len(completions)
+    alone = unit_tests([completions[row] for row, _ in jobs], [source for _, source in jobs], **options)
+    failed: dict[int, list[str]] = {}
+    for (row, source), score in zip(jobs, alone, strict=True):
+        if score is not None and score < 1.0:
+            failed.setdefault(row, []).append(source.splitlines()[-1][:200])
+    notes: list[str | None] = []
+    for row in range(len(completions)):
+        shown = failed.get(row, [])
+        more = f" (and {len(shown) - most} more)" if len(shown) > most else ""
+        notes.append(f"Failing tests: {'; '.join(shown[:most])}{more}." if shown else None)
+    return notes
+
+
+unit_tests.feedback = _unit_tests_feedback  # read by the rejection stage's revision requests

@@ -293,3 +293,26 @@ def answer_match(completions: list, answer: list, *, fallback_last_number: bool 
             logger.warning("answer_match: scoring failed, 0.0 given: %r", error)
             scores.append(0.0)
     return scores
+
+
+def _answer_match_feedback(completions: list, answer: list, *, fallback_last_number: bool = False,
+                           timeout_s: int = 5, **kwargs: Any) -> list[str | None]:
+    """Why ``answer_match`` did not pay, for a revision request (the ``rejection`` stage): no final answer
+    found, or the one found was not right. The gold answer is never said. None where it paid or had no gold.
+
+    >>> answer_match.feedback(["The answer is 4.", "I think it is 4", "The answer is 5."], answer=["4"] * 3)
+    [None, 'No final answer was found: end with a line "The answer is N." stating one number.', 'The final answer 5 is not correct.']
+    """
+    scores = answer_match(completions, answer, fallback_last_number=fallback_last_number, timeout_s=timeout_s)
+    notes: list[str | None] = []
+    for completion, score in zip(completions, scores, strict=True):
+        if score is None or score > 0:
+            notes.append(None)
+            continue
+        predicted = extract_answer(completion_text(completion))
+        notes.append('No final answer was found: end with a line "The answer is N." stating one number.'
+                     if predicted is None else f"The final answer {predicted} is not correct.")
+    return notes
+
+
+answer_match.feedback = _answer_match_feedback  # read by the rejection stage's revision requests

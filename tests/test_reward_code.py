@@ -459,3 +459,15 @@ def test_known_limit_truth_asserts_in_the_child_can_be_gamed() -> None:
     gamed = "import math\nmath.isclose = lambda *a, **k: True\n" + WRONG
     tests = "import math\nassert math.isclose(add(1, 2), 3)\nassert add(1, 2) == 3"
     assert unit_tests([gamed], tests=[tests]) == [0.5]
+
+
+def test_feedback_names_the_failing_tests_from_a_sandboxed_rerun() -> None:
+    """What the rejection stage shows a revision request: each failing test's source, none of the passing."""
+    off_by_one = "def add(a, b):\n    return a + b + (a == 2)\n"  # fails only add(2, 2) == 4
+    notes = unit_tests.feedback([RIGHT, off_by_one, WRONG, RIGHT], tests=[ADD_TESTS] * 3 + ["not python ("])
+    assert notes == [None, "Failing tests: assert add(2, 2) == 4.",
+                     "Failing tests: assert add(1, 2) == 3; assert add(0, 0) == 0; assert add(-1, 1) == 0 "
+                     "(and 1 more).", None]
+    # list-form tests are one test per item
+    assert unit_tests.feedback([off_by_one], tests=[["assert add(2, 2) == 4", "assert add(1, 1) == 2"]],
+                               most=1) == ["Failing tests: assert add(2, 2) == 4."]

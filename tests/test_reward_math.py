@@ -163,3 +163,16 @@ def test_every_gsm8k_reference_solution_is_right_against_its_own_gold() -> None:
     assert len(rows) == 7473 and scores == [1.0] * len(rows)
     # and an operand list of the same problems is never paid
     assert answer_match([f"The answer is {g} 0." for g in golds[:200]], answer=golds[:200]) == [0.0] * 200
+
+
+def test_feedback_says_what_failed_but_never_the_gold():
+    from alignkit.rewards.programs import load_reward
+
+    match = load_reward("reward/math.py:answer_match")
+    notes = match.feedback(["The answer is 18.", "The answer is 12 + 6.", "no idea", "The answer is 17.", "x"],
+                           answer=["18", "18", "18", "18", None])
+    assert notes[0] is None and notes[4] is None  # paid, and unscorable (no gold)
+    assert notes[1] == "The final answer 12 + 6 is not correct."  # an expression is read, and not paid
+    assert notes[2] == 'No final answer was found: end with a line "The answer is N." stating one number.'
+    assert notes[3] == "The final answer 17 is not correct."
+    assert not any("18" in note for note in notes if note)

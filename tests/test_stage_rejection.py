@@ -11,15 +11,22 @@ from pathlib import Path
 
 import pytest
 
-import alignkit.data.rejection as rejection
 from alignkit.core.artifacts import Manifest
 from alignkit.core.errors import RecipeError
+from alignkit.data import rejection
 from alignkit.data.rejection import distinct, keep, pass_at_k, pass_at_k_curve
 from alignkit.generation.engine import Completion
 from alignkit.run.pipeline import run_recipe
 from alignkit.run.recipe import load_recipe, parse_recipe
-from alignkit.stages.rejection import (Checker, Config, preference_pairs, prompt_summary, sample_shard, summarize,
-                                       training_rows)
+from alignkit.stages.rejection import (
+    Checker,
+    Config,
+    preference_pairs,
+    prompt_summary,
+    sample_shard,
+    summarize,
+    training_rows,
+)
 
 
 def test_doctests():
@@ -233,15 +240,15 @@ def read(path) -> list[dict]:
 
 
 def test_rejection_stage_end_to_end_and_sft_reads_its_rows(tmp_path, tiny_model_dir):
-    recipe_path = write_recipe(tmp_path, tiny_model_dir, then="""
+    recipe_path = write_recipe(tmp_path, tiny_model_dir, then=f"""
         - kind: sft
-          model: {model}
+          model: {tiny_model_dir}
           data: {{source: "${{rejection.data}}"}}
           max_steps: 2
           batch_size: 2
           max_length: 64
           save_steps: 2
-    """.format(model=tiny_model_dir))
+    """)
     recipe = load_recipe(recipe_path, output_dir=str(tmp_path / "runs"))
     outcomes = run_recipe(recipe, echo=lambda *_: None)
     assert [o.action for o in outcomes] == ["ran", "ran"]

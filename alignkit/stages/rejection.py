@@ -56,12 +56,12 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from alignkit.cai.judges import JudgeSpec
 from alignkit.core import shards
 from alignkit.core.artifacts import write_jsonl_atomic
 from alignkit.core.config import DataSpec, QuantSpec
 from alignkit.core.errors import DataError, RecipeError, RewardError
 from alignkit.core.stage import StageConfig, StageContext, StageResult
-from alignkit.cai.judges import JudgeSpec
 from alignkit.generation import FastSpec, GenerationSpec
 from alignkit.rewards.programs import RewardSpec
 

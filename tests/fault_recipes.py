@@ -87,6 +87,22 @@ def label(folder: Path, model: Path) -> str:
         """)
 
 
+def rejection(folder: Path, model: Path) -> str:
+    """3 shards of 2 prompts, 4 attempts each, one revision round."""
+    return _write(folder, "rejection", f"""\
+        - kind: rejection
+          model: {model}
+          data: {{source: arith, params: {{n: 6, steps: 1, max_operand: 9}}}}
+          rewards: [{{program: "rewards.py:even_length"}}]
+          num_generations: 4
+          keep: 2
+          revise_rounds: 1
+          max_completion_length: 8
+          shard_size: 2
+          generation: {{backend: hf, batch_size: 8}}
+        """, {"rewards.py": REWARDS_PY})
+
+
 def dpo(folder: Path, model: Path) -> str:
     """Offline preference file: 16 pairs, batch 4, 6 steps (into a second epoch), a checkpoint every 2."""
     return _write(folder, "dpo", f"""\
@@ -275,7 +291,7 @@ def cai_revise(folder: Path, model: Path) -> str:
         """)
 
 
-STAGES = {"sft": sft, "label": label, "dpo": dpo, "dpo-pairs": dpo_pairs, "reward": reward, "prm": prm,
+STAGES = {"sft": sft, "label": label, "rejection": rejection, "dpo": dpo, "dpo-pairs": dpo_pairs, "reward": reward, "prm": prm,
           "grpo": grpo, "rloo": rloo, "ppo": ppo, "rntp": rntp, "eval": eval_, "cai-label": cai_label,
           "cai-revise": cai_revise}
 

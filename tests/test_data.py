@@ -212,6 +212,31 @@ def test_shuffle_happens_before_limit(tmp_path):
     assert load_dataset(DataSpec(source="arith", limit=7, params={"n": 50}), "sft").num_rows == 7
 
 
+def test_skip_and_limit_cut_disjoint_slices_of_one_source(tmp_path):
+    """held-out = limit 5; training = skip 5: no row in both, none lost; after the shuffle, as limit is."""
+    path = str(write_jsonl(tmp_path / "d.jsonl", ROWS))
+    columns = {"prompt": "question", "completion": "response"}
+
+    def prompts(**kw) -> list[str]:
+        return list(load_dataset(DataSpec(source=path, columns=columns, **kw), "sft")["prompt"])
+
+    full = prompts(shuffle=True, seed=3)
+    held, train, middle = prompts(shuffle=True, seed=3, limit=5), prompts(shuffle=True, seed=3, skip=5), \
+        prompts(shuffle=True, seed=3, skip=5, limit=4)
+    assert held == full[:5] and train == full[5:] and middle == full[5:9]
+    assert prompts(skip=18) == ["q18", "q19"]
+    arith = [row["prompt"] for row in load_dataset(DataSpec(source="arith", params={"n": 10}), "problems")]
+    assert [row["prompt"] for row in load_dataset(DataSpec(source="arith", skip=7, params={"n": 10}), "problems")] \
+        == arith[7:]
+    mixed = DataSpec(source="mixture", skip=3, limit=2, mixture=[{"source": "arith", "params": {"n": 4}},
+                                                                 {"source": "arith", "params": {"n": 4, "seed": 1}}])
+    assert load_dataset(mixed, "problems").num_rows == 2
+    with pytest.raises(DataError):
+        load_dataset(DataSpec(source=path, columns=columns, skip=20), "sft")  # nothing left: an empty result
+    with pytest.raises(ValueError):
+        DataSpec(source=path, skip=-1)
+
+
 def test_generic_stepwise_and_problems_rows_are_checked(tmp_path):
     rows = [{"prompt": "p", "completions": ["a", "b"], "labels": [1, 0], "soft_labels": [0.9, 0.2]}]
     ds = load_dataset(DataSpec(source=str(write_jsonl(tmp_path / "s.jsonl", rows))), "stepwise")

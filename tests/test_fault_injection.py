@@ -117,6 +117,7 @@ PLAN = [
     ("eval", "INT", SHARDS_3),                       # sample shards
     ("cai-label", "KILL", SHARDS_3),
     ("cai-revise", "TERM", SHARDS_3),
+    ("rejection", "KILL", SHARDS_3),                 # attempts, checks and a revision round per shard
 ]
 TRIALS += [(kind, sig, *draw(100 + i, points)) for i, (kind, sig, points) in enumerate(PLAN)]
 

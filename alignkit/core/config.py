@@ -110,6 +110,9 @@ class DataSpec(Spec):
         description="Map alignkit column names to the dataset's, e.g. {prompt: question, completion: answer}.",
     )
     limit: int | None = Field(None, gt=0, description="Use at most this many rows (after shuffling).")
+    skip: int = Field(0, ge=0, description="Leave out this many rows first (after shuffling, before `limit`): "
+                      "disjoint slices of one source, e.g. held-out problems (`limit: 200`) and training ones "
+                      "(`skip: 200`).")
     shuffle: bool = Field(False, description="Shuffle (with `seed`) before `limit`.")
     seed: int = Field(0, description="Seed for shuffling and for built-in generators.")
     params: dict[str, Any] = Field(
@@ -143,9 +146,10 @@ class DataSpec(Spec):
         if (self.source == "mixture") != (self.mixture is not None):
             raise ValueError("`source: mixture` and `mixture: [...]` go together (a list of data specs)")
         if self.mixture is not None:
-            own = sorted(set(self.model_fields_set) - {"source", "mixture", "limit", "shuffle", "seed", "eval_size"})
+            own = sorted(set(self.model_fields_set) - {"source", "mixture", "limit", "skip", "shuffle", "seed",
+                                                           "eval_size"})
             if own:
-                raise ValueError(f"a mixture takes only limit, shuffle, seed and eval_size itself; put {own} on its "
+                raise ValueError(f"a mixture takes only limit, skip, shuffle, seed and eval_size itself; put {own} on its "
                                  "parts")
         return self
 

@@ -28,6 +28,7 @@ STAGE_FORMATS: dict[str, dict[str, str]] = {
     "rloo": {"data": "problems"},
     "ppo": {"data": "@data_format"},
     "label": {"data": "problems"},
+    "rejection": {"data": "@data_format"},
     "rntp": {"data": "text", "eval_data": "text"},
     "cai-revise": {"data": "prompts"},
     "cai-label": {"data": "prompts"},
@@ -77,7 +78,7 @@ def check_head(spec: DataSpec, fmt: str, head: int = HEAD_ROWS) -> str:
 
         full = read_file(path)
         table = full.select(range(min(head, len(full))))
-    checked = spec.model_copy(update={"limit": None, "shuffle": False})
+    checked = spec.model_copy(update={"limit": None, "skip": 0, "shuffle": False})  # the head is checked as is
     rows = _convert(table, checked, fmt, location, named.name if named else None)
     if not rows:
         return f"ok (the first {len(table)} rows were all skipped as unusable; later rows not checked)"

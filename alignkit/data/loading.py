@@ -253,7 +253,7 @@ def _convert(table: Any, spec: DataSpec, fmt: str, where: str, forced: str | Non
     rows: list[dict[str, Any]] = []
     skipped: Counter[str] = Counter()
     order = _order(n, spec)
-    limit = spec.limit if spec.limit is not None else float("inf")
+    limit = spec.skip + spec.limit if spec.limit is not None else float("inf")
     for start in range(0, n, _CHUNK):
         if len(rows) >= limit:
             break
@@ -268,7 +268,12 @@ def _convert(table: Any, spec: DataSpec, fmt: str, where: str, forced: str | Non
     if skipped:
         logger.warning("%s: skipped %d unusable rows (%s)", where, sum(skipped.values()),
                        "; ".join(f"{count} x {reason}" for reason, count in skipped.most_common()))
-    return rows[: spec.limit]
+    return _window(rows, spec)
+
+
+def _window(items: list, spec: DataSpec) -> list:
+    """``items[skip : skip + limit]``: the rows a spec's ``skip`` and ``limit`` leave (after any shuffle)."""
+    return items[spec.skip: None if spec.limit is None else spec.skip + spec.limit]
 
 
 def _arith_rows(spec: DataSpec, fmt: str) -> list[dict[str, Any]]:
@@ -280,7 +285,7 @@ def _arith_rows(spec: DataSpec, fmt: str) -> list[dict[str, Any]]:
         raise DataError("arith: `columns:` does not apply to the built-in generator")
     params = arith.parse_params(spec.params, seed=spec.seed)
     records = arith.generate(params)
-    order = _order(len(records), spec)[: spec.limit]
+    order = _window(_order(len(records), spec), spec)
     return [arith.view(records[i], fmt, params, index=i) for i in order]
 
 
@@ -290,7 +295,7 @@ def _redteam_rows(spec: DataSpec, fmt: str) -> list[dict[str, Any]]:
     if spec.adapter != "auto" or spec.columns or spec.params or spec.path:
         raise DataError("source 'redteam' is the built-in prompt list: it takes no adapter, columns, params or path")
     records = redteam.rows()
-    return [records[i] for i in _order(len(records), spec)[: spec.limit]]
+    return [records[i] for i in _window(_order(len(records), spec), spec)]
 
 
 def load_dataset(spec: DataSpec, fmt: str):
@@ -331,7 +336,7 @@ def _mixture_rows(spec: DataSpec, fmt: str) -> list[dict[str, Any]]:
             raise DataError(f"mixture part {index} ({part.source}): weight {part.weight} keeps none of its "
                             f"{len(rows)} rows")
         pooled += used
-    return [pooled[i] for i in _order(len(pooled), spec)][: spec.limit]
+    return _window([pooled[i] for i in _order(len(pooled), spec)], spec)
 
 
 def _to_dataset(rows: list[dict[str, Any]], fmt: str):

@@ -8,7 +8,7 @@ Recipe example::
       num_generations: 8                                    # n attempts per prompt
       keep: 2                                               # at most k passing, distinct ones per prompt
       rewards: [{program: reward/math.py:answer_match}]     # the check: verifiers, `model:${rm.model}` ...
-      threshold: 1.0                                        # an attempt passes at weighted score >= threshold
+      min_score: 1.0                                        # an attempt passes at weighted score >= this
       revise_rounds: 1                                      # a prompt with no pass gets one revision request
       generation: {backend: fast, batch_size: 64}
 
@@ -16,9 +16,9 @@ What it does, per shard of ``shard_size`` prompts:
 
 1. Sample ``num_generations`` attempts per prompt (one ``generate`` call, seeded per shard).
 2. Check: the ``rewards`` (weighted sum, as in ``grpo``: verifiers such as ``answer_match`` or ``unit_tests``,
-   an ORM ``model:<folder>``, a PRM ``prm:<folder>``) score each attempt; it passes at ``score >= threshold``.
+   an ORM ``model:<folder>``, a PRM ``prm:<folder>``) score each attempt; it passes at ``score >= min_score``.
    With a ``judge:``, the judge is asked ``judge_question`` about each attempt with the options Yes/No (both
-   orders, :mod:`alignkit.cai.judges`) and an attempt passes only if also ``P(Yes) >= judge_threshold``.
+   orders, :mod:`alignkit.cai.judges`) and an attempt passes only if also ``P(Yes) >= judge_min_p``.
 3. Keep up to ``keep`` passing attempts per prompt, best score first, without exact or near duplicates
    (:func:`alignkit.data.rejection.keep`).
 4. Revise (``revise_rounds`` > 0): for each prompt with fewer than ``keep`` kept, its best-scored failing
@@ -84,10 +84,10 @@ class Config(StageConfig):
     rewards: list[RewardSpec] = Field(
         default_factory=list, description="Reward programs summed with their weights (the check); `model:<folder>` "
         "is an ORM, `prm:<folder>` a PRM.")
-    threshold: float = Field(1.0, description="An attempt passes when its weighted score is at least this.")
+    min_score: float = Field(1.0, description="An attempt passes when its weighted reward score is at least this.")
     judge: JudgeSpec | None = Field(None, description="Also ask a judge model whether each attempt is right.")
     judge_question: str = Field(JUDGE_QUESTION, min_length=1, description="What the judge is asked (Yes/No).")
-    judge_threshold: float = Field(0.5, ge=0, le=1, description="P(Yes) an attempt needs from the judge.")
+    judge_min_p: float = Field(0.5, ge=0, le=1, description="P(Yes) an attempt needs from the judge.")
     near_duplicate: float | None = Field(
         0.9, gt=0, le=1, description="Drop a kept attempt this similar (word 3-gram Jaccard) to a kept one; "
         "null: exact duplicates only.")
@@ -150,7 +150,7 @@ def run(config: Config, ctx: StageContext) -> StageResult:
     sft_rows, pair_rows = training_rows(rows), preference_pairs(rows)
     if not sft_rows:
         raise DataError(f"{ctx.name}: no attempt passed the check ({len(rows)} prompts x {config.num_generations} "
-                        "attempts); raise temperature or num_generations, lower threshold, or start from a "
+                        "attempts); raise temperature or num_generations, lower min_score, or start from a "
                         "stronger model")
     write_jsonl_atomic(ctx.run_dir / "data.jsonl", sft_rows)
     write_jsonl_atomic(ctx.run_dir / "pairs.jsonl", pair_rows)
@@ -211,8 +211,8 @@ class Checker:
 
     def passed(self, reward: float | None, judged: float | None) -> bool:
         config = self.config
-        return ((not config.rewards or (reward is not None and reward >= config.threshold))
-                and (config.judge is None or (judged is not None and judged >= config.judge_threshold)))
+        return ((not config.rewards or (reward is not None and reward >= config.min_score))
+                and (config.judge is None or (judged is not None and judged >= config.judge_min_p)))
 
     def feedback(self, rows: list[dict[str, Any]], texts: list[str]) -> list[str | None]:
         """Per text, what the reward programs that offer ``feedback`` say about it (joined), else None."""

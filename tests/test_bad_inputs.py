@@ -43,6 +43,7 @@ CASES = [
          ["stages.sft.max_steps", "-1 to train for `epochs`"]),
     Case("zero max_steps", sft("max_steps: 0\n").replace("    max_steps: 2\n", "", 1), ["stages.sft.max_steps"]),
     Case("duplicate key", sft("lr: 1.0e-4\nlr: 1.0e-3\n"), ["duplicate key 'lr'", "line"]),
+    Case("mapping as a key", sft("{{lr: 1.0e-4}}: x\n"), ["a key must be a plain name", "doubled braces"]),
     Case("unknown field", sft("learning_rate: 1.0e-4\n"), ["stages.sft.learning_rate", "did you mean `lr`"]),
     Case("trl duplicates our field", sft("trl: {learning_rate: 0.5}\n"), ["stages.sft.trl.learning_rate", "`lr`"]),
     Case("trl secret", sft("trl: {hub_token: abc}\n"), ["stages.sft.trl.hub_token", "HF_TOKEN"]),

@@ -453,9 +453,9 @@ def test_docstring_examples():
     import doctest
 
     import alignkit.data
-    from alignkit.data import adapters, arith, formats
+    from alignkit.data import adapters, arith, formats, loading
 
-    for module in (alignkit.data, adapters, arith, formats):
+    for module in (alignkit.data, adapters, arith, formats, loading):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0, module.__name__
 

@@ -48,6 +48,10 @@ def stage_data(kind: str, config: Any) -> list[tuple[str, DataSpec, str]]:
             value = getattr(value, part, None)
         if isinstance(value, DataSpec):
             found.append((field, value, getattr(config, fmt[1:]) if fmt.startswith("@") else fmt))
+    for env in getattr(config, "environments", None) or []:  # RL stages: each environment's own rows
+        found.append((f"environments.{env.name}.data", env.data, env.data_format))
+        if env.accuracy_data is not None:
+            found.append((f"environments.{env.name}.accuracy_data", env.accuracy_data, "problems"))
     return found
 
 
@@ -59,7 +63,7 @@ def check_head(spec: DataSpec, fmt: str, head: int = HEAD_ROWS) -> str:
 
     if spec.mixture is not None:
         return "; ".join(f"part {i}: {check_head(part, fmt, head)}" for i, part in enumerate(spec.mixture))
-    if spec.source in ("arith", "redteam"):  # cheap to make: checked whole (its params, the format asked for)
+    if spec.source in ("arith", "redteam", "code"):  # cheap to make: checked whole (its params, the format asked for)
         check_rows(_rows(spec, fmt), fmt)
         return f"ok (built-in {spec.source!r} as {fmt!r})"
     named = ADAPTERS.get(spec.source)

@@ -15,6 +15,8 @@ format         columns
 ``stepwise``   ``prompt`` (str), ``completions`` (list[str]), ``labels`` (list[bool]), optional
                ``soft_labels`` (list[float] in [0, 1]): TRL's stepwise supervision format
 ``text``       ``text`` (str)
+``code``       ``prompt`` (str), ``tests``: a string of Python (each top-level ``assert`` one test) or a list of
+               strings (one test each), run by ``reward/code.py:unit_tests``
 ``prompts``    ``prompt``: a string or a message list (requests to answer: red-team prompts, HH prompts); or
                implicit-prompt preference rows, whose shared first turns are the prompt
 =============  =============================================================================================
@@ -37,6 +39,7 @@ FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "stepwise": (("prompt", "completions", "labels"), ("soft_labels",)),
     "text": (("text",), ()),
     "prompts": (("prompt",), ()),
+    "code": (("prompt", "tests"), ()),
 }
 
 
@@ -169,6 +172,15 @@ def _coerce_labels(value: Any) -> list[bool] | None:
     return [bool(v) for v in value]
 
 
+def _tests(row: dict[str, Any]) -> str | None:
+    tests = row["tests"]
+    if isinstance(tests, str) and tests.strip():
+        return None
+    if isinstance(tests, list) and tests and all(isinstance(t, str) and t.strip() for t in tests):
+        return None
+    return f"column 'tests' must be Python test code (a string, or a non-empty list of strings), got {tests!r:.80}"
+
+
 def _stepwise(row: dict[str, Any]) -> str | None:
     steps, labels = row["completions"], _coerce_labels(row["labels"])
     if not isinstance(steps, list) or not steps or not all(isinstance(s, str) for s in steps):
@@ -235,6 +247,8 @@ def to_format(record: dict[str, Any], fmt: str, where: str) -> dict[str, Any]:
         problem = _text_or_messages(row, "prompt")
     elif fmt == "problems":
         problem = _problems(row)
+    elif fmt == "code":
+        problem = _string(row, "prompt") or _tests(row)
     else:
         problem = _string(row, "text")
     if problem:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from alignkit.core.config import DataSpec
-from alignkit.data import arith, redteam
+from alignkit.data import arith, codetasks, redteam
 from alignkit.data.adapters import ADAPTERS, Adapter, SkipRow, adapter_params, detect
 from alignkit.data.formats import (
     COLUMN_TYPES, FORMATS, TYPED_FORMATS, check_format, features, missing_columns, to_format,
@@ -298,6 +298,16 @@ def _redteam_rows(spec: DataSpec, fmt: str) -> list[dict[str, Any]]:
     return [records[i] for i in _window(_order(len(records), spec), spec)]
 
 
+def _code_rows(spec: DataSpec, fmt: str) -> list[dict[str, Any]]:
+    if fmt not in ("code", "prompts"):
+        raise DataError(f"source 'code' is a set of function tasks with tests (format 'code'), not {fmt!r}")
+    if spec.adapter != "auto" or spec.columns or spec.params or spec.path:
+        raise DataError("source 'code' is the built-in task set: it takes no adapter, columns, params or path")
+    records = codetasks.rows()
+    return [{"prompt": records[i]["prompt"]} if fmt == "prompts" else records[i]
+            for i in _window(_order(len(records), spec), spec)]
+
+
 def load_dataset(spec: DataSpec, fmt: str):
     """Load ``spec`` as a ``datasets.Dataset`` in format ``fmt`` (see :mod:`alignkit.data.formats`).
 
@@ -315,6 +325,8 @@ def _rows(spec: DataSpec, fmt: str) -> list[dict[str, Any]]:
         rows, where = _arith_rows(spec, fmt), "arith"
     elif spec.source == "redteam":
         rows, where = _redteam_rows(spec, fmt), "redteam"
+    elif spec.source == "code":
+        rows, where = _code_rows(spec, fmt), "code"
     else:
         table, where, forced = _read_source(spec)
         rows = _convert(table, spec, fmt, where, forced)
@@ -324,19 +336,31 @@ def _rows(spec: DataSpec, fmt: str) -> list[dict[str, Any]]:
 
 
 def _mixture_rows(spec: DataSpec, fmt: str) -> list[dict[str, Any]]:
-    """A mixture: each part's rows used ``weight`` times (the whole part ``int(weight)`` times, plus a seeded
-    sample for the fraction), pooled in order, then shuffled (if ``shuffle``) and cut at ``limit``."""
+    """A mixture: each part's rows used ``weight`` times (:func:`weighted_pool`), pooled in order, then shuffled
+    (if ``shuffle``) and cut at ``skip``/``limit``."""
+    parts = [(_mixture_rows(part, fmt) if part.mixture is not None else _rows(part, fmt), part.weight,
+              f"mixture part {index} ({part.source})") for index, part in enumerate(spec.mixture)]
+    pooled = weighted_pool(parts, seed=spec.seed)
+    return _window([pooled[i] for i in _order(len(pooled), spec)], spec)
+
+
+def weighted_pool(parts: list[tuple[list[dict[str, Any]], float, str]], *, seed: int) -> list[dict[str, Any]]:
+    """Rows of ``(rows, weight, name)`` parts pooled in order, each part's rows used ``weight`` times: the whole
+    part ``int(weight)`` times plus a sample (seeded by ``seed`` and the part's position) for the fraction. The one
+    weighting of data mixtures and of the RL stages' environments. DataError if a weight keeps no row.
+
+    >>> [r["x"] for r in weighted_pool([([{"x": 1}, {"x": 2}], 2.0, "a"), ([{"x": 3}, {"x": 4}], 0.5, "b")], seed=0)]
+    [1, 2, 1, 2, 3]
+    """
     pooled: list[dict[str, Any]] = []
-    for index, part in enumerate(spec.mixture):
-        rows = _mixture_rows(part, fmt) if part.mixture is not None else _rows(part, fmt)
-        whole, fraction = divmod(part.weight, 1.0)
-        extra = random.Random(spec.seed * 1_000_003 + index).sample(rows, round(fraction * len(rows)))
+    for index, (rows, weight, name) in enumerate(parts):
+        whole, fraction = divmod(weight, 1.0)
+        extra = random.Random(seed * 1_000_003 + index).sample(rows, round(fraction * len(rows)))
         used = rows * int(whole) + extra
         if not used:
-            raise DataError(f"mixture part {index} ({part.source}): weight {part.weight} keeps none of its "
-                            f"{len(rows)} rows")
+            raise DataError(f"{name}: weight {weight} keeps none of its {len(rows)} rows")
         pooled += used
-    return _window([pooled[i] for i in _order(len(pooled), spec)], spec)
+    return pooled
 
 
 def _to_dataset(rows: list[dict[str, Any]], fmt: str):

@@ -100,6 +100,10 @@ class UniqueKeyLoader(yaml.SafeLoader):
         seen = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool, type(None))):  # `{{a: b}}:` (a mapping as a key)
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a key must be a plain name, got a {type(key).__name__} (doubled braces?)",
+                    key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
@@ -425,6 +429,17 @@ def _check_local_paths(config, resolved, merged, file, field, base_dir: Path):
             checked = _check_data_paths(spec, merged.get(key), file, f"{field}.{key}", base_dir)
             if checked is not spec:
                 updates[key] = checked
+    environments = getattr(config, "environments", None)
+    if environments:  # RL stages: each environment's data files, checked like a stage's own
+        raw_envs = merged.get("environments") if isinstance(merged.get("environments"), list) else []
+        checked_envs = []
+        for index, env in enumerate(environments):
+            raw = raw_envs[index] if index < len(raw_envs) and isinstance(raw_envs[index], dict) else {}
+            moved = {key: _check_data_paths(getattr(env, key), raw.get(key), file,
+                                            f"{field}.environments.{env.name}.{key}", base_dir)
+                     for key in ("data", "accuracy_data") if getattr(env, key) is not None}
+            checked_envs.append(env.model_copy(update=moved))
+        updates["environments"] = checked_envs
     return config.model_copy(update=updates) if updates else config
 
 

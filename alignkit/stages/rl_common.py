@@ -16,13 +16,15 @@ Every batch's reward-hacking signals (:mod:`alignkit.rewards.hacking`) are logge
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from alignkit.core.config import DataSpec
 from alignkit.core.errors import DataError, RecipeError
+from alignkit.rewards.environments import EnvironmentSpec, check_environments
 from alignkit.rewards.programs import RewardSpec, bind_reward, is_model_reward, load_reward
 from alignkit.stages.common import (
     TrainStageConfig, check_trl_passthrough, fit, measure_accuracy, restore_trainable_dtype,
@@ -36,10 +38,13 @@ class RLStageConfig(TrainStageConfig):
 
     RENAMED = {"accuracy_max_new_tokens": "accuracy_max_completion_length"}
 
-    data: DataSpec = Field(..., description="Training problems ('problems' format: prompt, answer, ...); "
-                           "every column but prompt reaches the reward programs as a keyword list.")
-    rewards: list[RewardSpec] = Field(
-        ..., min_length=1, description="Reward programs and weights (weights become TRL's reward_weights).")
+    data: DataSpec | None = Field(None, description="Training problems ('problems' format: prompt, answer, ...); "
+                                  "every column but prompt reaches the reward programs as a keyword list.")
+    rewards: list[RewardSpec] | None = Field(
+        None, min_length=1, description="Reward programs and weights (weights become TRL's reward_weights).")
+    environments: list[EnvironmentSpec] | None = Field(
+        None, min_length=1, description="Several tasks instead of data + rewards: each its own data and rewards, "
+        "mixed by weight (a shipped name such as arith, gsm8k, code, format, or a mapping; docs/environments.md).")
     accuracy_data: DataSpec | None = Field(
         None, description="Held-out problems (prompt + gold answer) for greedy exact-match before/after.")
     accuracy_max_completion_length: int = Field(128, gt=0, description="Generation budget for the accuracy check.")
@@ -63,22 +68,41 @@ class RLStageConfig(TrainStageConfig):
         512, gt=0, description="Longest prompt + max_completion_length allowed, in tokens (checked on the data).")
     lr: float = Field(1e-5, gt=0, description="Peak learning rate (RL wants small steps; LoRA tolerates ~1e-4).")
 
+    @model_validator(mode="after")
+    def _data_or_environments(self) -> RLStageConfig:
+        if self.environments is not None:
+            if self.data is not None or self.rewards is not None:
+                raise ValueError("give `environments` or `data` + `rewards`, not both (an environment has its own "
+                                 "data and rewards)")
+            check_environments(self.environments)
+        elif self.data is None or self.rewards is None:
+            raise ValueError("give `data` and `rewards` (or `environments`, each with its own)")
+        return self
+
+
+def reward_specs(config: Any) -> list[tuple[str, RewardSpec]]:
+    """(field path, spec) of every reward program of an RL stage: its own, or each environment's."""
+    if getattr(config, "environments", None):
+        return [(f"environments.{env.name}.rewards.{i}", spec) for env in config.environments
+                for i, spec in enumerate(env.rewards)]
+    return [(f"rewards.{i}", spec) for i, spec in enumerate(config.rewards)]
+
 
 def check_rl(config: RLStageConfig, base_dir: Path, trl_config_class: str) -> None:
     """Load-time checks shared by grpo and rloo (``trl_config_class``: e.g. ``"trl.GRPOConfig"``); raise
     RecipeError naming the field."""
     check_trl_passthrough(config.trl, trl_config_class)
-    for index, spec in enumerate(config.rewards):
+    for where, spec in reward_specs(config):
         if is_model_reward(spec.program):
             continue  # a model folder an earlier stage will make: loaded (and checked) at run time
         try:
             load_reward(spec.program, base_dir=base_dir)
         except RecipeError as error:
-            raise RecipeError(error.reason, field=f"rewards.{index}.program") from None
+            raise RecipeError(error.reason, field=f"{where}.program") from None
         try:
             bind_reward(spec, base_dir)  # now only the kwargs can be wrong
         except RecipeError as error:
-            raise RecipeError(error.reason, field=f"rewards.{index}.kwargs") from None
+            raise RecipeError(error.reason, field=f"{where}.kwargs") from None
     if "generation_batch_size" in config.trl or "steps_per_generation" in config.trl:
         return  # the user sized generation batches themselves; TRL checks them
     processes = int(os.environ.get("WORLD_SIZE", "1"))
@@ -101,7 +125,8 @@ def rl_trl_args(config: RLStageConfig) -> dict[str, Any]:
         epsilon=config.epsilon,
         beta=config.beta,
         mask_truncated_completions=config.mask_truncated_completions,
-        reward_weights=[spec.weight for spec in config.rewards],
+        # environments: one function (EnvironmentReward) that applies each environment's own weights
+        reward_weights=[1.0] if config.environments else [spec.weight for spec in config.rewards],
         remove_unused_columns=False,  # the reward programs need answer/steps
     )
 
@@ -150,19 +175,31 @@ def train_with_rewards(config: RLStageConfig, ctx, trainer_class: type, args: An
 
     # 1. Data and rewards: prompts become TRL rows; the answer column rides along for answer_match.
     tokenizer = load_tokenizer(config.model, padding_side="left")
-    train_rows = prompt_rows(load_dataset(config.data, "problems"), tokenizer, chat=config.chat)
-    longest_prompt = check_prompt_lengths(train_rows, tokenizer, config)
-    problems = load_dataset(config.accuracy_data, "problems") if config.accuracy_data else None
     base_dir = ctx.recipe_dir  # reward paths are recipe-relative
-    reward_funcs, weights = load_rewards(list(config.rewards), base_dir)
+    if config.environments:
+        from datasets import Dataset
+
+        from alignkit.rewards.environments import environment_reward, environment_rows
+
+        problems_rows = Dataset.from_list(environment_rows(list(config.environments), seed=config.seed))
+        reward_funcs, weights = [environment_reward(list(config.environments), base_dir)], [1.0]
+    else:
+        problems_rows = load_dataset(config.data, "problems")
+        reward_funcs, weights = load_rewards(list(config.rewards), base_dir)
+    train_rows = prompt_rows(problems_rows, tokenizer, chat=config.chat)
+    longest_prompt = check_prompt_lengths(train_rows, tokenizer, config)
+    held_out = accuracy_sets(config)
     reward_funcs = HackingWatch(reward_funcs, weights, math_signals).funcs  # logs hack/* per step
 
     # 2. Model, and accuracy before training.
     model = load_model(config.model, quantization=config.quantization, dtype=config.dtype,
                        attn_implementation=config.attn_implementation, trainable=True)
     metrics: dict[str, Any] = {"train_prompts": len(train_rows), "longest_prompt_tokens": longest_prompt}
-    if problems is not None:
-        metrics["accuracy_before"] = measure_accuracy(model, tokenizer, problems, config, ctx, "before")
+    if config.environments:
+        metrics.update({f"train_prompts_{env}": n for env, n in Counter(train_rows["env"]).items()})
+    for suffix, problems in held_out.items():
+        metrics[f"accuracy{suffix}_before"] = measure_accuracy(model, tokenizer, problems, config, ctx,
+                                                               f"before{suffix}", label=_label("before", suffix))
 
     # 3. Train (LoRA through peft_config; resumes from the stage folder's last checkpoint).
     trainer = trainer_class(
@@ -176,10 +213,27 @@ def train_with_rewards(config: RLStageConfig, ctx, trainer_class: type, args: An
     artifacts = save_trained_model(trainer, tokenizer, ctx)
     metrics.update(reward_metrics(trainer.state.log_history))
     metrics.update(throughput(trainer.state.global_step, args, fitted.seconds, resumed_from=fitted.resumed_from))
-    if problems is not None:
-        metrics["accuracy_after"] = measure_accuracy(trainer.model, tokenizer, problems, config, ctx, "after")
+    for suffix, problems in held_out.items():
+        metrics[f"accuracy{suffix}_after"] = measure_accuracy(trainer.model, tokenizer, problems, config, ctx,
+                                                              f"after{suffix}", label=_label("after", suffix))
     ctx.log_metrics(metrics)
     return StageResult(metrics=metrics, artifacts=artifacts)
+
+
+def accuracy_sets(config: Any) -> dict[str, Any]:
+    """Held-out problems by metric suffix: ``""`` for the stage's ``accuracy_data``, ``"_<env>"`` for each
+    environment's (``accuracy_<env>_before``/``_after``)."""
+    from alignkit.data import load_dataset
+
+    sets = {"": load_dataset(config.accuracy_data, "problems")} if config.accuracy_data else {}
+    for env in getattr(config, "environments", None) or []:
+        if env.accuracy_data is not None:
+            sets[f"_{env.name}"] = load_dataset(env.accuracy_data, "problems")
+    return sets
+
+
+def _label(when: str, suffix: str) -> str:
+    return f"{when} training" + (f" ({suffix[1:]})" if suffix else "")
 
 
 def reward_metrics(log_history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -214,6 +268,10 @@ def reward_metrics(log_history: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("completions/mean_length", "completions/clipped_ratio", "kl", "entropy"):
         if key in logged[-1]:
             metrics[key.replace("completions/", "completion_").replace("/", "_") + "_last"] = logged[-1][key]
+    env_keys = dict.fromkeys(k for entry in logged for k in entry if k.startswith("env/") and k.endswith("/reward"))
+    for key in env_keys:  # EnvironmentReward: env/<name>/reward (an environment may be absent from a batch)
+        name, values = key[len("env/"):-len("/reward")], [entry[key] for entry in logged if key in entry]
+        metrics[f"reward_env_{name}_first"], metrics[f"reward_env_{name}_last"] = values[0], values[-1]
     for key in logged[-1]:
         if key.startswith("hack/"):  # reward-hacking signals (HackingWatch): hack_<signal>_first/_last
             metrics[f"hack_{key[len('hack/'):]}_first"] = logged[0].get(key)

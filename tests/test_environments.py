@@ -199,3 +199,42 @@ def test_a_missing_environment_file_is_named_at_load(tmp_path, tiny_model_dir):
     """
     with pytest.raises(RecipeError, match=r"stages.grpo.environments.mine.data.source.*missing.jsonl"):
         load_recipe(env_recipe(tmp_path, tiny_model_dir, stage))
+
+
+PPO_TWO_ENVS = """
+- kind: ppo
+  model: {model}
+  lora: {{r: 8, alpha: 16, dropout: 0.0}}
+  environments:
+    - name: even
+      data: {{source: arith, params: {{n: 8, steps: 1, max_operand: 9}}}}
+      rewards: [{{program: rewards.py:even_length}}]
+    - name: digits
+      data: {{source: arith, seed: 2, params: {{n: 8, steps: 1, max_operand: 9}}}}
+      rewards: [{{program: rewards.py:digit_fraction, weight: 2.0}}]
+  batch_size: 4
+  num_generations: 2
+  ppo_epochs: 1
+  max_completion_length: 8
+  max_length: 128
+  max_steps: 4
+  save_steps: 4
+  logging_steps: 1
+"""
+
+
+def test_ppo_over_two_environments_reports_each(tmp_path, tiny_model_dir):
+    recipe = load_recipe(env_recipe(tmp_path, tiny_model_dir, PPO_TWO_ENVS), output_dir=str(tmp_path / "runs"))
+    run_recipe(recipe, echo=lambda *_: None)
+    run_dir = recipe.stages[0].run_dir
+    manifest = Manifest.read(run_dir)
+    metrics = manifest.metrics
+    assert manifest.status == "done" and metrics["train_steps"] == 4
+    assert metrics["train_prompts_even"] == metrics["train_prompts_digits"] == 8
+    history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    seen = {k for row in history for k in row if k.startswith("env/")}
+    assert seen == {"env/even/reward", "env/digits/reward"}  # 4 steps x 2 prompts of a 16-row pool: both drawn
+    for row in history:  # each environment's mean is over its own rows, on its own scale
+        assert 0.0 <= row.get("env/even/reward", 0.0) <= 1.0 and 0.0 <= row.get("env/digits/reward", 0.0) <= 2.0
+    assert {"reward_env_even_first", "reward_env_even_last", "reward_env_digits_first",
+            "reward_env_digits_last"} <= set(metrics)

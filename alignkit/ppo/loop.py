@@ -90,6 +90,10 @@ def score(rollout: Rollout, sources: RewardSources, rows: Sequence[dict[str, Any
     if sources.sequence is not None:
         scores = score_sequences(sources.sequence, prompts, rollout.texts, columns)
     stats: dict[str, float] = {}
+    for env in dict.fromkeys(columns.get("env") or []):  # environments: each one's mean score in this rollout
+        mine = [s for s, e in zip(scores, columns["env"]) if e == env and s is not None]
+        if mine:
+            stats[f"env/{env}/reward"] = sum(mine) / len(mine)
     if missing_eos_penalty:
         scores = [s if s is None or reason != "length" else s - missing_eos_penalty
                   for s, reason in zip(scores, rollout.finish_reasons)]

@@ -20,6 +20,8 @@ SHARED_FIELDS: dict[str, str] = {
     "name": "The stage's name: its folder, its `${name.output}` references and its W&B key prefix (default: the kind).",
     "model": "The model the stage starts from or uses: Hub id, local folder, alias or `${stage.model}`.",
     "data": "The stage's input rows; the format depends on the kind (docs/data.md).",
+    "environments": "Several tasks in one RL run instead of `data` + `rewards`: each with its own data and rewards, "
+                    "mixed by weight (docs/environments.md).",
     "data_format": "How `data` rows are read: `problems` (prompt + gold answer, for verifiers) or `prompts` (prompt "
                    "only, for a reward model or judge).",
     "dtype": "Weights dtype; auto = bfloat16 on CUDA, float32 on CPU.",

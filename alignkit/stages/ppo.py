@@ -57,16 +57,19 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from alignkit.core.config import DataSpec, Spec
 from alignkit.core.errors import DataError, ModelError, RecipeError
 from alignkit.generation import HFSpec, GenerationSpec
+from alignkit.rewards.environments import EnvironmentSpec, check_environments
 from alignkit.rewards.programs import RewardSpec
 from alignkit.stages.common import TrainStageConfig, measure_accuracy
+from alignkit.stages.rl_common import accuracy_sets, reward_specs
 from alignkit.core.stage import StageContext, StageResult
 
 if TYPE_CHECKING:
@@ -93,13 +96,16 @@ class Config(TrainStageConfig):
     RENAMED = {"samples_per_prompt": "num_generations", "clip_eps": "epsilon", "value_clip_eps": "value_epsilon",
                "kl_coef": "beta", "accuracy_max_new_tokens": "accuracy_max_completion_length"}
     # --- data and rewards
-    data: DataSpec = Field(..., description="Training problems ('problems' format); every column but prompt "
-                           "reaches the reward programs as a keyword list.")
+    data: DataSpec | None = Field(None, description="Training problems ('problems' format); every column but "
+                                  "prompt reaches the reward programs as a keyword list.")
     data_format: Literal["problems", "prompts"] = Field(
         "problems", description="prompts: rows with only a prompt (red-team prompts scored by a reward model).")
     rewards: list[RewardSpec] = Field(
         default_factory=list, description="Sequence rewards (verifiers, `model:<folder>` reward models), "
         "weighted and summed; placed on the last token.")
+    environments: list[EnvironmentSpec] | None = Field(
+        None, min_length=1, description="Several tasks instead of data + rewards: each its own data and rewards, "
+        "mixed by weight (a shipped name such as arith, gsm8k, code, format, or a mapping; docs/environments.md).")
     prm: PRMRewardSpec | None = Field(None, description="Step rewards from a PRM, placed on each step's end.")
     missing_eos_penalty: float | None = Field(
         None, ge=0, description="Subtracted from the score of responses cut at max_completion_length.")
@@ -154,6 +160,17 @@ class Config(TrainStageConfig):
         """Prompts per process and step."""
         return self.rollout_size // self.num_generations
 
+    @model_validator(mode="after")
+    def _data_or_environments(self) -> Config:
+        if self.environments is not None:
+            if self.data is not None or self.rewards:
+                raise ValueError("give `environments` or `data` (+ `rewards`), not both (an environment has its own "
+                                 "data and rewards; a `prm:` applies to every environment)")
+            check_environments(self.environments)
+        elif self.data is None:
+            raise ValueError("give `data` (or `environments`, each with its own data and rewards)")
+        return self
+
 
 def outputs(run_dir: Path) -> dict[str, str]:
     return {"model": str(run_dir / "model"), "adapter": str(run_dir / "adapter"),
@@ -172,14 +189,14 @@ def check(config: Config, base_dir: Path) -> None:
     if config.trl:
         raise RecipeError("ppo runs alignkit's own loop, not a TRL trainer; move these settings to ppo's own "
                           f"fields: {sorted(config.trl)}", field="trl")
-    if not config.rewards and config.prm is None:
+    if not config.rewards and config.prm is None and not config.environments:
         raise RecipeError("no reward: give `rewards:` (verifiers, model:<folder>) and/or `prm:`", field="rewards")
-    for index, spec in enumerate(config.rewards):
+    for where, spec in reward_specs(config):
         if not is_model_reward(spec.program):
             try:
                 bind_reward(spec, base_dir)
             except RecipeError as error:
-                raise RecipeError(error.reason, field=f"rewards.{index}") from None
+                raise RecipeError(error.reason, field=where) from None
     if config.rollout_size % config.num_generations:
         raise RecipeError(f"batch_size * grad_accum * num_mini_batches = {config.rollout_size} samples per step is "
                           f"not a multiple of num_generations={config.num_generations}",
@@ -200,7 +217,12 @@ def run(config: Config, ctx: StageContext) -> StageResult:
     # 1. Data, tokenizer and reward sources.
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(config.model, padding_side="left")
-    data = load_dataset(config.data, config.data_format).to_list()
+    if config.environments:
+        from alignkit.rewards.environments import environment_rows
+
+        data = environment_rows(list(config.environments), seed=config.seed)
+    else:
+        data = load_dataset(config.data, config.data_format).to_list()
     longest = _check_prompt_lengths(data, tokenizer, config)
     sources = _reward_sources(config, ctx)
     # 2. Policy (LoRA; reference = adapters disabled) and value model (own LoRA, score head at every token).
@@ -217,10 +239,12 @@ def run(config: Config, ctx: StageContext) -> StageResult:
         start, history, kl_controller.value = state["step"], state["history"], state["kl_coef"]
     metrics: dict[str, Any] = {"train_prompts": len(data), "longest_prompt_tokens": longest, "total_steps": total,
                                "resumed_from_step": start or None}
+    if config.environments:
+        metrics.update({f"train_prompts_{env}": n for env, n in Counter(row["env"] for row in data).items()})
     # 4. Accuracy before (kept in the stage folder, so a resumed run reports the real starting point).
-    problems = load_dataset(config.accuracy_data, "problems") if config.accuracy_data else None
-    if problems is not None:
-        metrics["accuracy_before"] = _accuracy(models, problems, config, ctx, "before", reuse=True)
+    held_out = accuracy_sets(config)
+    for suffix, problems in held_out.items():
+        metrics[f"accuracy{suffix}_before"] = _accuracy(models, problems, config, ctx, f"before{suffix}", reuse=True)
     # 5. Train.
     hyper = hyper_from_config(config)
     started = time.perf_counter()
@@ -236,8 +260,8 @@ def run(config: Config, ctx: StageContext) -> StageResult:
     # 6. Save the adapters, the merged policy and the merged value model; accuracy after.
     artifacts = _save_outputs(models, tokenizer, ctx)
     metrics.update(_summary(history, start, seconds))
-    if problems is not None:
-        metrics["accuracy_after"] = _accuracy(models, problems, config, ctx, "after", reuse=False)
+    for suffix, problems in held_out.items():
+        metrics[f"accuracy{suffix}_after"] = _accuracy(models, problems, config, ctx, f"after{suffix}", reuse=False)
     ctx.log_metrics(metrics)
     return StageResult(metrics=metrics, artifacts=artifacts)
 
@@ -284,7 +308,12 @@ def _reward_sources(config: Config, ctx) -> Any:
     from alignkit.rewards.programs import combine_rewards
 
     base_dir = ctx.recipe_dir  # reward paths are recipe-relative
-    sequence = combine_rewards(list(config.rewards), base_dir) if config.rewards else None
+    if config.environments:
+        from alignkit.rewards.environments import environment_reward
+
+        sequence = environment_reward(list(config.environments), base_dir)
+    else:
+        sequence = combine_rewards(list(config.rewards), base_dir) if config.rewards else None
     steps = None
     if config.prm is not None:
         from alignkit.rewards.prm import PRMScorer
@@ -418,6 +447,12 @@ def _summary(history: list[dict[str, Any]], start: int, seconds: float) -> dict[
         "tokens_per_second": round(mean(history[start:], "throughput/tokens_per_s"), 1) if ran > 0 else None,
         "peak_memory_gib_steps": max(r.get("memory/peak_gib", 0.0) for r in history),
     }
+    env_keys = dict.fromkeys(k for r in history for k in r if k.startswith("env/") and k.endswith("/reward"))
+    for key in env_keys:  # env/<name>/reward: over the steps whose rollout had that environment's rows
+        name, rows = key[len("env/"):-len("/reward")], [r for r in history if key in r]
+        part = max(1, len(rows) // 4)
+        summary[f"reward_env_{name}_first"], summary[f"reward_env_{name}_last"] = \
+            mean(rows[:part], key), mean(rows[-part:], key)
     for key in history[-1]:
         if key.startswith("hack/"):  # hack/no_answer_frac -> hack_no_answer_frac_first, _last
             name = f"hack_{key[len('hack/'):]}"

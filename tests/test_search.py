@@ -4,6 +4,7 @@ that recognises right steps, and the costs counted exactly."""
 from __future__ import annotations
 
 import doctest
+import json
 import random
 from types import SimpleNamespace
 
@@ -110,3 +111,87 @@ def test_select_and_spec_rules():
     with pytest.raises(ValueError, match="multiple of 4"):
         SearchSpec(method="dvts", beams=6, expand=4)
     assert (SearchSpec(method="dvts", beams=8, expand=4).groups, SearchSpec(beams=8, expand=4).width) == (2, 8)
+
+
+# ------------------------------------------------------------------------------------ in an eval suite
+
+
+class ToySolver:
+    """Both ways an eval samples: whole solutions (no stop string: the pool) and one step at a time (stop at the
+    separator: search). A step is right with probability 0.3; the answer line says 3 only after three right
+    steps. The raw prompt is "<problem>\\n" (chat off), so a request's steps are its lines after the first."""
+
+    def __init__(self):
+        self.searched = 0
+
+    def generate(self, prompts, params, progress=False):
+        out = []
+        for prompt in prompts:
+            rng = random.Random(f"{params.seed}|{params.temperature}|{prompt}")
+            done = prompt.split("\n")[1:-1]
+            samples = []
+            for _ in range(params.n):
+                if params.stop:
+                    self.searched += 1
+                    steps = done + [self._step(rng, len(done))] if len(done) < STEPS else done
+                    text = steps[-1] if len(done) < STEPS else self._answer(done)
+                    samples.append(Completion(text, [1, 2], "stop" if len(done) < STEPS else "eos"))
+                else:
+                    steps = [self._step(rng, k) for k in range(STEPS)]
+                    text = "\n".join(steps + [self._answer(steps)])
+                    samples.append(Completion(text, [1] * 8, "eos"))
+            out.append(samples)
+        return out
+
+    @staticmethod
+    def _step(rng, k):
+        return f"{'right' if rng.random() < 0.3 else 'wrong'}{k}-{rng.randrange(10**6)}"
+
+    @staticmethod
+    def _answer(steps):
+        return f"The answer is {3 if all(s.startswith('right') for s in steps) else 0}."
+
+
+def test_an_eval_suite_runs_beam_search_and_dvts_and_compares_at_equal_compute(tmp_path):
+    from alignkit.evaluation.suite import Suite
+    from alignkit.stages.eval import run_suite
+
+    data = tmp_path / "toy.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}", "answer": "3"}) + "\n" for i in range(12)))
+    suite = Suite.model_validate({
+        "name": "toy", "dataset": {"source": str(data)}, "prompt": {"chat": False}, "sampling": {"n": 8},
+        "methods": ["pass", "best_of_n"], "prm_aggregations": ["min"], "shard_size": 4,
+        "search": [{"method": "beam", "expand": 4}, {"method": "dvts", "expand": 4}], "search_ns": [2, 4, 8]})
+    solver = ToySolver()
+    result = run_suite(suite, "toy-model", tmp_path / "out", engine=solver, prm_scorer=ToyPRM(), echo=lambda *_: None)
+    metrics, compute = result["metrics"], result["compute"]
+    assert {"beam@2", "beam@4", "beam@8", "dvts@4", "dvts@8"} <= set(metrics) and "dvts@2" not in metrics
+    # a sampled solution is right 2.7% of the time; beam search with 8 beams x 4 nearly always finds it
+    assert metrics["pass@1"] < 0.15 and metrics["beam@8"] >= 0.9 and metrics["beam@8"] >= metrics["bon_prm_min@8"]
+    # compute: the pool costs N x 8 tokens a problem; beam@N samples N x 4 continuations of 2 tokens in each of
+    # 4 rounds (3 steps and the answer line); dvts@N has N / 4 subtrees of width 1 x 4: N a round
+    assert compute["pass"][8] == 64 and compute["beam"][8] == 8 * 4 * 2 * 4 and compute["dvts"][8] == 8 * 2 * 4
+    assert (tmp_path / "out" / "accuracy_vs_tokens.png").is_file()
+    assert "## Accuracy vs compute" in (tmp_path / "out" / "report.md").read_text()
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["generated_tokens"]["beam"]["8"] == compute["beam"][8]
+    # a rerun finds every search shard done: the engine is not asked again
+    before = solver.searched
+    again = run_suite(suite, "toy-model", tmp_path / "out", engine=solver, prm_scorer=ToyPRM(), echo=lambda *_: None)
+    assert solver.searched == before and again["metrics"]["beam@8"] == metrics["beam@8"]
+
+
+def test_a_search_suite_without_a_prm_is_one_clear_error(tmp_path):
+    from alignkit.core.errors import RecipeError
+    from alignkit.evaluation.suite import Suite
+    from alignkit.stages.eval import run_suite
+
+    data = tmp_path / "toy.jsonl"
+    data.write_text(json.dumps({"prompt": "Q0", "answer": "3"}) + "\n")
+    suite = Suite.model_validate({"name": "toy", "dataset": {"source": str(data)}, "prompt": {"chat": False},
+                                  "sampling": {"n": 2}, "methods": ["pass"], "search": [{"method": "beam"}]})
+    with pytest.raises(RecipeError, match="prm"):
+        run_suite(suite, "toy-model", tmp_path / "out", engine=ToySolver(), echo=lambda *_: None)
+    with pytest.raises(ValueError, match="problems"):
+        Suite.model_validate({"name": "t", "task": "stepwise", "dataset": {"source": str(data)},
+                              "search": [{"method": "beam"}]})

@@ -17,19 +17,23 @@ from typing import Any
 from alignkit.core.artifacts import write_json_atomic
 
 PLOT = "accuracy_vs_n.png"
+COMPUTE_PLOT = "accuracy_vs_tokens.png"
 _MAX_TRACKED_SAMPLES = 500  # rows of the W&B samples table; the full set is in samples.jsonl
 
 
 def method_title(label: str) -> str:
     """Readable name of a curve label (``bon_prm_min`` -> ``best-of-N (PRM, min)``).
 
-    >>> method_title("pass"), method_title("wvote_orm"), method_title("bon_prm_last")
-    ('pass@N', 'weighted vote (ORM)', 'best-of-N (PRM, last)')
+    >>> method_title("pass"), method_title("wvote_orm"), method_title("bon_prm_last"), method_title("dvts2")
+    ('pass@N', 'weighted vote (ORM)', 'best-of-N (PRM, last)', 'DVTS2 (PRM)')
     """
     if label == "pass":
         return "pass@N"
     if label == "maj":
         return "majority vote"
+    if label.startswith(("beam", "dvts")):  # PRM-guided searches (alignkit.evaluation.search): N = beams
+        number = label[4:]  # "beam2": the second beam search of the suite
+        return ("beam search" if label.startswith("beam") else "DVTS") + number + " (PRM)"
     method, _, score = label.partition("_")
     verifier, _, how = score.partition("_")
     name = {"bon": "best-of-N", "wvote": "weighted vote"}[method]
@@ -72,10 +76,14 @@ def write_report(outcome: dict[str, Any], out_dir: Path, *, tracker: Any = None,
         "suite": suite.name, "model": outcome["model"], "task": suite.task,
         "metrics": {k: _finite(v) for k, v in outcome["summary"].items()},
         "curves": {label: {str(n): acc for n, acc in curve.items()} for label, curve in outcome["curves"].items()},
+        "generated_tokens": {label: {str(n): t for n, t in c.items()} for label, c in outcome.get("compute", {}).items()},
         "notes": outcome["notes"], "suite_config": suite.model_dump(mode="json")})
     if outcome["curves"]:
         artifacts["plot"] = str(out_dir / PLOT)
         plot_curves(outcome, Path(artifacts["plot"]))
+    if suite.task == "problems" and suite.search:
+        artifacts["compute_plot"] = str(out_dir / COMPUTE_PLOT)
+        plot_compute(outcome, Path(artifacts["compute_plot"]))
     Path(artifacts["report"]).write_text(markdown_report(outcome), encoding="utf-8")
     if tracker is not None:
         log_to_tracker(tracker, outcome, rows, artifacts, prefix)
@@ -152,6 +160,40 @@ def plot_curves(outcome: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_compute(outcome: dict[str, Any], path: Path) -> None:
+    """Accuracy vs generated tokens per problem (log x): sampling methods at N samples' worth of tokens and the
+    PRM-guided searches at what they really sampled, so methods compare at equal compute."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.0, 4.6), dpi=120)
+    for label, tokens in outcome["compute"].items():
+        curve = outcome["curves"][label]
+        xs = sorted(tokens)
+        ax.plot([tokens[n] for n in xs], [100 * curve[n] for n in xs], marker="o", markersize=4,
+                linestyle="--" if label == "pass" else "-", label=method_title(label))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("generated tokens per problem (log scale)")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(f"{outcome['suite'].name}: accuracy vs compute", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def compute_table(outcome: dict[str, Any]) -> list[list[str]]:
+    """Rows of ``method | N | accuracy % | generated tokens per problem``, the header first."""
+    rows = [["method", "N", "accuracy (%)", "tokens / problem"]]
+    for label, tokens in outcome.get("compute", {}).items():
+        for n in sorted(tokens):
+            rows.append([method_title(label), str(n), f"{100 * outcome['curves'][label][n]:.1f}", f"{tokens[n]:.0f}"])
+    return rows
+
+
 # ----------------------------------------------------------------------------------------- report text
 
 
@@ -204,6 +246,10 @@ def markdown_report(outcome: dict[str, Any]) -> str:
         lines += _markdown_table(curve_table(outcome)) + ["", f"![accuracy vs N]({PLOT})", "", "## Sample pool", ""]
         lines += [f"- {key}: {summary[key]:.4g}" for key in ("no_answer_rate", "truncated_rate", "mean_tokens",
                                                                "samples_per_s") if key in summary]
+        if suite.search:
+            lines += ["", "## Accuracy vs compute", "", "Sampling methods cost N samples' tokens; a search costs what "
+                      "it sampled (N = its beams).", ""]
+            lines += _markdown_table(compute_table(outcome)) + ["", f"![accuracy vs tokens]({COMPUTE_PLOT})"]
     else:
         lines += ["", "## Metrics", ""] + [f"- {k}: {_finite(v)}" for k, v in outcome["metrics"].items()]
     if outcome["notes"]:

@@ -48,6 +48,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from alignkit.core.config import DataSpec, Spec
 from alignkit.core.errors import RecipeError
 from alignkit.generation import FastSpec, GenerationSpec
+from alignkit.evaluation.search import SearchSpec
 from alignkit.maths.selection import Pool, aggregate_steps, selection_curve
 from alignkit.rewards.programs import RewardSpec
 from alignkit.run.shipped import note, shipped_dir, shipped_names, shipped_root
@@ -113,6 +114,10 @@ class Suite(Spec):
     prm_aggregations: list[Literal["min", "prod", "last", "mean"]] = Field(
         default_factory=lambda: ["min", "prod", "last"], description="How PRM step scores become one score.")
     ns: list[int] | None = Field(None, description="Curve points; default 1, 2, 4, ... up to sampling.n.")
+    search: list[SearchSpec] = Field(
+        default_factory=list, description="PRM-guided searches (beam, dvts; alignkit.evaluation.search), each run "
+        "with `beams` = every N of `search_ns` (needs a PRM).")
+    search_ns: list[int] | None = Field(None, description="The searches' beam counts N; default the curve points.")
     draws: int = Field(200, gt=0, description="Random N-subsets per problem when there are more than this "
                        "(fewer are enumerated exactly); cost grows linearly.")
     step_threshold: float = Field(0.5, ge=0, le=1, description="stepwise: a step is judged correct at >= this.")
@@ -135,8 +140,26 @@ class Suite(Spec):
             if not 1 <= n <= self.sampling.n:
                 raise ValueError(f"ns: {n} is outside [1, sampling.n = {self.sampling.n}]; "
                                  "raise sampling.n or drop it")
+        if self.search and self.task != "problems":
+            raise ValueError("search runs on `task: problems` suites only")
+        if any(n < 1 for n in self.search_ns or []):
+            raise ValueError("search_ns must be positive beam counts")
         return self
 
+    def search_runs(self) -> list[tuple[str, SearchSpec]]:
+        """``(label, spec with beams = N)`` for every search and N: labels ``beam``/``dvts`` (numbered when a
+        method appears twice) plus ``@N``; a dvts N that is not a multiple of its ``expand`` is left out."""
+        counts = {m: sum(spec.method == m for spec in self.search) for m in ("beam", "dvts")}
+        seen: dict[str, int] = {}
+        runs = []
+        for spec in self.search:
+            seen[spec.method] = seen.get(spec.method, 0) + 1
+            label = spec.method + (str(seen[spec.method]) if counts[spec.method] > 1 else "")
+            for n in sorted(set(self.search_ns or self.curve_ns())):
+                if spec.method == "dvts" and n % spec.expand:
+                    continue
+                runs.append((f"{label}@{n}", spec.model_copy(update={"beams": n})))
+        return runs
     def fingerprint(self, model: str, n_rows: int) -> str:
         """Hash of what the sample pool depends on; shards made under another fingerprint are stale."""
         blob = {"model": model, "rows": n_rows, "greedy": "greedy" in self.methods, "shard": self.shard_size,

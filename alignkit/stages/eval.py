@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
+import json
 import shutil
 import sys
 import time
@@ -140,8 +142,12 @@ def _problems(suite: Suite, model: str, rows: list, shard_dir: Path, engine: Any
     for kind, verifier in verifiers.items():
         if verifier is not None:
             _verify(kind, verifier, shard_dir, len(rows), suite.shard_size, rank, world)
+    if suite.search:
+        if verifiers["prm"] is None:
+            _need(verifiers, "prm", suite)  # raises the one line naming `prm:`
+        _search(suite, model, rows, shard_dir, engine, tokenizer, verifiers["prm"], rank, world)
     barrier()
-    return _select(suite, rows, shard_dir, verifiers, suite_dir, throughput) if rank == 0 else None
+    return _select(suite, rows, shard_dir, verifiers, suite_dir, throughput, model) if rank == 0 else None
 
 
 def _need(verifiers: dict[str, Any], kind: str, suite: Suite) -> Any:
@@ -309,11 +315,86 @@ def _prm_scores(scorer: StepScorer, name: str, prompts: list, steps: list[list[s
     return out
 
 
+# ------------------------------------------------------------------------------------- 2b. search
+
+
+def search_dir(shard_dir: Path, suite: Suite, model: str, n_rows: int, label: str, spec: Any, prm: Any) -> Path:
+    """Shards of one search run; the folder name holds a hash of everything its results depend on, so a changed
+    setting (model, PRM, data, prompt, search spec) writes a new folder instead of mixing in old results."""
+    blob = {"pool": suite.fingerprint(model, n_rows), "spec": spec.model_dump(mode="json"),
+            "prm": _verifier_names({"prm": prm})["prm"], "seed": suite.sampling.seed}
+    digest = hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
+    return shard_dir / "search" / f"{label.replace('@', '-n')}-{digest}"
+
+
+def _search(suite: Suite, model: str, rows: list, shard_dir: Path, engine: Any, tokenizer: Any, prm: Any,
+            rank: int, world: int) -> None:
+    """Run every search of the suite on this process's shards of problems (one record per problem); ``prm`` is
+    the PRM's folder (loaded here, only if anything is left to search) or a scorer."""
+    from tqdm.auto import tqdm
+
+    from alignkit.evaluation.search import search
+
+    size = suite.shard_size
+    runs = [(label, spec, search_dir(shard_dir, suite, model, len(rows), label, spec, prm))
+            for label, spec in suite.search_runs()]
+    todo = [(label, spec, folder, k) for label, spec, folder in runs
+            for k in shards.pending(folder, len(rows), size, rank, world)]
+    if not todo:
+        return
+    if engine is None:
+        engine, tokenizer = _load_engine(suite, model)
+    prm = _load_verifier("prm", prm) if isinstance(prm, str) else prm
+    total = sum(len(shards.items(k, len(rows), size)) for *_, k in todo)
+    with tqdm(total=total, unit="problem", desc=f"eval[{suite.name}] search", disable=rank != 0, smoothing=0) as bar:
+        for label, spec, folder, k in todo:
+            bar.set_postfix_str(label)
+            records = []
+            for i in shards.items(k, len(rows), size):
+                prompt = rows[i]["prompt"]
+                result = search(engine, prm, prompt, evalsuite.render(tokenizer, prompt, suite.prompt), spec,
+                                seed=suite.sampling.seed + i, tokenizer=tokenizer)
+                best = result.best
+                records.append({"index": i, "text": best.text(prm.separator) if best else "",
+                                "score": best.score if best else None, "finished": bool(best and best.finished),
+                                "solutions": len(result.solutions), **vars(result.cost)})
+                bar.update(1)
+            shards.write(folder, k, records, {"label": label, "problems": len(records)})
+
+
+def _search_outcome(suite: Suite, model: str, rows: list, shard_dir: Path, prm: Any, golds: list,
+                    suite_dir: Path | None) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, float]]]:
+    """``(curves, compute)``: per search label, accuracy and mean generated tokens per problem at each N."""
+    n_shards = shards.count(len(rows), suite.shard_size)
+    curves: dict[str, dict[int, float]] = {}
+    compute: dict[str, dict[int, float]] = {}
+    for label, spec in suite.search_runs():
+        folder = search_dir(shard_dir, suite, model, len(rows), label, spec, prm)
+        records = [r for done, _ in shards.read_all(folder, n_shards, f"eval search {label}") for r in done]
+        correct = _graded([r["text"] for r in records], [golds[r["index"]] for r in records], suite, suite_dir)
+        method, n = label.rsplit("@", 1)
+        curves.setdefault(method, {})[int(n)] = sum(correct) / len(correct)
+        compute.setdefault(method, {})[int(n)] = sum(r["generated_tokens"] for r in records) / len(records)
+    return curves, compute
+
+
+def _graded(texts: list[str], golds: list[Any], suite: Suite, suite_dir: Path | None) -> list[bool]:
+    """Whether each text is right by the suite's grader (the check :func:`_grade` applies to samples)."""
+    from alignkit.rewards.programs import bind_reward
+
+    grader = bind_reward(suite.grader, base_dir=suite_dir)
+    out: list[bool] = []
+    for start in range(0, len(texts), 1024):
+        scores = grader(texts[start:start + 1024], answer=golds[start:start + 1024])
+        out += [score is not None and float(score) >= suite.pass_threshold for score in scores]
+    return out
+
+
 # ------------------------------------------------------------------------------- 3. grade and select
 
 
 def _select(suite: Suite, rows: list, shard_dir: Path, verifiers: dict[str, Any], suite_dir: Path | None,
-            throughput: float | None) -> dict[str, Any]:
+            throughput: float | None, model: str) -> dict[str, Any]:
     n_shards = shards.count(len(rows), suite.shard_size)
     problems = [p for done, _ in shards.read_all(shard_dir / "samples", n_shards, "eval samples") for p in done]
     raw = {kind: [row["scores"] for done, _ in shards.read_all(shard_dir / kind, n_shards, f"eval {kind}")
@@ -333,11 +414,20 @@ def _select(suite: Suite, rows: list, shard_dir: Path, verifiers: dict[str, Any]
         stats["samples_per_s"] = throughput
     skipped = [m for m in ("best_of_n", "weighted_vote") if m in suite.methods and not names]
     notes = [f"{m} not run: no verifier (give orm:/prm: or --orm/--prm)" for m in skipped]
+    compute = {label: {n: n * stats["mean_tokens"] for n in curve} for label, curve in curves.items()}
+    if suite.search:
+        searched, search_cost = _search_outcome(suite, model, rows, shard_dir, verifiers["prm"],
+                                                [p["gold"] for p in problems], suite_dir)
+        curves.update(searched)
+        compute.update(search_cost)
+        for label, curve in searched.items():
+            metrics.update({f"{label}@{n}": acc for n, acc in curve.items()})
+            stats.update({f"{label}@{n}_tokens": search_cost[label][n] for n in curve})
     headline = metrics.get("greedy", metrics.get("pass@1"))
     summary = {**({"accuracy": headline} if headline is not None else {}), **metrics, **stats,
                "problems": len(problems)}
     return {"summary": summary, "metrics": metrics, "stats": stats, "curves": curves, "problems": problems,
-            "notes": notes}
+            "notes": notes, "compute": compute}
 
 
 def _grade(problems: list[dict[str, Any]], suite: Suite, suite_dir: Path | None) -> None:

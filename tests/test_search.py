@@ -195,3 +195,27 @@ def test_a_search_suite_without_a_prm_is_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match="problems"):
         Suite.model_validate({"name": "t", "task": "stepwise", "dataset": {"source": str(data)},
                               "search": [{"method": "beam"}]})
+
+
+def test_bands_and_the_compute_optimal_table_reach_the_report(tmp_path):
+    from alignkit.evaluation.suite import Suite
+    from alignkit.stages.eval import run_suite
+
+    data = tmp_path / "toy.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}", "answer": "3"}) + "\n" for i in range(9)))
+    suite = Suite.model_validate({
+        "name": "toy", "dataset": {"source": str(data)}, "prompt": {"chat": False}, "sampling": {"n": 4},
+        "methods": ["pass", "majority", "best_of_n"], "prm_aggregations": ["min"], "shard_size": 3,
+        "search": [{"method": "beam", "expand": 2}], "search_ns": [1, 2]})
+    result = run_suite(suite, "toy-model", tmp_path / "out", engine=ToySolver(), prm_scorer=ToyPRM(),
+                       echo=lambda *_: None)
+    for label, by_n in result["bands"].items():  # every curve point has a band that holds its mean
+        for n, (lo, hi) in by_n.items():
+            assert lo <= result["curves"][label][n] <= hi
+    rows = result["compute_optimal"]
+    assert rows and [r["budget"] for r in rows] == sorted(r["budget"] for r in rows)
+    for row in rows:  # choosing per bucket is never worse than one method for all (same problems)
+        assert len(row["per_bucket"]) == 3 and row["chosen"] >= row["single"] and "pass" not in row["per_bucket"]
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["bands_95"]["beam"]["2"][0] <= saved["curves"]["beam"]["2"] and saved["compute_optimal"] == rows
+    assert "## Compute-optimal choice by difficulty" in (tmp_path / "out" / "report.md").read_text()

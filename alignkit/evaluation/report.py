@@ -77,6 +77,9 @@ def write_report(outcome: dict[str, Any], out_dir: Path, *, tracker: Any = None,
         "metrics": {k: _finite(v) for k, v in outcome["summary"].items()},
         "curves": {label: {str(n): acc for n, acc in curve.items()} for label, curve in outcome["curves"].items()},
         "generated_tokens": {label: {str(n): t for n, t in c.items()} for label, c in outcome.get("compute", {}).items()},
+        "bands_95": {label: {str(n): list(band) for n, band in by_n.items()}
+                     for label, by_n in outcome.get("bands", {}).items()},
+        "compute_optimal": outcome.get("compute_optimal", []),
         "notes": outcome["notes"], "suite_config": suite.model_dump(mode="json")})
     if outcome["curves"]:
         artifacts["plot"] = str(out_dir / PLOT)
@@ -112,12 +115,18 @@ def plot_panels(curves: dict[str, Any]) -> list[tuple[str, list[str]]]:
     return panels or [("", shared)]
 
 
-def _draw(ax: Any, label: str, curve: dict[int, float]) -> None:
-    """pass@N (an oracle upper bound) dashed; every other method solid with markers."""
-    xs = sorted(curve)
+def _draw(ax: Any, label: str, curve: dict[int, float], band: dict[int, tuple[float, float]] | None = None,
+          x: dict[int, float] | None = None) -> None:
+    """pass@N (an oracle upper bound) dashed; every other method solid with markers; the 95% bootstrap band
+    over problems shaded. ``x`` places the points (default N; generated tokens in the compute plot)."""
+    ns = sorted(curve)
+    xs = [x[n] for n in ns] if x else ns
     score = label.split("_", 1)[1] if "_" in label else label
-    ax.plot(xs, [100 * curve[n] for n in xs], color=_COLORS.get(score), marker="o", markersize=4,
-            linestyle="--" if label == "pass" else "-", label=method_title(label))
+    line, = ax.plot(xs, [100 * curve[n] for n in ns], color=_COLORS.get(score), marker="o", markersize=4,
+                    linestyle="--" if label == "pass" else "-", label=method_title(label))
+    if band:
+        ax.fill_between(xs, [100 * band[n][0] for n in ns], [100 * band[n][1] for n in ns],
+                        color=line.get_color(), alpha=0.12, linewidth=0)
 
 
 def plot_curves(outcome: dict[str, Any], path: Path) -> None:
@@ -138,7 +147,7 @@ def plot_curves(outcome: dict[str, Any], path: Path) -> None:
                              squeeze=False)
     for ax, (title, labels) in zip(axes[0], panels):
         for label in labels:
-            _draw(ax, label, curves[label])
+            _draw(ax, label, curves[label], outcome.get("bands", {}).get(label))
         if greedy is not None:
             ax.axhline(100 * greedy, color="grey", linestyle=":", label=f"greedy ({100 * greedy:.1f}%)")
         ax.set_xscale("log", base=2)
@@ -170,10 +179,7 @@ def plot_compute(outcome: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.0, 4.6), dpi=120)
     for label, tokens in outcome["compute"].items():
-        curve = outcome["curves"][label]
-        xs = sorted(tokens)
-        ax.plot([tokens[n] for n in xs], [100 * curve[n] for n in xs], marker="o", markersize=4,
-                linestyle="--" if label == "pass" else "-", label=method_title(label))
+        _draw(ax, label, outcome["curves"][label], outcome.get("bands", {}).get(label), x=tokens)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("generated tokens per problem (log scale)")
     ax.set_ylabel("accuracy (%)")
@@ -250,6 +256,15 @@ def markdown_report(outcome: dict[str, Any]) -> str:
             lines += ["", "## Accuracy vs compute", "", "Sampling methods cost N samples' tokens; a search costs what "
                       "it sampled (N = its beams).", ""]
             lines += _markdown_table(compute_table(outcome)) + ["", f"![accuracy vs tokens]({COMPUTE_PLOT})"]
+            if outcome.get("compute_optimal"):
+                lines += ["", "## Compute-optimal choice by difficulty", "",
+                          "Problems in 3 buckets by the pool's pass rate (0 = hardest); at each budget (tokens per "
+                          "problem) each bucket takes the method best on it, against the best single method. "
+                          "The choice is made on the same problems (an upper bound for a difficulty predictor).", ""]
+                lines += _markdown_table([["budget", "per bucket (hard -> easy)", "chosen (%)", "best single (%)"]] + [
+                    [f"{row['budget']:.0f}", ", ".join(method_title(m) for m in row["per_bucket"]),
+                     f"{100 * row['chosen']:.1f}", f"{100 * row['single']:.1f} ({method_title(row['single_method'])})"]
+                    for row in outcome["compute_optimal"]])
     else:
         lines += ["", "## Metrics", ""] + [f"- {k}: {_finite(v)}" for k, v in outcome["metrics"].items()]
     if outcome["notes"]:

@@ -49,7 +49,7 @@ from alignkit.core.config import DataSpec, Spec
 from alignkit.core.errors import RecipeError
 from alignkit.generation import FastSpec, GenerationSpec
 from alignkit.evaluation.search import SearchSpec
-from alignkit.maths.selection import Pool, aggregate_steps, selection_curve
+from alignkit.maths.selection import Pool, aggregate_steps, bootstrap_ci, selection_values
 from alignkit.rewards.programs import RewardSpec
 from alignkit.run.shipped import note, shipped_dir, shipped_names, shipped_root
 
@@ -329,8 +329,9 @@ def problem_pool(samples: Sequence[dict[str, Any]], score: str | None = None, *,
 
 
 def selection_metrics(problems: Sequence[dict[str, Any]], suite: Suite, score_names: Sequence[str]
-                      ) -> tuple[dict[str, float], dict[str, dict[int, float]]]:
-    """Flat metrics and curves ``{label: {N: accuracy}}`` for the suite's methods.
+                      ) -> tuple[dict[str, float], dict[str, dict[int, float]], dict[str, dict[int, list[float]]]]:
+    """Flat metrics, curves ``{label: {N: accuracy}}`` and each problem's value ``{label: {N: [per problem]}}``
+    for the suite's methods.
 
     ``problems`` are graded records: ``greedy`` (a graded sample or None) and ``samples`` (graded samples).
     Labels: ``pass``, ``maj``, ``bon_<score>``, ``wvote_<score>`` for each available verifier score name;
@@ -338,22 +339,82 @@ def selection_metrics(problems: Sequence[dict[str, Any]], suite: Suite, score_na
     """
     ns = suite.curve_ns()
     metrics: dict[str, float] = {}
-    curves: dict[str, dict[int, float]] = {}
+    values: dict[str, dict[int, list[float]]] = {}
     if "greedy" in suite.methods:
         metrics["greedy"] = sum(p["greedy"]["correct"] for p in problems) / len(problems)
     plain = [problem_pool(p["samples"]) for p in problems]
     for method in ("pass", "majority"):
         if method in suite.methods:
-            curves[_SHORT[method]] = selection_curve(plain, method, ns, suite.draws, suite.sampling.seed)
+            values[_SHORT[method]] = selection_values(plain, method, ns, suite.draws, suite.sampling.seed)
     for method in ("best_of_n", "weighted_vote"):
         if method not in suite.methods:
             continue
         for name in score_names:
             pools = [problem_pool(p["samples"], name, weights=method == "weighted_vote") for p in problems]
-            curves[f"{_SHORT[method]}_{name}"] = selection_curve(pools, method, ns, suite.draws, suite.sampling.seed)
+            values[f"{_SHORT[method]}_{name}"] = selection_values(pools, method, ns, suite.draws, suite.sampling.seed)
+    curves = {label: {n: sum(v) / len(v) for n, v in by_n.items()} for label, by_n in values.items()}
     for label, curve in curves.items():
         metrics.update({f"{label}@{n}": acc for n, acc in curve.items()})
-    return metrics, curves
+    return metrics, curves, values
+
+
+def bands(values: dict[str, dict[int, list[float]]], *, draws: int = 1000, seed: int = 0
+          ) -> dict[str, dict[int, tuple[float, float]]]:
+    """95% bootstrap band over problems of every curve point (:func:`alignkit.maths.selection.bootstrap_ci`)."""
+    return {label: {n: bootstrap_ci(v, draws=draws, seed=seed) for n, v in by_n.items()}
+            for label, by_n in values.items()}
+
+
+def difficulty_buckets(pass_rates: Sequence[float], buckets: int) -> list[int]:
+    """Each problem's difficulty bucket, 0 = hardest: problems ranked by pass rate (ties by position) and cut
+    into ``buckets`` groups of (nearly) equal size, as Snell et al. 2024 bin by the policy's own pass@1.
+
+    >>> difficulty_buckets([0.9, 0.0, 0.5, 0.25, 1.0, 0.5], 3)
+    [2, 0, 1, 0, 2, 1]
+    """
+    order = sorted(range(len(pass_rates)), key=lambda i: (pass_rates[i], i))
+    out = [0] * len(pass_rates)
+    for rank, i in enumerate(order):
+        out[i] = rank * buckets // len(pass_rates)
+    return out
+
+
+def compute_optimal(values: dict[str, dict[int, list[float]]], cost: dict[str, dict[int, float]],
+                    bucket_of: Sequence[int]) -> list[dict[str, Any]]:
+    """At each budget (every cost some method reached), the best method per difficulty bucket vs one for all.
+
+    A method's value at budget B is its point with the largest cost <= B (none below: it cannot run at B).
+    ``chosen`` is the accuracy when each bucket uses its own best method; ``single`` the best one method for
+    every problem. The choice is made on the same problems it is scored on: an upper bound of what a
+    difficulty predictor could gain, not an out-of-sample figure. ``pass`` (an oracle, needs the gold) is
+    not a candidate.
+
+    >>> rows = compute_optimal({"a": {1: [1, 0, 0, 0]}, "b": {1: [0, 0, 1, 1]}}, {"a": {1: 8.0}, "b": {1: 8.0}},
+    ...                        [0, 0, 1, 1])
+    >>> rows[0]["per_bucket"], rows[0]["chosen"], rows[0]["single"], rows[0]["single_method"]
+    (['a', 'b'], 0.75, 0.5, 'b')
+    """
+    n_buckets = max(bucket_of) + 1 if bucket_of else 0
+    candidates = {label: by_n for label, by_n in values.items() if label != "pass" and label in cost}
+    rows = []
+    for budget in sorted({c for label in candidates for c in cost[label].values()}):
+        usable = {}
+        for label, by_n in candidates.items():
+            affordable = [n for n in by_n if cost[label][n] <= budget]
+            if affordable:
+                usable[label] = by_n[max(affordable, key=lambda n: cost[label][n])]
+        if not usable:
+            continue
+        per_bucket, total = [], 0.0
+        for b in range(n_buckets):
+            members = [i for i, bucket in enumerate(bucket_of) if bucket == b]
+            best = max(usable, key=lambda label: sum(usable[label][i] for i in members))  # first on ties
+            per_bucket.append(best)
+            total += sum(usable[best][i] for i in members)
+        single = max(usable, key=lambda label: sum(usable[label]))
+        rows.append({"budget": budget, "per_bucket": per_bucket, "chosen": total / len(bucket_of),
+                     "single_method": single, "single": sum(usable[single]) / len(bucket_of)})
+    return rows
 
 
 def pool_stats(problems: Sequence[dict[str, Any]]) -> dict[str, float]:

@@ -243,8 +243,16 @@ def selection_curve(
     answer is correct; ``best_of_n``: the highest-scoring sample is correct; ``weighted_vote``: the answer
     with the largest total score is correct. For the last three, each problem's accuracy at N is the mean
     over N-subsets of its pool: all of them when there are at most ``draws`` (exact), else ``draws``
-    random ones drawn without replacement from a ``random.Random(seed)``.
+    random ones drawn without replacement from a ``random.Random(seed)`` (:func:`selection_values`).
     """
+    return {n: sum(values) / len(values) for n, values in selection_values(pools, method, ns, draws, seed).items()}
+
+
+def selection_values(
+    pools: Sequence[Pool], method: str, ns: Sequence[int], draws: int = 200, seed: int = 0
+) -> dict[int, list[float]]:
+    """Each problem's accuracy at each N, ``{N: [value per problem]}``: what :func:`selection_curve` averages
+    (bootstrap bands and per-difficulty choices need the problems apart)."""
     if method not in SELECTION_METHODS:
         raise ValueError(f"method must be one of {', '.join(SELECTION_METHODS)}; got {method!r}")
     if not pools:
@@ -263,4 +271,4 @@ def selection_curve(
         per_problem = lambda p, n: pass_at_k(len(p.answers), sum(p.correct), n)  # noqa: E731
     else:
         per_problem = lambda p, n: _mean_over_subsets(p, n, method, draws, rng)  # noqa: E731
-    return {n: sum(per_problem(p, n) for p in pools) / len(pools) for n in ns}
+    return {n: [per_problem(p, n) for p in pools] for n in ns}

@@ -363,19 +363,20 @@ def _search(suite: Suite, model: str, rows: list, shard_dir: Path, engine: Any, 
 
 
 def _search_outcome(suite: Suite, model: str, rows: list, shard_dir: Path, prm: Any, golds: list,
-                    suite_dir: Path | None) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, float]]]:
-    """``(curves, compute)``: per search label, accuracy and mean generated tokens per problem at each N."""
+                    suite_dir: Path | None) -> tuple[dict[str, dict[int, list[float]]], dict[str, dict[int, float]]]:
+    """``(values, compute)``: per search label and N, each problem's correctness (1/0, in problem order) and
+    the mean generated tokens per problem."""
     n_shards = shards.count(len(rows), suite.shard_size)
-    curves: dict[str, dict[int, float]] = {}
+    values: dict[str, dict[int, list[float]]] = {}
     compute: dict[str, dict[int, float]] = {}
     for label, spec in suite.search_runs():
         folder = search_dir(shard_dir, suite, model, len(rows), label, spec, prm)
         records = [r for done, _ in shards.read_all(folder, n_shards, f"eval search {label}") for r in done]
         correct = _graded([r["text"] for r in records], [golds[r["index"]] for r in records], suite, suite_dir)
         method, n = label.rsplit("@", 1)
-        curves.setdefault(method, {})[int(n)] = sum(correct) / len(correct)
+        values.setdefault(method, {})[int(n)] = [float(c) for c in correct]
         compute.setdefault(method, {})[int(n)] = sum(r["generated_tokens"] for r in records) / len(records)
-    return curves, compute
+    return values, compute
 
 
 def _graded(texts: list[str], golds: list[Any], suite: Suite, suite_dir: Path | None) -> list[bool]:
@@ -408,26 +409,31 @@ def _select(suite: Suite, rows: list, shard_dir: Path, verifiers: dict[str, Any]
             sample["scores"] = evalsuite.sample_scores(raw["orm"][i][j] if "orm" in raw else None,
                                              sample.get("prm_steps"), suite.prm_aggregations)
     names = evalsuite.verifier_score_names("orm" in raw, "prm" in raw, suite.prm_aggregations)
-    metrics, curves = evalsuite.selection_metrics(problems, suite, names)
+    metrics, curves, values = evalsuite.selection_metrics(problems, suite, names)
     stats = evalsuite.pool_stats(problems)
     if throughput is not None:
         stats["samples_per_s"] = throughput
     skipped = [m for m in ("best_of_n", "weighted_vote") if m in suite.methods and not names]
     notes = [f"{m} not run: no verifier (give orm:/prm: or --orm/--prm)" for m in skipped]
     compute = {label: {n: n * stats["mean_tokens"] for n in curve} for label, curve in curves.items()}
+    optimal: list[dict[str, Any]] = []
     if suite.search:
         searched, search_cost = _search_outcome(suite, model, rows, shard_dir, verifiers["prm"],
                                                 [p["gold"] for p in problems], suite_dir)
-        curves.update(searched)
+        values.update(searched)
         compute.update(search_cost)
-        for label, curve in searched.items():
-            metrics.update({f"{label}@{n}": acc for n, acc in curve.items()})
-            stats.update({f"{label}@{n}_tokens": search_cost[label][n] for n in curve})
+        for label, by_n in searched.items():
+            curves[label] = {n: sum(v) / len(v) for n, v in by_n.items()}
+            metrics.update({f"{label}@{n}": acc for n, acc in curves[label].items()})
+            stats.update({f"{label}@{n}_tokens": search_cost[label][n] for n in by_n})
+        pass_rates = [sum(s["correct"] for s in p["samples"]) / len(p["samples"]) for p in problems]
+        optimal = evalsuite.compute_optimal(values, compute, evalsuite.difficulty_buckets(pass_rates, 3))
     headline = metrics.get("greedy", metrics.get("pass@1"))
     summary = {**({"accuracy": headline} if headline is not None else {}), **metrics, **stats,
                "problems": len(problems)}
     return {"summary": summary, "metrics": metrics, "stats": stats, "curves": curves, "problems": problems,
-            "notes": notes, "compute": compute}
+            "notes": notes, "compute": compute, "bands": evalsuite.bands(values, draws=500, seed=suite.sampling.seed),
+            "compute_optimal": optimal}
 
 
 def _grade(problems: list[dict[str, Any]], suite: Suite, suite_dir: Path | None) -> None:

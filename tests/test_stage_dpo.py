@@ -171,7 +171,7 @@ def test_on_policy_pairs_resume_after_a_kill_then_train(tmp_path, tiny_model_dir
          "stages.dpo", "exactly one of"),
         ("lr: 1.0e-4", "stages.dpo", "exactly one of"),
         ("pairs: {prompts: {source: arith}, rewards: [{program: nowhere.py:f}]}",
-         "stages.dpo.pairs.rewards[0].program", "not found"),
+         "stages.dpo.pairs.rewards.0.program", "not found"),
         ("pairs: {prompts: {source: arith}, num_generations: 1, rewards: [{program: r.py:f}]}",
          "stages.dpo.pairs.num_generations", "greater than or equal to 2"),
         ("data: {source: arith}\n    trl: {betta: 0.2}", "stages.dpo.trl.betta", "DPOConfig has no argument"),

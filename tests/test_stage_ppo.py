@@ -630,7 +630,7 @@ def test_pack_layout_and_select_trims_padding():
     ("trl: {kl_coef: 0.1}", "trl"),
     ("rewards: []", "rewards"),
     ("num_generations: 3", "num_generations"),
-    ("rewards: [{program: rewards.py:no_such}]", "rewards.0"),
+    ("rewards: [{program: rewards.py:no_such}]", "rewards.0.program"),
 ])
 def test_recipe_mistakes_name_the_field(tmp_path, tiny_model_dir, change, field):
     rewards = "" if change.startswith("rewards:") else "rewards: [{program: rewards.py:digit_count}]"

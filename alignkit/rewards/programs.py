@@ -161,6 +161,23 @@ def bind_reward(spec: RewardSpec, base_dir: str | Path | None = None) -> Checked
     return checked(fn, spec.program)  # TRL gets these functions: they check their own scores
 
 
+def check_rewards(specs: list[tuple[str, RewardSpec]], base_dir: str | Path | None) -> None:
+    """The load-time check of reward blocks, ``(field path, spec)`` each: the program exists, then takes the
+    given ``kwargs``; RecipeError naming ``<field>.program`` or ``<field>.kwargs``. Model folders (``model:``,
+    ``prm:``) may be made by an earlier stage, so they are checked when loaded."""
+    for where, spec in specs:
+        if is_model_reward(spec.program):
+            continue
+        try:
+            load_reward(spec.program, base_dir=base_dir)
+        except RecipeError as error:
+            raise RecipeError(error.reason, field=f"{where}.program") from None
+        try:
+            bind_reward(spec, base_dir)  # now only the kwargs can be wrong
+        except RecipeError as error:
+            raise RecipeError(error.reason, field=f"{where}.kwargs") from None
+
+
 def _check_options(spec: RewardSpec, fn: Callable, skip: frozenset = frozenset({"completions"})) -> None:
     params = inspect.signature(fn).parameters
     named = [p for p, v in params.items() if v.kind in (v.POSITIONAL_OR_KEYWORD, v.KEYWORD_ONLY)]

@@ -145,16 +145,10 @@ class Policy:
 def build_policy_and_judge(config: Config, ctx: Any) -> tuple[Policy, Any]:
     """The sampling policy and the judge; an hf judge without its own model shares the policy's weights."""
     from alignkit.cai.judges import build_judge
-    from alignkit.modeling.models import is_quantized, load_model, load_tokenizer
+    from alignkit.stages.common import sampling_policy
 
-    tokenizer = load_tokenizer(config.model)
-    model = None
-    if config.generation.backend != "openai":  # a served policy's weights live on the server
-        model = load_model(config.model, quantization=config.quantization, dtype=config.dtype)
-        if not is_quantized(model):
-            model.to(ctx.state.device)
-        model.eval()
-    engine = config.generation.build(model=model, tokenizer=tokenizer)
+    engine, model, tokenizer = sampling_policy(config.model, config.generation, ctx, quantization=config.quantization,
+                                               dtype=config.dtype)
     judge = build_judge(config.judge, default_model=config.model, device=ctx.state.device,
                         loaded=(model, tokenizer) if model is not None else None, quantization=config.quantization)
     return Policy(engine, tokenizer, config.chat), judge

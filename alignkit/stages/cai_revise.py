@@ -175,16 +175,11 @@ class Reviser:
 
 
 def build_reviser(config: Config, ctx: Any) -> Reviser:
-    from alignkit.modeling.models import is_quantized, load_model, load_tokenizer
+    from alignkit.stages.common import sampling_policy
 
-    tokenizer = load_tokenizer(config.model)
-    if config.generation.backend == "openai":  # the server holds the weights; `model` gives the template
-        return Reviser(config.generation.build(tokenizer=tokenizer), tokenizer, config.system)
-    model = load_model(config.model, quantization=config.quantization, dtype=config.dtype)
-    if not is_quantized(model):
-        model.to(ctx.state.device)
-    model.eval()
-    return Reviser(config.generation.build(model=model, tokenizer=tokenizer), tokenizer, config.system)
+    engine, _, tokenizer = sampling_policy(config.model, config.generation, ctx, quantization=config.quantization,
+                                           dtype=config.dtype)
+    return Reviser(engine, tokenizer, config.system)
 
 
 def revise_shard(prompts: list[str | Messages], first_index: int, reviser: Reviser, constitution: Any,

@@ -336,6 +336,23 @@ def save_trained_model(trainer, tokenizer, ctx, *, merged_dtype: str = "auto") -
     return artifacts
 
 
+def sampling_policy(name: str, generation: Any, ctx, *, quantization: QuantSpec | None = None,
+                    dtype: str = "auto") -> tuple[Any, Any, Any]:
+    """``(engine, model, tokenizer)`` for a stage that samples from ``name`` (the ``generation`` block builds the
+    engine): the weights loaded, on this process's device unless quantized, in eval mode. A served policy
+    (``backend: openai``) loads no weights (``model`` None): ``name`` then gives only the chat template."""
+    from alignkit.modeling.models import is_quantized, load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(name)
+    if generation.backend == "openai":
+        return generation.build(tokenizer=tokenizer), None, tokenizer
+    model = load_model(name, quantization=quantization, dtype=dtype)
+    if not is_quantized(model):
+        model.to(ctx.state.device)
+    model.eval()
+    return generation.build(model=model, tokenizer=tokenizer), model, tokenizer
+
+
 def measure_accuracy(model, tokenizer, problems, config, ctx, when: str, *, generation: Any = None,
                      reuse: bool = False, label: str | None = None) -> float:
     """Greedy exact match on held-out problems (``config.accuracy_max_completion_length``, ``config.chat``): the one

@@ -107,19 +107,14 @@ def outputs(run_dir: Path) -> dict[str, str]:
 
 
 def check(config: Config, base_dir: Path) -> None:
-    from alignkit.rewards.programs import is_model_reward
-    from alignkit.rewards.programs import bind_reward
+    from alignkit.rewards.programs import check_rewards
 
     check_trl_passthrough(config.trl, "trl.DPOConfig")
     if config.quantization is not None and config.lora is None:
         raise RecipeError("quantized weights cannot be trained in full; add a `lora:` block (QLoRA) or drop "
                           "`quantization`", field="quantization")
-    for i, spec in enumerate(config.pairs.rewards if config.pairs else []):
-        if not is_model_reward(spec.program):  # a model folder may be made by an earlier stage: checked at run
-            try:
-                bind_reward(spec, base_dir)
-            except RecipeError as err:
-                raise RecipeError(err.reason, field=f"pairs.rewards[{i}].program") from None
+    if config.pairs:
+        check_rewards([(f"pairs.rewards.{i}", spec) for i, spec in enumerate(config.pairs.rewards)], base_dir)
 
 
 def run(config: Config, ctx: StageContext) -> StageResult:

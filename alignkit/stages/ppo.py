@@ -180,8 +180,7 @@ def outputs(run_dir: Path) -> dict[str, str]:
 
 def check(config: Config, base_dir: Path) -> None:
     """Load-time checks; RecipeError naming the field."""
-    from alignkit.rewards.programs import is_model_reward
-    from alignkit.rewards.programs import bind_reward
+    from alignkit.rewards.programs import check_rewards
 
     if config.lora is None:
         raise RecipeError("ppo trains LoRA adapters (the reference is the policy with adapters disabled); "
@@ -191,12 +190,7 @@ def check(config: Config, base_dir: Path) -> None:
                           f"fields: {sorted(config.trl)}", field="trl")
     if not config.rewards and config.prm is None and not config.environments:
         raise RecipeError("no reward: give `rewards:` (verifiers, model:<folder>) and/or `prm:`", field="rewards")
-    for where, spec in reward_specs(config):
-        if not is_model_reward(spec.program):
-            try:
-                bind_reward(spec, base_dir)
-            except RecipeError as error:
-                raise RecipeError(error.reason, field=where) from None
+    check_rewards(reward_specs(config), base_dir)
     if config.rollout_size % config.num_generations:
         raise RecipeError(f"batch_size * grad_accum * num_mini_batches = {config.rollout_size} samples per step is "
                           f"not a multiple of num_generations={config.num_generations}",

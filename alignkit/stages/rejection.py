@@ -60,7 +60,7 @@ from alignkit.cai.judges import JudgeSpec
 from alignkit.core import shards
 from alignkit.core.artifacts import write_jsonl_atomic
 from alignkit.core.config import DataSpec, QuantSpec
-from alignkit.core.errors import DataError, RecipeError, RewardError
+from alignkit.core.errors import DataError, RewardError
 from alignkit.core.stage import StageConfig, StageContext, StageResult
 from alignkit.generation import FastSpec, GenerationSpec
 from alignkit.rewards.programs import RewardSpec
@@ -119,14 +119,9 @@ def outputs(run_dir: Path) -> dict[str, str]:
 
 
 def check(config: Config, base_dir: Path) -> None:
-    from alignkit.rewards.programs import bind_reward, is_model_reward
+    from alignkit.rewards.programs import check_rewards
 
-    for i, spec in enumerate(config.rewards):
-        if not is_model_reward(spec.program):  # a model folder may be made by an earlier stage: checked at run
-            try:
-                bind_reward(spec, base_dir)
-            except RecipeError as err:
-                raise RecipeError(err.reason, field=f"rewards[{i}].program") from None
+    check_rewards([(f"rewards.{i}", spec) for i, spec in enumerate(config.rewards)], base_dir)
 
 
 def run(config: Config, ctx: StageContext) -> StageResult:
@@ -177,17 +172,11 @@ class Checker:
     @classmethod
     def build(cls, config: Config, ctx: Any) -> Checker:
         from alignkit.cai.judges import build_judge
-        from alignkit.modeling.models import is_quantized, load_model, load_tokenizer
         from alignkit.rewards.programs import combine_rewards
+        from alignkit.stages.common import sampling_policy
 
-        tokenizer = load_tokenizer(config.model)
-        model = None
-        if config.generation.backend != "openai":  # a served policy's weights live on the server
-            model = load_model(config.model, quantization=config.quantization, dtype=config.dtype)
-            if not is_quantized(model):
-                model.to(ctx.state.device)
-            model.eval()
-        engine = config.generation.build(model=model, tokenizer=tokenizer)
+        engine, model, tokenizer = sampling_policy(config.model, config.generation, ctx,
+                                                   quantization=config.quantization, dtype=config.dtype)
         reward = combine_rewards(list(config.rewards), ctx.recipe_dir) if config.rewards else None
         judge = None
         if config.judge is not None:

@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 from alignkit.core.config import DataSpec
 from alignkit.core.errors import DataError, RecipeError
 from alignkit.rewards.environments import EnvironmentSpec, check_environments
-from alignkit.rewards.programs import RewardSpec, bind_reward, is_model_reward, load_reward
+from alignkit.rewards.programs import RewardSpec, check_rewards
 from alignkit.stages.common import (
     TrainStageConfig, check_trl_passthrough, fit, measure_accuracy, restore_trainable_dtype,
     save_trained_model,
@@ -92,17 +92,7 @@ def check_rl(config: RLStageConfig, base_dir: Path, trl_config_class: str) -> No
     """Load-time checks shared by grpo and rloo (``trl_config_class``: e.g. ``"trl.GRPOConfig"``); raise
     RecipeError naming the field."""
     check_trl_passthrough(config.trl, trl_config_class)
-    for where, spec in reward_specs(config):
-        if is_model_reward(spec.program):
-            continue  # a model folder an earlier stage will make: loaded (and checked) at run time
-        try:
-            load_reward(spec.program, base_dir=base_dir)
-        except RecipeError as error:
-            raise RecipeError(error.reason, field=f"{where}.program") from None
-        try:
-            bind_reward(spec, base_dir)  # now only the kwargs can be wrong
-        except RecipeError as error:
-            raise RecipeError(error.reason, field=f"{where}.kwargs") from None
+    check_rewards(reward_specs(config), base_dir)
     if "generation_batch_size" in config.trl or "steps_per_generation" in config.trl:
         return  # the user sized generation batches themselves; TRL checks them
     processes = int(os.environ.get("WORLD_SIZE", "1"))

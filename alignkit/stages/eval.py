@@ -438,19 +438,16 @@ def _select(suite: Suite, rows: list, shard_dir: Path, verifiers: dict[str, Any]
 
 def _grade(problems: list[dict[str, Any]], suite: Suite, suite_dir: Path | None) -> None:
     """Mark every completion in place: ``answer`` (extracted phrase), ``correct``, ``key`` (vote bucket)."""
-    from alignkit.rewards.programs import bind_reward, load_reward
+    from alignkit.rewards.programs import load_reward
 
-    grader = bind_reward(suite.grader, base_dir=suite_dir)
     extract = load_reward(suite.extract, base_dir=suite_dir)
     normalise = load_reward(suite.normalise, base_dir=suite_dir) if suite.normalise else (lambda x: x)
     graded = [(s, p["gold"]) for p in problems for s in [p["greedy"], *p["samples"]] if s is not None]
-    for start in range(0, len(graded), 1024):
-        batch = graded[start:start + 1024]
-        scores = grader([s["text"] for s, _ in batch], answer=[gold for _, gold in batch])
-        for (sample, _), score in zip(batch, scores):
-            sample["correct"] = score is not None and float(score) >= suite.pass_threshold
-            sample["answer"] = extract(sample["text"])
-            sample["key"] = evalsuite.vote_key(sample["correct"], normalise(sample["answer"]))
+    correct = _graded([s["text"] for s, _ in graded], [gold for _, gold in graded], suite, suite_dir)
+    for (sample, _), right in zip(graded, correct, strict=True):
+        sample["correct"] = right
+        sample["answer"] = extract(sample["text"])
+        sample["key"] = evalsuite.vote_key(sample["correct"], normalise(sample["answer"]))
 
 
 # ------------------------------------------------------------------------------------------- command line

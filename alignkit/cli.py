@@ -148,6 +148,10 @@ def describe_plan(recipe, actions) -> str:
         if getattr(config, "model", None):
             lines.append(f"   model: {config.model}")
             lines += [f"   {line}" for line in _training_lines(config)]
+            generation = getattr(config, "generation", None)
+            if getattr(generation, "backend", None) == "vllm" and generation.mode == "server":
+                lines.append(f"   sampling: TRL's vLLM server; start it first, on other GPUs: "
+                             f"{generation.serve_command(config.model)}")
         if getattr(config, "models", None):  # merge: its ingredients and how they are combined
             lines.append(f"   {config.method} merge of: {', '.join(config.models)}"
                          + (f" (base {config.base})" if getattr(config, "base", None) else ""))

@@ -79,8 +79,67 @@ class OpenAISpec(Spec):
                             request_token_ids=self.request_token_ids)
 
 
-SPECS: dict[str, type[Spec]] = {"hf": HFSpec, "fast": FastSpec, "openai": OpenAISpec}
+class TRLSamplingSpec(Spec):
+    """``grpo``/``rloo`` only: TRL samples with ``model.generate`` inside its trainer (their default)."""
+
+    backend: Literal["trl"] = "trl"
+
+
+class VLLMSpec(Spec):
+    """``grpo``/``rloo`` only: TRL's own vLLM integration (``GRPOConfig.use_vllm``), on CUDA machines.
+
+    ``mode: server``: a ``trl vllm-serve --model <the stage's model>`` process on other GPUs holds a copy of the
+    policy; TRL sends it the updated weights every step and samples there. ``mode: colocate``: vLLM runs inside
+    each training process, sharing its GPU (``gpu_memory_utilization`` of it). docs/perf.md has the commands.
+    """
+
+    backend: Literal["vllm"] = "vllm"
+    mode: Literal["server", "colocate"] = Field("server", description="A separate `trl vllm-serve` process "
+                                                "(server) or vLLM inside each training process (colocate).")
+    server_base_url: str | None = Field(None, description="server: the vllm-serve root, e.g. http://node2:8000 "
+                                        "(default: server_host and server_port).")
+    server_host: str = Field("127.0.0.1", description="server: host of `trl vllm-serve` when no base url.")
+    server_port: int = Field(8000, gt=0, lt=65536, description="server: its port when no base url.")
+    server_timeout_s: float = Field(240.0, gt=0, description="server: how long to wait for it to answer.")
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="colocate: share of each GPU for vLLM.")
+    tensor_parallel_size: int = Field(1, gt=0, description="colocate: GPUs one vLLM engine spans.")
+    max_model_length: int | None = Field(None, gt=0, description="colocate: vLLM's context length (default: "
+                                         "the model's).")
+    enable_sleep_mode: bool = Field(False, description="colocate: free vLLM's memory during the optimizer step.")
+    importance_sampling_correction: bool = Field(
+        True, description="Correct the loss for vLLM's sampling probabilities differing from the trainer's "
+        "(TRL's truncated importance sampling).")
+
+    def trl_args(self) -> dict[str, Any]:
+        """The ``GRPOConfig``/``RLOOConfig`` arguments this block sets (TRL's names)."""
+        args: dict[str, Any] = {"use_vllm": True, "vllm_mode": self.mode,
+                                "vllm_importance_sampling_correction": self.importance_sampling_correction}
+        if self.mode == "server":
+            args.update(vllm_server_host=self.server_host, vllm_server_port=self.server_port,
+                        vllm_server_timeout=self.server_timeout_s)
+            if self.server_base_url:
+                args["vllm_server_base_url"] = self.server_base_url
+        else:
+            args.update(vllm_gpu_memory_utilization=self.gpu_memory_utilization,
+                        vllm_tensor_parallel_size=self.tensor_parallel_size,
+                        vllm_enable_sleep_mode=self.enable_sleep_mode)
+            if self.max_model_length:
+                args["vllm_max_model_length"] = self.max_model_length
+        return args
+
+    def serve_command(self, model: str) -> str:
+        """The command that starts the server this block points at (mode server)."""
+        return f"trl vllm-serve --model {model} --host {self.server_host} --port {self.server_port}"
+
+
+SPECS: dict[str, type[Spec]] = {"hf": HFSpec, "fast": FastSpec, "openai": OpenAISpec, "trl": TRLSamplingSpec,
+                                "vllm": VLLMSpec}
+#: Every backend name a ``generation`` block can hold (``trl`` and ``vllm`` only in grpo/rloo).
 BACKENDS = tuple(SPECS)
+#: The engines every generating stage can build (:func:`make_engine`).
+ENGINE_BACKENDS = ("hf", "fast", "openai")
+#: What samples inside TRL's online trainers (grpo, rloo): TRL itself, our local engines, or TRL's vLLM.
+RL_BACKENDS = ("trl", "fast", "hf", "vllm")
 
 
 def _backend_of(value: Any) -> str | None:
@@ -95,7 +154,19 @@ GenerationSpec = Annotated[
     Discriminator(
         _backend_of,
         custom_error_type="backend",
-        custom_error_message=f"generation.backend must be one of {list(BACKENDS)}",
+        custom_error_message=f"generation.backend must be one of {list(ENGINE_BACKENDS)}",
+    ),
+]
+
+#: The type of grpo's and rloo's ``generation`` field: who samples the completions TRL trains on.
+RLGenerationSpec = Annotated[
+    Annotated[TRLSamplingSpec, Tag("trl")] | Annotated[FastSpec, Tag("fast")] | Annotated[HFSpec, Tag("hf")]
+    | Annotated[VLLMSpec, Tag("vllm")],
+    Discriminator(
+        _backend_of,
+        custom_error_type="backend",
+        custom_error_message=f"generation.backend must be one of {list(RL_BACKENDS)} in grpo and rloo (openai: "
+        "a served model cannot follow the policy's updates; vllm syncs them)",
     ),
 ]
 

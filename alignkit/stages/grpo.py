@@ -35,9 +35,9 @@ Departures from the paper and from plain TRL:
    ``std + 1e-4``), so with ``beta: 0`` they contribute no gradient. Their share is TRL's
    ``frac_reward_zero_std``, reported as ``frac_reward_zero_std_mean``/``_last``: near 1 means the task is
    too easy or too hard for the policy and the step was wasted.
-4. Completions are sampled by TRL with ``transformers.generate`` (no vLLM here). alignkit's generation
-   engines (:mod:`alignkit.generation`, ``fast`` included) serve the accuracy checks only; they are not
-   plugged into TRL's sampling.
+4. ``generation`` picks who samples: ``trl`` (default: TRL's ``transformers.generate``), ``fast`` (our engine
+   inside TRL's trainer, one prefill per group, TRL's sampling semantics: :mod:`alignkit.generation.rollout`),
+   ``hf``, or ``vllm`` (TRL's own vLLM integration, server or colocate, CUDA only). docs/perf.md compares them.
 5. ``batch_size`` counts completions, as in TRL; ``gradient_checkpointing`` is off unless asked (TRL's
    default is on), matching the other alignkit stages.
 """

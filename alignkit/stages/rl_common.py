@@ -24,6 +24,7 @@ from pydantic import Field, model_validator
 
 from alignkit.core.config import DataSpec
 from alignkit.core.errors import DataError, RecipeError
+from alignkit.generation.spec import RLGenerationSpec, TRLSamplingSpec
 from alignkit.rewards.environments import EnvironmentSpec, check_environments
 from alignkit.rewards.programs import RewardSpec, check_rewards
 from alignkit.stages.common import (
@@ -49,6 +50,10 @@ class RLStageConfig(TrainStageConfig):
         None, description="Held-out problems (prompt + gold answer) for greedy exact-match before/after.")
     accuracy_max_completion_length: int = Field(128, gt=0, description="Generation budget for the accuracy check.")
     chat: bool = Field(True, description="Send prompts as chat conversations (the model's chat template).")
+    generation: RLGenerationSpec = Field(
+        default_factory=TRLSamplingSpec, description="Who samples the completions: trl (TRL's model.generate, the "
+        "default), fast (our engine inside TRL's trainer: one prefill per group), hf, or vllm (TRL's vLLM, server "
+        "or colocate). docs/perf.md.")
     num_generations: int = Field(
         8, ge=2, description="Group size G: completions sampled per prompt (the baseline is the group's).")
     max_completion_length: int = Field(256, gt=0, description="Sampling budget per completion, in tokens.")
@@ -93,6 +98,7 @@ def check_rl(config: RLStageConfig, base_dir: Path, trl_config_class: str) -> No
     RecipeError naming the field."""
     check_trl_passthrough(config.trl, trl_config_class)
     check_rewards(reward_specs(config), base_dir)
+    check_sampling(config)
     if "generation_batch_size" in config.trl or "steps_per_generation" in config.trl:
         return  # the user sized generation batches themselves; TRL checks them
     processes = int(os.environ.get("WORLD_SIZE", "1"))
@@ -104,9 +110,33 @@ def check_rl(config: RLStageConfig, base_dir: Path, trl_config_class: str) -> No
             "batch_size a multiple of num_generations (or change num_generations)", field="num_generations")
 
 
+def check_sampling(config: RLStageConfig) -> None:
+    """The ``generation`` block against the ``trl:`` pass-through: vLLM is switched on in one place only, and our
+    engines refuse TRL sampling options they do not implement (:func:`~alignkit.generation.rollout.unsupported_sampling`)."""
+    from types import SimpleNamespace
+
+    from alignkit.generation.rollout import unsupported_sampling
+
+    backend = config.generation.backend
+    if "use_vllm" in config.trl:
+        raise RecipeError("switch vLLM on with generation: {backend: vllm, mode: server} (docs/perf.md), not trl.use_vllm",
+                          field="trl.use_vllm")
+    stray = sorted(key for key in config.trl if key.startswith("vllm_"))
+    if stray and backend != "vllm":
+        raise RecipeError(f"trl.{stray[0]} applies to vLLM sampling only; this stage samples with backend {backend}",
+                          field=f"trl.{stray[0]}")
+    if backend in ("fast", "hf"):
+        reason = unsupported_sampling(SimpleNamespace(**config.trl))
+        if reason:
+            raise RecipeError(f"generation.backend {backend} does not implement {reason}; use backend trl for it",
+                              field="generation.backend")
+
+
 def rl_trl_args(config: RLStageConfig) -> dict[str, Any]:
     """The TRL arguments both trainers take under the same names."""
+    vllm = config.generation.trl_args() if config.generation.backend == "vllm" else {}
     return dict(
+        **vllm,
         num_generations=config.num_generations,
         max_completion_length=config.max_completion_length,
         temperature=config.temperature,
@@ -163,6 +193,8 @@ def train_with_rewards(config: RLStageConfig, ctx, trainer_class: type, args: An
     from alignkit.modeling.models import load_model, load_tokenizer, lora_config
     from alignkit.rewards.programs import load_rewards
 
+    if config.generation.backend == "vllm":
+        vllm_available(config.generation)  # before minutes of loading and accuracy checks, not at TRL's import
     # 1. Data and rewards: prompts become TRL rows; the answer column rides along for answer_match.
     tokenizer = load_tokenizer(config.model, padding_side="left")
     base_dir = ctx.recipe_dir  # reward paths are recipe-relative
@@ -191,7 +223,12 @@ def train_with_rewards(config: RLStageConfig, ctx, trainer_class: type, args: An
         metrics[f"accuracy{suffix}_before"] = measure_accuracy(model, tokenizer, problems, config, ctx,
                                                                f"before{suffix}", label=_label("before", suffix))
 
-    # 3. Train (LoRA through peft_config; resumes from the stage folder's last checkpoint).
+    # 3. Train (LoRA through peft_config; resumes from the stage folder's last checkpoint). Completions come from
+    #    TRL's generate, TRL's vLLM, or one of our engines inside TRL's trainer (alignkit.generation.rollout).
+    if config.generation.backend in ("fast", "hf"):
+        from alignkit.generation.rollout import with_engine
+
+        trainer_class = with_engine(trainer_class, config.generation)
     trainer = trainer_class(
         model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_rows, processing_class=tokenizer,
         peft_config=lora_config(config.lora, "causal-lm") if config.lora else None,
@@ -208,6 +245,22 @@ def train_with_rewards(config: RLStageConfig, ctx, trainer_class: type, args: An
                                                               f"after{suffix}", label=_label("after", suffix))
     ctx.log_metrics(metrics)
     return StageResult(metrics=metrics, artifacts=artifacts)
+
+
+def vllm_available(spec: Any) -> None:
+    """RecipeError unless TRL's vLLM path can start here: vllm importable (the trainer process needs it in both
+    modes: it sends weights to the server over NCCL) and, to colocate, a CUDA GPU."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise RecipeError("generation.backend vllm needs vLLM in this environment (pip install vllm, on a CUDA "
+                          "machine); on CPU use backend fast", field="generation.backend")
+    if spec.mode == "colocate":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RecipeError("generation.mode colocate runs vLLM on this process's GPU and there is no CUDA GPU "
+                              "here", field="generation.mode")
 
 
 def accuracy_sets(config: Any) -> dict[str, Any]:

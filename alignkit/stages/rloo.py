@@ -24,8 +24,7 @@ Departures from the paper and from plain TRL:
 2. TRL clips the importance ratio (``epsilon``) as PPO does; the paper's RLOO is plain REINFORCE, which
    is what ``num_iterations: 1`` gives (the ratio is then 1 at every step).
 3. ``normalize_advantages`` (off by default, as in TRL) whitens advantages over the whole generation batch.
-4. Completions are sampled by TRL with ``transformers.generate``; alignkit's ``fast`` engine is not plugged
-   into TRL's sampling.
+4. ``generation`` picks who samples, as in ``grpo``: ``trl`` (default), ``fast``, ``hf`` or ``vllm``.
 """
 
 from __future__ import annotations

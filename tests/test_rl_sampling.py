@@ -293,3 +293,12 @@ def test_vllm_missing_is_a_recipe_error_before_loading(tmp_path, tiny_model_dir,
     assert info.value.field == "generation.backend" and "pip install vllm" in str(info.value)
     assert "backend fast" in str(info.value)
     assert loaded == [] and not (recipe.stages[0].run_dir / "model").exists()
+
+
+def test_dry_run_prints_the_vllm_serve_command(tmp_path, tiny_model_dir, capsys):
+    from alignkit.cli import main
+
+    _load(tmp_path, tiny_model_dir, generation={"backend": "vllm", "server_port": 8123})
+    assert main(["run", str(tmp_path / "recipe.yaml"), "--dry-run", "--output-dir", str(tmp_path / "runs")]) == 0
+    out = capsys.readouterr().out
+    assert f"trl vllm-serve --model {tiny_model_dir} --host 127.0.0.1 --port 8123" in out

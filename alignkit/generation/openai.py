@@ -142,10 +142,11 @@ class OpenAIEngine:
 
 
 def post_json(url: str, body: dict, *, api_key: str | None = None, timeout_s: float = 600.0, max_retries: int = 4,
-              backoff_s: float = 1.0) -> dict:
-    """POST ``body`` as JSON and return the parsed answer, retrying 5xx/429/connection errors with exponential
-    backoff; raises GenerationError when out of attempts or at once on another HTTP error. Shared with
-    :mod:`alignkit.cai.judges`. The API key is sent as a bearer token and never put into a message."""
+              backoff_s: float = 1.0, raw: bool = False) -> Any:
+    """POST ``body`` as JSON and return the parsed answer (``raw``: the answer's text, for endpoints that do not
+    answer JSON), retrying 5xx/429/connection errors with exponential backoff; raises GenerationError when out of
+    attempts or at once on another HTTP error. Shared with :mod:`alignkit.cai.judges` and
+    :mod:`alignkit.generation.served_lora`. The API key is sent as a bearer token and never put into a message."""
     data = json.dumps(body).encode()
     headers = {"Content-Type": "application/json"}
     if api_key:
@@ -157,7 +158,7 @@ def post_json(url: str, body: dict, *, api_key: str | None = None, timeout_s: fl
         request = urllib.request.Request(url, data=data, headers=headers, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                return json.load(response)
+                return response.read().decode(errors="replace") if raw else json.load(response)
         except urllib.error.HTTPError as err:
             detail = err.read()[:500].decode(errors="replace")
             last = f"HTTP {err.code}: {detail}"

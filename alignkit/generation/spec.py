@@ -68,15 +68,29 @@ class OpenAISpec(Spec):
     request_token_ids: bool = Field(
         False, description="Ask for token ids (vLLM's return_token_ids) instead of re-tokenizing text."
     )
+    serve_adapter: bool = Field(
+        False, description="ppo: the server holds the base model; before each step the policy's LoRA adapter is "
+        "loaded into it (vLLM runtime LoRA: --enable-lora, VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; docs/perf.md).")
+    adapter_dir: str | None = Field(
+        None, description="serve_adapter: where adapter versions are written for the server to read (default: "
+        "the stage folder's served_adapters/; a shared mount when the server is on another machine).")
 
     def build(self, *, model: Any = None, tokenizer: Any = None) -> Engine:
         """``tokenizer`` is optional: it fills ``token_ids`` when the server returns none; ``model`` is unused
-        (the server holds the weights)."""
+        (the server holds the weights). A block with ``serve_adapter`` is built by the on-policy stage that
+        owns the adapter (:class:`~alignkit.generation.served_lora.AdapterSyncEngine`), not here."""
+        if self.serve_adapter:
+            raise RecipeError("serve_adapter follows the LoRA policy of a stage that trains one (ppo); this stage "
+                              "samples a fixed model: leave it out", field="generation.serve_adapter")
+        return self.served_engine(tokenizer)
+
+    def served_engine(self, tokenizer: Any = None, *, token_ids: bool | None = None) -> Engine:
+        """The plain HTTP engine of this block (``token_ids`` overrides ``request_token_ids``)."""
         from alignkit.generation.openai import OpenAIEngine
 
         return OpenAIEngine(self.base_url, self.model_name, tokenizer=tokenizer, batch_size=self.batch_size,
                             api_key_env=self.api_key_env, timeout_s=self.timeout_s, max_retries=self.max_retries,
-                            request_token_ids=self.request_token_ids)
+                            request_token_ids=self.request_token_ids if token_ids is None else token_ids)
 
 
 class TRLSamplingSpec(Spec):

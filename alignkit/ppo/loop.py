@@ -181,6 +181,9 @@ def ppo_step(step: int, models: PPOModels, sources: RewardSources, data: Sequenc
         / max(finished - started, 1e-9),
         "memory/peak_gib": peak_memory_gib(),
     })
+    sync = getattr(models.engine, "last_sync_s", None)  # a served LoRA adapter's save + load + unload
+    if sync is not None:
+        metrics["time/adapter_sync_s"] = sync
     return metrics
 
 

@@ -121,7 +121,9 @@ class Config(TrainStageConfig):
     lr: float = Field(1e-4, gt=0, description="Peak learning rate of the policy adapter.")
     # --- sampling
     generation: GenerationSpec = Field(
-        default_factory=HFSpec, description="Sampling engine (hf or fast).")
+        default_factory=HFSpec, description="Sampling engine: hf or fast (the policy in this process), or openai "
+        "with serve_adapter: true (a vLLM server holding the base model, the policy's LoRA adapter loaded into it "
+        "every step).")
     max_completion_length: int = Field(128, gt=0, description="Most tokens sampled per response.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature; log-probs use the same one.")
     stop: list[str] = Field(default_factory=list, description="Stop strings ending a response (besides EOS).")
@@ -195,9 +197,10 @@ def check(config: Config, base_dir: Path) -> None:
         raise RecipeError(f"batch_size * grad_accum * num_mini_batches = {config.rollout_size} samples per step is "
                           f"not a multiple of num_generations={config.num_generations}",
                           field="num_generations")
-    if config.generation.backend == "openai":
-        raise RecipeError("ppo samples from the policy being trained: use generation.backend hf or fast",
-                          field="generation.backend")
+    if config.generation.backend == "openai" and not config.generation.serve_adapter:
+        raise RecipeError("ppo samples from the policy being trained: use generation.backend hf or fast, or openai "
+                          "with serve_adapter: true (a vLLM server that loads each step's LoRA adapter)",
+                          field="generation.serve_adapter")
 
 
 def run(config: Config, ctx: StageContext) -> StageResult:
@@ -221,7 +224,7 @@ def run(config: Config, ctx: StageContext) -> StageResult:
     sources = _reward_sources(config, ctx)
     # 2. Policy (LoRA; reference = adapters disabled) and value model (own LoRA, score head at every token).
     device = ctx.state.device
-    models, groups = _build_models(config, tokenizer, device)
+    models, groups = _build_models(config, tokenizer, device, ctx)
     # 3. Optimizer, schedule and KL controller; resume from the stage folder's last checkpoint.
     total = _total_steps(config, len(data), ctx.state.num_processes)
     optimizer, scheduler = _optimizer(config, groups, total)
@@ -251,6 +254,8 @@ def run(config: Config, ctx: StageContext) -> StageResult:
         if (step + 1) % config.save_steps == 0 or step + 1 == total:
             _save(ctx, step + 1, models, optimizer, scheduler, kl_controller, history, config)
     seconds = time.perf_counter() - started
+    if hasattr(models.engine, "close"):  # a served adapter: unload the last version
+        models.engine.close()
     # 6. Save the adapters, the merged policy and the merged value model; accuracy after.
     artifacts = _save_outputs(models, tokenizer, ctx)
     metrics.update(_summary(history, start, seconds))
@@ -344,13 +349,22 @@ def _load_for_training(name: str, task: str, config: Config, device: Any) -> Any
     return model.train()
 
 
-def _build_models(config: Config, tokenizer: Any, device: Any) -> tuple[Any, list[list[Any]]]:
+def _build_models(config: Config, tokenizer: Any, device: Any, ctx) -> tuple[Any, list[list[Any]]]:
     """The models and the two groups of trainable parameters (policy, value)."""
     from alignkit.ppo import PPOModels
 
     policy = _load_for_training(config.model, "causal-lm", config, device)
     value = _load_for_training(config.value_model or config.model, "seq-cls", config, device)
-    engine = config.generation.build(model=policy, tokenizer=tokenizer)
+    if config.generation.backend == "openai":  # served base + this step's adapter (alignkit.generation.served_lora)
+        from alignkit.generation.served_lora import AdapterSyncEngine
+
+        folder = Path(config.generation.adapter_dir) if config.generation.adapter_dir else \
+            ctx.run_dir / "served_adapters"
+        # exact token ids (vLLM's return_token_ids): PPO scores the very tokens that were sampled
+        engine = AdapterSyncEngine(config.generation.served_engine(tokenizer, token_ids=True), policy, folder,
+                                   name=f"{ctx.name}-rank{ctx.state.process_index}")
+    else:
+        engine = config.generation.build(model=policy, tokenizer=tokenizer)
     groups = [[p for p in model.parameters() if p.requires_grad] for model in (policy, value)]
     return PPOModels(policy, value, tokenizer, engine), groups
 
@@ -455,8 +469,10 @@ def _summary(history: list[dict[str, Any]], start: int, seconds: float) -> dict[
 
 
 def _accuracy(models: Any, problems: Any, config: Config, ctx, when: str, *, reuse: bool) -> float:
-    """The policy's greedy exact match (the shared check, sampled with this stage's generation backend)."""
+    """The policy's greedy exact match (the shared check, sampled with this stage's local generation backend; with
+    a served adapter, hf in this process: the check reads the local weights)."""
+    local = config.generation if config.generation.backend != "openai" else None
     accuracy = measure_accuracy(models.policy, models.tokenizer, problems, config, ctx, when,
-                                generation=config.generation, reuse=reuse)
+                                generation=local, reuse=reuse)
     ctx.wait()  # the file is written by the main process; a resume on any rank reads it back
     return accuracy

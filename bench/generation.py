@@ -13,6 +13,7 @@ ids; sampling is temperature 1. This script reports; it asserts nothing.
     .venv/bin/python bench/generation.py --model ~/.cache/alignkit/models/smollm2-135m-instruct \\
         --batch-sizes 1,16 --prefix-n 8 --new-tokens 32
     .venv/bin/python bench/generation.py --preset qwen3-0.6b   # GPU: random Qwen3-0.6B shape, bf16
+    .venv/bin/python bench/generation.py --model DIR --openai-url http://127.0.0.1:8000/v1   # + a vLLM server of DIR
 """
 
 from __future__ import annotations
@@ -112,6 +113,9 @@ def main() -> None:
     parser.add_argument("--prefix-prompts", type=int, default=8, help="prompts per prefix workload")
     parser.add_argument("--engine-batch", type=int, default=256, help="engines' batch_size (rows at once)")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--openai-url", default=None, help="also an OpenAI-compatible server serving the SAME "
+                        "--model (e.g. vLLM: http://127.0.0.1:8000/v1); a third column and its ratio to hf")
+    parser.add_argument("--openai-model", default=None, help="the served model's name (default: --model)")
     args = parser.parse_args()
 
     model, tokenizer, vocab = load(args)
@@ -122,6 +126,9 @@ def main() -> None:
     engines = {
         b: make_engine(b, model=model, tokenizer=tokenizer, batch_size=args.engine_batch) for b in ("hf", "fast")
     }
+    if args.openai_url:  # token-id prompts and exact token ids: the same workload as the local engines
+        engines["openai"] = make_engine("openai", base_url=args.openai_url, batch_size=args.engine_batch,
+                                        model_name=args.openai_model or args.model, request_token_ids=True)
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0)
     workloads = [
         (f"batch {b}", random_prompts(b, args.prompt_len, vocab), 1) for b in map(int, args.batch_sizes.split(","))
@@ -131,11 +138,16 @@ def main() -> None:
         prompts = random_prompts(args.prefix_prompts, 16, vocab, prefix=prefix, seed=2)
         workloads.append((f"prefix {args.prefix_prompts}x{n} (len {args.prefix_len})", prompts, n))
 
-    print(f"{'workload':<28}{'hf tok/s':>12}{'fast tok/s':>12}{'fast/hf':>9}")
+    served = "openai" in engines
+    print(f"{'workload':<28}{'hf tok/s':>12}{'fast tok/s':>12}{'fast/hf':>9}"
+          + (f"{'openai tok/s':>14}{'openai/hf':>11}" if served else ""))
     for name, prompts, n in workloads:
         p = params.model_copy(update={"n": n})
         rates = {b: timed(e, prompts, p, args.repeats) for b, e in engines.items()}
-        print(f"{name:<28}{rates['hf']:>12.1f}{rates['fast']:>12.1f}{rates['fast'] / rates['hf']:>9.2f}", flush=True)
+        line = f"{name:<28}{rates['hf']:>12.1f}{rates['fast']:>12.1f}{rates['fast'] / rates['hf']:>9.2f}"
+        if served:
+            line += f"{rates['openai']:>14.1f}{rates['openai'] / rates['hf']:>11.2f}"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

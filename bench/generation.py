@@ -116,7 +116,27 @@ def main() -> None:
     parser.add_argument("--openai-url", default=None, help="also an OpenAI-compatible server serving the SAME "
                         "--model (e.g. vLLM: http://127.0.0.1:8000/v1); a third column and its ratio to hf")
     parser.add_argument("--openai-model", default=None, help="the served model's name (default: --model)")
+    parser.add_argument("--vllm-venv", default=None, help="start vLLM's CPU/GPU server on --model from this venv "
+                        "(bash bench/vllm_cpu_env.sh makes one) and add it as the served column")
     args = parser.parse_args()
+    if args.vllm_venv:
+        if not args.model:
+            parser.error("--vllm-venv serves --model: give a model folder")
+        import sys
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from vllm_server import vllm_server  # the launcher the vLLM tests use
+
+        with vllm_server(args.model, venv=args.vllm_venv) as served:
+            print(f"vLLM server up in {served.startup_s:.0f} s", flush=True)
+            args.openai_url, args.openai_model = served.base_url, served.model_name
+            run(args)
+    else:
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
 
     model, tokenizer, vocab = load(args)
     print(

@@ -37,27 +37,20 @@ ROUNDS = (("round1", "sample1", "plain1"), ("round2", "sample2", "plain2"))
 
 
 def baseline_recipe(run: Path) -> dict:
-    """The plain-SFT continuation: one SFT stage per round, same steps as the round, gold targets."""
+    """The plain-SFT continuation: each round's own resolved SFT stage (learning rate, batch, LoRA, accuracy check:
+    every setting), with the gold solutions of that round's problems as data and the round's step count."""
     resolved = yaml.safe_load((run / "recipe.resolved.yaml").read_text())
     stages = {stage.get("name", stage["kind"]): stage for stage in resolved["stages"]}
-    defaults = resolved.get("defaults", {})
     out = []
     previous = str((run / "sft" / "model").resolve())
     for round_name, sample_name, plain_name in ROUNDS:
         steps = Manifest.read(run / round_name).metrics["train_steps"]
-        round_stage, sample_stage = stages[round_name], stages[sample_name]
-        out.append({
-            "kind": "sft", "name": plain_name, "model": previous,
-            "data": sample_stage["data"],  # the same new problems, with their gold solutions
-            "max_steps": steps,
-            **{key: round_stage[key] for key in ("lr", "batch_size", "max_length", "save_steps") if key in round_stage},
-        })
+        gold = {**stages[sample_name]["data"]}  # the same new problems (arith seeds 11, 12), as SFT rows
+        out.append({**stages[round_name], "name": plain_name, "model": previous, "data": gold, "max_steps": steps})
         previous = f"${{{plain_name}.model}}"
-    keep = {key: defaults[key] for key in ("quantization", "lora", "accuracy_data", "accuracy_max_completion_length")
-            if key in defaults}
     return {"name": "expert-iteration-baseline",
             "description": "plain SFT on gold solutions of the rounds' problems, for the same steps as each round",
-            "defaults": keep, "tracking": {"report_to": "none"}, "stages": out}
+            "tracking": {"report_to": "none"}, "stages": out}
 
 
 def run_baseline(run: Path) -> Path:

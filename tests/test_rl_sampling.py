@@ -185,6 +185,19 @@ def test_fast_engine_samples_once_per_group(varied_model_dir, tmp_path):
     assert seen == [(2, 4, 1, 12)]
 
 
+@pytest.mark.parametrize("backend", ["trl", "fast"])
+def test_sampling_runs_in_the_trainers_mode_like_trl(backend, varied_model_dir, tmp_path):
+    """TRL samples with the model in train mode (LoRA dropout on); the engine inside its trainer does the same,
+    and leaves the model in train mode afterwards."""
+    trainer, inputs = _trainer("grpo", varied_model_dir, tmp_path, None if backend == "trl" else FastSpec())
+    modes = []
+    hook = trainer.model.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    trainer._generate_and_score_completions(inputs)
+    hook.remove()
+    assert modes and all(modes), modes  # every forward, sampling and TRL's own, saw train mode
+    assert trainer.model.training
+
+
 def test_engine_sampling_refuses_images(varied_model_dir, tmp_path):
     from alignkit.core.errors import GenerationError
 

@@ -201,12 +201,14 @@ def copy_completion(c: Completion) -> Completion:
 
 
 @contextlib.contextmanager
-def inference_mode(model: Any) -> Iterator[None]:
-    """Eval mode (no dropout) and no autograd for the duration; restores the model's training flag."""
+def inference_mode(model: Any, *, eval_mode: bool = True) -> Iterator[None]:
+    """Eval mode (no dropout) and no autograd for the duration; restores the model's training flag.
+    ``eval_mode=False`` keeps the model's own mode (dropout on when training: how TRL's trainers sample)."""
     import torch
 
     was_training = model.training
-    model.eval()
+    if eval_mode:
+        model.eval()
     try:
         with torch.inference_mode():
             yield

@@ -231,6 +231,7 @@ class FastEngine:
     """
 
     backend = "fast"
+    eval_mode = True  # sample with dropout off; engines inside TRL's trainers keep its mode (generation.rollout)
 
     def __init__(
         self,
@@ -267,7 +268,7 @@ class FastEngine:
         if not ids:
             return []
         with (
-            inference_mode(self.model),
+            inference_mode(self.model, eval_mode=self.eval_mode),
             progress_bar(len(ids) * params.n, enabled=progress, backend=self.backend) as bar,
         ):
             return _Run(self, ids, params, bar).run()

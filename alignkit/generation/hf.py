@@ -175,6 +175,7 @@ class HFEngine:
     """:class:`~alignkit.generation.engine.Engine` over ``model.generate`` (also PEFT and 4-bit models)."""
 
     backend = "hf"
+    eval_mode = True  # sample with dropout off; engines inside TRL's trainers keep its mode (generation.rollout)
 
     def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 64):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
@@ -190,7 +191,7 @@ class HFEngine:
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths share a call
         results: list[list[Completion]] = [[] for _ in ids]
         with (
-            inference_mode(self.model),
+            inference_mode(self.model, eval_mode=self.eval_mode),
             _seeded(params.seed, self.model),
             progress_bar(len(ids) * params.n, enabled=progress, backend=self.backend) as bar,
         ):

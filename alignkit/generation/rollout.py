@@ -21,8 +21,9 @@ TRL's sampling semantics, kept (the ``transformers`` branch of ``_generate_singl
    ``max_completion_length``; TRL's completion mask is then all ones over it, as after its own truncation.
 4. Old log-probs: None, as TRL's ``transformers`` branch returns; TRL recomputes them when it needs them
    (``num_iterations > 1``), so the loss sees the same numbers.
-5. Weights: the trainer's model unwrapped from DDP (LoRA active), in eval mode for the call (no dropout), under
-   ``inference_mode``. DeepSpeed and FSDP shard the weights and are refused.
+5. Weights: the trainer's model unwrapped from DDP (LoRA active), in the mode the trainer has it in: TRL samples
+   in train mode, so dropout (LoRA's ``dropout``, 0.05 by default) is on while sampling, in TRL's path and ours
+   alike; under ``inference_mode``. DeepSpeed and FSDP shard the weights and are refused.
 """
 
 from __future__ import annotations
@@ -92,7 +93,10 @@ class EngineSampling:
         engine = getattr(self, "_alignkit_engine", None)
         if engine is None or engine.model is not model:
             engine = self._alignkit_engine = self.engine_spec.build(model=model, tokenizer=self._tokenizer)
-            engine.eos_ids = list(self.eos_token_ids)  # TRL's list: every eos the model declares, and the tokenizer's
+            # TRL's eos list (every eos the model declares, and the tokenizer's) and TRL's train-mode sampling (5.)
+            for sampler in (engine, getattr(engine, "fallback", None)):  # fast's hf fallback, when it has one
+                if sampler is not None:
+                    sampler.eos_ids, sampler.eval_mode = list(self.eos_token_ids), False
         args = self.args
         params = SamplingParams(max_new_tokens=args.max_completion_length, temperature=args.temperature,
                                 top_p=args.top_p, top_k=args.top_k or 0)

@@ -16,16 +16,7 @@ from alignkit.generation.rollout import repeat_runs, sample_rows, unsupported_sa
 from alignkit.generation.spec import FastSpec, VLLMSpec
 from alignkit.run.recipe import load_recipe
 
-REWARDS_PY = '''
-from alignkit.rewards.values import completion_text
-
-def digit_fraction(completions, **kwargs):
-    texts = [completion_text(c) for c in completions]
-    return [sum(ch.isdigit() for ch in t) / len(t) if t else 0.0 for t in texts]
-
-def constant(completions, **kwargs):
-    return [1.0] * len(completions)
-'''
+from test_stage_grpo import REWARDS_PY  # the rewards the grpo stage tests use
 
 
 def test_doctests():

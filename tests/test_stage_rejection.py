@@ -296,3 +296,46 @@ def test_bad_recipes_name_the_field(tmp_path, tiny_model_dir):
     recipe["stages"][0].pop("rewards")
     with pytest.raises(RecipeError, match="needs a check"):
         parse_recipe(recipe, file="r.yaml", base_dir=tmp_path)
+
+
+def test_judge_only_rejection_keeps_exactly_what_the_judge_passes(tmp_path, tiny_model_dir):
+    """No reward program: a local judge (the policy's own weights, asked Yes/No in both orders) is the whole check.
+    The first run (judge_min_p 0) records each attempt's P(Yes); the second, with the threshold at their median,
+    passes exactly the attempts at or above it (same seeds, same attempts), and ranks the kept ones by P(Yes)."""
+    def run(name: str, min_p: float):
+        recipe_path = tmp_path / f"{name}.yaml"
+        recipe_path.write_text(textwrap.dedent(f"""
+            name: {name}
+            tracking: {{report_to: none}}
+            stages:
+              - kind: rejection
+                model: {tiny_model_dir}
+                data: {{source: arith, seed: 1, params: {{n: 4, steps: 1, max_operand: 9}}}}
+                judge: {{backend: hf, batch_size: 8}}
+                judge_min_p: {min_p}
+                num_generations: 4
+                keep: 4
+                near_duplicate: 1.0
+                max_completion_length: 6
+                shard_size: 2
+                generation: {{backend: hf, batch_size: 8}}
+        """))
+        recipe = load_recipe(recipe_path, output_dir=str(tmp_path / "runs"))
+        run_recipe(recipe, echo=lambda *_: None)
+        run_dir = recipe.stage("rejection").run_dir
+        rows = sorted((r for path in sorted(run_dir.glob("**/shard-*.jsonl")) for r in read(path)),
+                      key=lambda r: r["index"])
+        return Manifest.read(run_dir), rows
+
+    everything, rows = run("all", 0.0)
+    probs = [p for row in rows for p in row["judge_p"]]
+    assert len(probs) == 16 and all(0.0 <= p <= 1.0 for p in probs) and len(set(probs)) > 1
+    assert everything.metrics["pass_rate"] == 1.0 and all(row["scores"] == [None] * 4 for row in rows)
+    median = sorted(probs)[len(probs) // 2]
+    half, rows_half = run("half", median)
+    assert [row["attempts"] for row in rows_half] == [row["attempts"] for row in rows]  # same draws
+    assert [v for row in rows_half for v in row["passed"]] == [p >= median for p in probs]
+    assert half.metrics["pass_rate"] == pytest.approx(sum(p >= median for p in probs) / 16)
+    for row in rows_half:  # kept attempts are passing ones, best P(Yes) first
+        kept = [row["judge_p"][i] for i in row["kept"]]
+        assert all(p >= median for p in kept) and kept == sorted(kept, reverse=True)

@@ -232,8 +232,10 @@ def _load(tmp_path, model_dir, **changes):
 
 
 @pytest.mark.parametrize("changes,field,words", [
-    ({"generation": {"backend": "openai", "base_url": "http://x/v1", "model_name": "m"}}, "stages.grpo.generation",
-     "must be one of ['trl', 'fast', 'hf', 'vllm']"),
+    ({"generation": {"backend": "openai", "base_url": "http://x/v1", "model_name": "m"}},
+     "stages.grpo.generation.serve_adapter", "cannot follow the policy's updates"),
+    ({"generation": {"backend": "sglang"}}, "stages.grpo.generation", "must be one of ['trl', 'fast', 'hf', 'vllm', "
+     "'openai']"),
     ({"trl": {"use_vllm": True}}, "stages.grpo.trl.use_vllm", "generation: {backend: vllm"),
     ({"trl": {"vllm_importance_sampling_mode": "token_mask"}}, "stages.grpo.trl.vllm_importance_sampling_mode",
      "vLLM sampling only"),

@@ -182,3 +182,46 @@ def test_serve_adapter_is_refused_where_nothing_is_trained_and_openai_ppo_needs_
     with pytest.raises(RecipeError) as info:
         load_recipe(recipe)
     assert info.value.field == "stages.ppo.generation.serve_adapter" and "serve_adapter: true" in str(info.value)
+
+
+def test_grpo_samples_from_the_server_with_each_steps_adapter(tmp_path, steerable_model_dir, lora_server):
+    """grpo with generation {backend: openai, serve_adapter: true}: TRL's trainer, our served sampling: each
+    optimizer step's adapter is loaded (one sampling call per generation batch), the previous one unloaded."""
+    from test_stage_grpo import run_stage as run_grpo
+
+    url = f"http://127.0.0.1:{lora_server.server_address[1]}/v1"
+    manifest, logged = run_grpo(tmp_path, steerable_model_dir, f"""
+        - kind: grpo
+          lora: {{r: 4, alpha: 8, dropout: 0.0}}
+          generation: {{backend: openai, base_url: "{url}", model_name: base, serve_adapter: true}}
+          lr: 3.0e-2
+          max_steps: 3
+          save_steps: 3
+          logging_steps: 1
+    """)
+    assert manifest.status == "done", manifest.error
+    loads = [name for endpoint, name in lora_server.log if endpoint == "load_lora_adapter"]
+    assert loads == [f"grpo-rank0-v{i}" for i in (1, 2, 3)] and lora_server.adapters == {}
+    sampled = [name for endpoint, name in lora_server.log if endpoint == "completions"]
+    assert sampled == [name for name in loads for _ in range(2)]  # 2 prompts x group 4 per step
+    b = lora_server.b_norms
+    assert b[0] == 0 and b[-1] > 0, b  # LoRA's zero-B start, then the adapter as it trains (a step whose groups
+    # all score alike leaves B unchanged, so consecutive versions may be equal)
+    assert len(logged) == 3 and all(0 < e["completions/mean_length"] <= 8 for e in logged)
+
+
+def test_grpo_openai_needs_a_served_adapter_and_lora(tmp_path, tiny_model_dir):
+    import yaml
+
+    from alignkit.run.recipe import load_recipe
+
+    (tmp_path / "r.py").write_text("def f(completions, **kw):\n    return [0.0] * len(completions)\n")
+    for generation, lora in (({"serve_adapter": False}, {"r": 4}), ({"serve_adapter": True}, None)):
+        stage = {"kind": "grpo", "model": str(tiny_model_dir), "data": "arith", "rewards": [{"program": "r.py:f"}],
+                 "num_generations": 4, "batch_size": 8, "lora": lora,
+                 "generation": {"backend": "openai", "base_url": "http://127.0.0.1:9/v1", "model_name": "m",
+                                **generation}}
+        (tmp_path / "g.yaml").write_text(yaml.safe_dump({"name": "g", "stages": [stage]}))
+        with pytest.raises(RecipeError) as info:
+            load_recipe(tmp_path / "g.yaml")
+        assert info.value.field == "stages.grpo.generation.serve_adapter" and "LoRA" in str(info.value)

@@ -91,8 +91,9 @@ class EngineSampling:
                                   "process (single process or DDP); with DeepSpeed or FSDP use backend trl or vllm")
         model = self.accelerator.unwrap_model(self.model)
         engine = getattr(self, "_alignkit_engine", None)
-        if engine is None or engine.model is not model:
-            engine = self._alignkit_engine = self.engine_spec.build(model=model, tokenizer=self._tokenizer)
+        if engine is None or self._alignkit_engine_model is not model:
+            engine = self._alignkit_engine = self._build_engine(model)
+            self._alignkit_engine_model = model
             # TRL's eos list (every eos the model declares, and the tokenizer's) and TRL's train-mode sampling (5.)
             for sampler in (engine, getattr(engine, "fallback", None)):  # fast's hf fallback, when it has one
                 if sampler is not None:
@@ -102,9 +103,24 @@ class EngineSampling:
                                 top_p=args.top_p, top_k=args.top_k or 0)
         return sample_rows(engine, [list(ids) for ids in prompt_ids], params)
 
+    def _build_engine(self, model: Any) -> Any:
+        """The spec's engine over ``model``; for ``openai`` with ``serve_adapter``, a server that is sent the
+        policy's LoRA adapter before each call (:mod:`alignkit.generation.served_lora`; no dropout there)."""
+        spec = self.engine_spec
+        if spec.backend == "openai":
+            from pathlib import Path
+
+            from alignkit.generation.served_lora import AdapterSyncEngine
+
+            folder = Path(spec.adapter_dir) if spec.adapter_dir else Path(self.args.output_dir).parent / "served_adapters"
+            return AdapterSyncEngine(spec.served_engine(self._tokenizer, token_ids=True), model, folder,
+                                     name=f"{Path(self.args.output_dir).parent.name}-rank{self.accelerator.process_index}")
+        return spec.build(model=model, tokenizer=self._tokenizer)
+
 
 def with_engine(trainer_class: type, spec: Any) -> type:
-    """``trainer_class`` (TRL's GRPOTrainer or RLOOTrainer) sampling with ``spec``'s engine (fast or hf)."""
+    """``trainer_class`` (TRL's GRPOTrainer or RLOOTrainer) sampling with ``spec``'s engine (fast, hf, or openai
+    with ``serve_adapter``)."""
     from trl import GRPOTrainer, RLOOTrainer
 
     if issubclass(trainer_class, GRPOTrainer):

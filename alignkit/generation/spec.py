@@ -153,7 +153,7 @@ BACKENDS = tuple(SPECS)
 #: The engines every generating stage can build (:func:`make_engine`).
 ENGINE_BACKENDS = ("hf", "fast", "openai")
 #: What samples inside TRL's online trainers (grpo, rloo): TRL itself, our local engines, or TRL's vLLM.
-RL_BACKENDS = ("trl", "fast", "hf", "vllm")
+RL_BACKENDS = ("trl", "fast", "hf", "vllm", "openai")
 
 
 def _backend_of(value: Any) -> str | None:
@@ -175,12 +175,11 @@ GenerationSpec = Annotated[
 #: The type of grpo's and rloo's ``generation`` field: who samples the completions TRL trains on.
 RLGenerationSpec = Annotated[
     Annotated[TRLSamplingSpec, Tag("trl")] | Annotated[FastSpec, Tag("fast")] | Annotated[HFSpec, Tag("hf")]
-    | Annotated[VLLMSpec, Tag("vllm")],
+    | Annotated[VLLMSpec, Tag("vllm")] | Annotated[OpenAISpec, Tag("openai")],
     Discriminator(
         _backend_of,
         custom_error_type="backend",
-        custom_error_message=f"generation.backend must be one of {list(RL_BACKENDS)} in grpo and rloo (openai: "
-        "a served model cannot follow the policy's updates; vllm syncs them)",
+        custom_error_message=f"generation.backend must be one of {list(RL_BACKENDS)} in grpo and rloo",
     ),
 ]
 

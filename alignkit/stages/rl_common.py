@@ -125,7 +125,11 @@ def check_sampling(config: RLStageConfig) -> None:
     if stray and backend != "vllm":
         raise RecipeError(f"trl.{stray[0]} applies to vLLM sampling only; this stage samples with backend {backend}",
                           field=f"trl.{stray[0]}")
-    if backend in ("fast", "hf"):
+    if backend == "openai" and not (config.generation.serve_adapter and config.lora):
+        raise RecipeError("a served model cannot follow the policy's updates: with generation.backend openai set "
+                          "serve_adapter: true and train a LoRA (`lora:`), so each step's adapter is loaded into the "
+                          "server; or use backend vllm (TRL syncs full weights)", field="generation.serve_adapter")
+    if backend in ("fast", "hf", "openai"):
         reason = unsupported_sampling(SimpleNamespace(**config.trl))
         if reason:
             raise RecipeError(f"generation.backend {backend} does not implement {reason}; use backend trl for it",
@@ -225,7 +229,7 @@ def train_with_rewards(config: RLStageConfig, ctx, trainer_class: type, args: An
 
     # 3. Train (LoRA through peft_config; resumes from the stage folder's last checkpoint). Completions come from
     #    TRL's generate, TRL's vLLM, or one of our engines inside TRL's trainer (alignkit.generation.rollout).
-    if config.generation.backend in ("fast", "hf"):
+    if config.generation.backend in ("fast", "hf", "openai"):
         from alignkit.generation.rollout import with_engine
 
         trainer_class = with_engine(trainer_class, config.generation)
@@ -235,6 +239,9 @@ def train_with_rewards(config: RLStageConfig, ctx, trainer_class: type, args: An
     )
     restore_trainable_dtype(trainer, config)  # QLoRA: keep the adapters in the model's dtype (TRL makes them bf16)
     fitted = fit(trainer, ctx)
+    served = getattr(trainer, "_alignkit_engine", None)
+    if hasattr(served, "close"):  # a served adapter: unload the last version
+        served.close()
 
     # 4. Save adapter + merged model, then accuracy after.
     artifacts = save_trained_model(trainer, tokenizer, ctx)

@@ -298,3 +298,42 @@ def test_ppo_samples_through_the_server_with_each_steps_adapter(tmp_path, server
     assert not any(name.startswith("ppo-rank0-") for name in served), served  # every version unloaded
     assert list((run_dir / "served_adapters").iterdir()) == []
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
+
+
+def test_grpo_samples_through_the_server_with_each_steps_adapter(tmp_path, server, smollm2):
+    """grpo (TRL's GRPOTrainer) with generation {backend: openai, serve_adapter: true}: each generation batch is
+    sampled by vLLM from the base model plus the policy's current LoRA adapter."""
+    import urllib.request
+
+    from alignkit.run.pipeline import run_recipe
+    from alignkit.run.recipe import load_recipe
+
+    recipe_file = tmp_path / "grpo.yaml"
+    recipe_file.write_text(textwrap.dedent(f"""
+        name: grpo-vllm
+        tracking: {{report_to: none}}
+        stages:
+          - kind: grpo
+            model: {smollm2}
+            lora: {{r: 8, alpha: 16, dropout: 0.0}}
+            data: {{source: arith, params: {{n: 8, steps: 1, max_operand: 9}}}}
+            rewards: [{{program: {Path(__file__).resolve().parents[1] / "reward" / "math.py"}:answer_match}}]
+            num_generations: 4
+            batch_size: 4
+            max_steps: 2
+            save_steps: 2
+            logging_steps: 1
+            max_completion_length: 24
+            max_length: 256
+            lr: 1.0e-4
+            generation: {{backend: openai, base_url: "{server.base_url}", model_name: "{server.model_name}",
+                          serve_adapter: true}}
+    """))
+    recipe = load_recipe(recipe_file, output_dir=str(tmp_path / "runs"))
+    (run,) = run_recipe(recipe, echo=lambda *_: None)
+    assert run.metrics["train_steps"] == 2 and run.metrics["completions_sampled"] == 8
+    run_dir = recipe.stage("grpo").run_dir
+    with urllib.request.urlopen(server.base_url + "/models", timeout=30) as answer:
+        served = {m["id"] for m in json.load(answer)["data"]}
+    assert not any(name.startswith("grpo-rank0-") for name in served), served  # every version unloaded
+    assert list((run_dir / "served_adapters").iterdir()) == []

@@ -309,27 +309,3 @@ def test_dry_run_prints_the_vllm_serve_command(tmp_path, tiny_model_dir, capsys)
     out = capsys.readouterr().out
     assert f"trl vllm-serve --model {tiny_model_dir} --host 127.0.0.1 --port 8123" in out
 
-
-def test_grpo_with_fast_sampling_on_two_processes(tmp_path, tiny_model_dir):
-    """Under accelerate (2 CPU processes, DDP), each rank's engine samples from the unwrapped model: the run ends
-    done with both ranks' samples counted, as with TRL's sampling (test_stage_grpo's two-process test)."""
-    from helpers import run_two_processes
-    from test_stage_grpo import write_recipe
-
-    from alignkit.core.artifacts import Manifest
-
-    recipe = write_recipe(tmp_path, tiny_model_dir, """
-        - kind: grpo
-          lora: {r: 4, alpha: 8, dropout: 0.0}
-          generation: {backend: fast, batch_size: 8}
-          batch_size: 4
-          lr: 3.0e-2
-          max_steps: 2
-          save_steps: 2
-          logging_steps: 1
-    """)
-    proc = run_two_processes(recipe, tmp_path / "runs")
-    manifest = Manifest.read(tmp_path / "runs" / "rl" / "grpo")
-    assert manifest.status == "done", manifest.error
-    assert manifest.metrics["train_steps"] == 2 and manifest.metrics["completions_sampled"] == 2 * 8
-    assert proc.stdout.count("finished; outputs in") == 1

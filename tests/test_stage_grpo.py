@@ -292,12 +292,15 @@ def test_grpo_qlora_trains_on_4bit_weights(tmp_path, steerable_model_dir, monkey
     assert not is_quantized(merged) and merged.dtype == torch.float32 and not hasattr(merged, "peft_config")
 
 
-def test_grpo_two_processes(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("sampling", ["trl", "fast"])
+def test_grpo_two_processes(tmp_path, tiny_model_dir, sampling):
     """2 CPU processes (gloo): each samples 4 completions (one group) per step, so a step is 2 prompts x 4 over
-    both; 2 optimizer steps are counted once (not per rank) and the throughput counts both ranks' samples."""
-    recipe = write_recipe(tmp_path, tiny_model_dir, """
+    both; 2 optimizer steps are counted once (not per rank) and the throughput counts both ranks' samples. With
+    ``fast``, each rank's engine samples from the model unwrapped from DDP (alignkit.generation.rollout)."""
+    recipe = write_recipe(tmp_path, tiny_model_dir, f"""
         - kind: grpo
-          lora: {r: 4, alpha: 8, dropout: 0.0}
+          lora: {{r: 4, alpha: 8, dropout: 0.0}}
+          generation: {{backend: {sampling}}}
           batch_size: 4
           lr: 3.0e-2
           max_steps: 2

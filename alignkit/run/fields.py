@@ -65,7 +65,7 @@ SHARED_FIELDS: dict[str, str] = {
     "accuracy_max_completion_length": "Most tokens per answer in the accuracy check.",
     "eval_data": "A separate held-out set (instead of splitting `data`).",
     "eval_batch_size": "Sequences per forward when scoring the held-out set.",
-    "generation": "The generation engine: `backend` (hf, fast, openai; in grpo/rloo trl, fast, hf, vllm) and its "
+    "generation": "The generation engine: `backend` (hf, fast, openai; in grpo/rloo also trl and vllm) and its "
                   "options (docs/perf.md).",
     "separator": "The string that splits a solution into steps.",
     "shard_size": "Items per shard: the unit of resuming and of work split over processes.",

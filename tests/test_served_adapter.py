@@ -121,8 +121,9 @@ def test_ppo_loads_each_steps_adapter_into_the_server(tmp_path, steerable_model_
           save_steps: 3
     """)
     assert manifest.status == "done"
-    names = [f"ppo-rank0-v{i}" for i in (1, 2, 3)]
     loads = [name for endpoint, name in lora_server.log if endpoint == "load_lora_adapter"]
+    token = loads[0].split("-")[2]
+    names = [f"ppo-rank0-{token}-v{i}" for i in (1, 2, 3)]
     unloads = [name for endpoint, name in lora_server.log if endpoint == "unload_lora_adapter"]
     sampled = [name for endpoint, name in lora_server.log if endpoint == "completions"]
     assert loads == names and unloads == names  # each version retired when the next is in; the last at the end
@@ -149,18 +150,23 @@ def test_served_adapter_versions_hold_the_policys_weights(tmp_path, steerable_mo
     spec = generation_spec(backend="openai", base_url=f"http://127.0.0.1:{lora_server.server_address[1]}/v1",
                            model_name="base", serve_adapter=True)
     engine = AdapterSyncEngine(spec.served_engine(token_ids=True), policy, tmp_path / "adapters", name="t")
+    # a crashed earlier run left its first version loaded on the server: this run's names do not collide with it
+    lora_server.adapters["t-v1"] = {}
     engine.sync()
-    first = dict(lora_server.adapters["t-v1"])
+    stale = lora_server.adapters.pop("t-v1")
+    assert stale == {}
+    first = dict(lora_server.adapters[f"{engine.name}-v1"])
     assert all(torch.count_nonzero(t) == 0 for k, t in first.items() if "lora_B" in k)
     with torch.no_grad():
         for name, param in policy.named_parameters():
             if "lora_B" in name:
                 param.add_(0.5)
     engine.sync()
-    second = lora_server.adapters["t-v2"]
-    assert set(lora_server.adapters) == {"t-v2"} and not (tmp_path / "adapters" / "t-v1").exists()
+    second = lora_server.adapters[f"{engine.name}-v2"]
+    assert set(lora_server.adapters) == {f"{engine.name}-v2"}
+    assert not (tmp_path / "adapters" / f"{engine.name}-v1").exists()
     assert all(torch.all(t == 0.5) for k, t in second.items() if "lora_B" in k)
-    assert engine.served.model_name == "t-v2"
+    assert engine.served.model_name == f"{engine.name}-v2"
     engine.close()
     assert lora_server.adapters == {}
 
@@ -201,7 +207,8 @@ def test_grpo_samples_from_the_server_with_each_steps_adapter(tmp_path, steerabl
     """)
     assert manifest.status == "done", manifest.error
     loads = [name for endpoint, name in lora_server.log if endpoint == "load_lora_adapter"]
-    assert loads == [f"grpo-rank0-v{i}" for i in (1, 2, 3)] and lora_server.adapters == {}
+    token = loads[0].split("-")[2]
+    assert loads == [f"grpo-rank0-{token}-v{i}" for i in (1, 2, 3)] and lora_server.adapters == {}
     sampled = [name for endpoint, name in lora_server.log if endpoint == "completions"]
     assert sampled == [name for name in loads for _ in range(2)]  # 2 prompts x group 4 per step
     b = lora_server.b_norms

@@ -21,6 +21,7 @@ reported by the stage (``time/adapter_sync_s``).
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -39,7 +40,9 @@ class AdapterSyncEngine:
         if not hasattr(policy, "peft_config"):
             raise TypeError("serve_adapter needs a LoRA policy (a PEFT model): the server holds only the base weights")
         self.served, self.policy = served, policy
-        self.adapter_dir, self.name = Path(adapter_dir), name
+        # a token per engine: a rerun after a crash must not ask the server for a name the crashed run left loaded
+        # (vLLM refuses a name twice), so versions are <name>-<token>-v<n>
+        self.adapter_dir, self.name = Path(adapter_dir), f"{name}-{secrets.token_hex(3)}"
         self.root = served.url.rsplit("/completions", 1)[0]  # .../v1
         self.version = 0
         self.loaded: str | None = None

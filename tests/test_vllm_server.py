@@ -255,35 +255,51 @@ def test_eval_cli_against_the_server(tmp_path, server, smollm2):
     assert all(s["finish_reason"] in ("eos", "stop", "length") for s in samples)
 
 
-def test_ppo_samples_through_the_server_with_each_steps_adapter(tmp_path, server, smollm2):
-    """ppo with generation {backend: openai, serve_adapter: true}: every step's LoRA adapter is saved, loaded into
-    vLLM under a new name, sampled from, and the previous one unloaded (alignkit.generation.served_lora)."""
+def _run_served_lora_stage(tmp_path: Path, server: Served, smollm2: Path, kind: str, fields: str) -> tuple[Any, Path]:
+    """Run a one-stage ``kind`` recipe on SmolLM2 with a LoRA policy sampled through the server
+    (``generation: {backend: openai, serve_adapter: true}``); check that every adapter version was unloaded and
+    deleted afterwards. Returns the stage's outcome and run folder."""
+    import urllib.request
+
     from alignkit.run.pipeline import run_recipe
     from alignkit.run.recipe import load_recipe
 
-    recipe_file = tmp_path / "ppo.yaml"
+    recipe_file = tmp_path / f"{kind}.yaml"
     recipe_file.write_text(textwrap.dedent(f"""
-        name: ppo-vllm
+        name: {kind}-vllm
         tracking: {{report_to: none}}
         stages:
-          - kind: ppo
+          - kind: {kind}
             model: {smollm2}
             lora: {{r: 8, alpha: 16, dropout: 0.0}}
             data: {{source: arith, params: {{n: 8, steps: 1, max_operand: 9}}}}
             rewards: [{{program: {Path(__file__).resolve().parents[1] / "reward" / "math.py"}:answer_match}}]
-            num_generations: 2
-            batch_size: 2
             max_steps: 2
             save_steps: 2
             max_completion_length: 24
             max_length: 256
-            lr: 1.0e-3
             generation: {{backend: openai, base_url: "{server.base_url}", model_name: "{server.model_name}",
                           serve_adapter: true}}
-    """))
+    """) + textwrap.indent(textwrap.dedent(fields), "    "))
     recipe = load_recipe(recipe_file, output_dir=str(tmp_path / "runs"))
     (run,) = run_recipe(recipe, echo=lambda *_: None)
-    run_dir = recipe.stage("ppo").run_dir
+    run_dir = recipe.stage(kind).run_dir
+    with urllib.request.urlopen(server.base_url + "/models", timeout=30) as answer:
+        served = {m["id"] for m in json.load(answer)["data"]}
+    assert not any(name.startswith(f"{kind}-rank0-") for name in served), served  # every version unloaded
+    assert list((run_dir / "served_adapters").iterdir()) == []
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+    return run, run_dir
+
+
+def test_ppo_samples_through_the_server_with_each_steps_adapter(tmp_path, server, smollm2):
+    """ppo with generation {backend: openai, serve_adapter: true}: every step's LoRA adapter is saved, loaded into
+    vLLM under a new name, sampled from, and the previous one unloaded (alignkit.generation.served_lora)."""
+    _, run_dir = _run_served_lora_stage(tmp_path, server, smollm2, "ppo", """
+        num_generations: 2
+        batch_size: 2
+        lr: 1.0e-3
+    """)
     history = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
     assert [row["step"] for row in history] == [1, 2]
     syncs = [row["time/adapter_sync_s"] for row in history]
@@ -291,49 +307,15 @@ def test_ppo_samples_through_the_server_with_each_steps_adapter(tmp_path, server
           f"sampling {[round(row['time/sample_s'], 1) for row in history]} s")
     assert all(0 < s < 30 for s in syncs)
     assert all(0 < row["response/length"] <= 24 for row in history)
-    import urllib.request
-
-    with urllib.request.urlopen(server.base_url + "/models", timeout=30) as answer:
-        served = {m["id"] for m in json.load(answer)["data"]}
-    assert not any(name.startswith("ppo-rank0-") for name in served), served  # every version unloaded
-    assert list((run_dir / "served_adapters").iterdir()) == []
-    assert (run_dir / "adapter" / "adapter_config.json").is_file()
 
 
 def test_grpo_samples_through_the_server_with_each_steps_adapter(tmp_path, server, smollm2):
     """grpo (TRL's GRPOTrainer) with generation {backend: openai, serve_adapter: true}: each generation batch is
     sampled by vLLM from the base model plus the policy's current LoRA adapter."""
-    import urllib.request
-
-    from alignkit.run.pipeline import run_recipe
-    from alignkit.run.recipe import load_recipe
-
-    recipe_file = tmp_path / "grpo.yaml"
-    recipe_file.write_text(textwrap.dedent(f"""
-        name: grpo-vllm
-        tracking: {{report_to: none}}
-        stages:
-          - kind: grpo
-            model: {smollm2}
-            lora: {{r: 8, alpha: 16, dropout: 0.0}}
-            data: {{source: arith, params: {{n: 8, steps: 1, max_operand: 9}}}}
-            rewards: [{{program: {Path(__file__).resolve().parents[1] / "reward" / "math.py"}:answer_match}}]
-            num_generations: 4
-            batch_size: 4
-            max_steps: 2
-            save_steps: 2
-            logging_steps: 1
-            max_completion_length: 24
-            max_length: 256
-            lr: 1.0e-4
-            generation: {{backend: openai, base_url: "{server.base_url}", model_name: "{server.model_name}",
-                          serve_adapter: true}}
-    """))
-    recipe = load_recipe(recipe_file, output_dir=str(tmp_path / "runs"))
-    (run,) = run_recipe(recipe, echo=lambda *_: None)
+    run, _ = _run_served_lora_stage(tmp_path, server, smollm2, "grpo", """
+        num_generations: 4
+        batch_size: 4
+        logging_steps: 1
+        lr: 1.0e-4
+    """)
     assert run.metrics["train_steps"] == 2 and run.metrics["completions_sampled"] == 8
-    run_dir = recipe.stage("grpo").run_dir
-    with urllib.request.urlopen(server.base_url + "/models", timeout=30) as answer:
-        served = {m["id"] for m in json.load(answer)["data"]}
-    assert not any(name.startswith("grpo-rank0-") for name in served), served  # every version unloaded
-    assert list((run_dir / "served_adapters").iterdir()) == []

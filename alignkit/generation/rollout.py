@@ -80,7 +80,7 @@ def sample_rows(engine: Any, prompt_ids: list[list[int]], params: SamplingParams
 class EngineSampling:
     """Mixin over a TRL online trainer: completions from an alignkit engine (see the module docstring)."""
 
-    engine_spec: Any = None  # the stage's generation block (FastSpec or HFSpec), set by with_engine
+    engine_spec: Any = None  # the stage's generation block (fast, hf, or openai with serve_adapter)
 
     def _engine_completions(self, prompt_ids: list[list[int]], images: Any) -> list[list[int]]:
         if images is not None and any(image is not None for image in images):
@@ -94,10 +94,6 @@ class EngineSampling:
         if engine is None or self._alignkit_engine_model is not model:
             engine = self._alignkit_engine = self._build_engine(model)
             self._alignkit_engine_model = model
-            # TRL's eos list (every eos the model declares, and the tokenizer's) and TRL's train-mode sampling (5.)
-            for sampler in (engine, getattr(engine, "fallback", None)):  # fast's hf fallback, when it has one
-                if sampler is not None:
-                    sampler.eos_ids, sampler.eval_mode = list(self.eos_token_ids), False
         args = self.args
         params = SamplingParams(max_new_tokens=args.max_completion_length, temperature=args.temperature,
                                 top_p=args.top_p, top_k=args.top_k or 0)
@@ -112,10 +108,15 @@ class EngineSampling:
 
             from alignkit.generation.served_lora import AdapterSyncEngine
 
-            folder = Path(spec.adapter_dir) if spec.adapter_dir else Path(self.args.output_dir).parent / "served_adapters"
-            return AdapterSyncEngine(spec.served_engine(self._tokenizer, token_ids=True), model, folder,
-                                     name=f"{Path(self.args.output_dir).parent.name}-rank{self.accelerator.process_index}")
-        return spec.build(model=model, tokenizer=self._tokenizer)
+            run_dir = Path(self.args.output_dir).parent  # the stage folder (TRL writes into its checkpoints/)
+            return AdapterSyncEngine.from_spec(spec, model, self._tokenizer, run_dir,
+                                               name=f"{run_dir.name}-rank{self.accelerator.process_index}")
+        engine = spec.build(model=model, tokenizer=self._tokenizer)
+        # TRL's eos list (every eos the model declares, and the tokenizer's) and TRL's train-mode sampling (5.)
+        for sampler in (engine, getattr(engine, "fallback", None)):  # fast's hf fallback, when it has one
+            if sampler is not None:
+                sampler.eos_ids, sampler.eval_mode = list(self.eos_token_ids), False
+        return engine
 
 
 def with_engine(trainer_class: type, spec: Any) -> type:

@@ -48,6 +48,13 @@ class AdapterSyncEngine:
         self.loaded: str | None = None
         self.last_sync_s: float | None = None
 
+    @classmethod
+    def from_spec(cls, spec: Any, policy: Any, tokenizer: Any, run_dir: Path, name: str) -> AdapterSyncEngine:
+        """The engine of an ``openai`` block with ``serve_adapter`` (ppo, grpo, rloo): exact token ids (the stage
+        scores the very tokens sampled), versions written to ``spec.adapter_dir`` or ``run_dir/served_adapters``."""
+        folder = Path(spec.adapter_dir) if spec.adapter_dir else Path(run_dir) / "served_adapters"
+        return cls(spec.served_engine(tokenizer, token_ids=True), policy, folder, name=name)
+
     def __repr__(self) -> str:
         return f"AdapterSyncEngine({self.served!r}, adapter={self.loaded!r})"
 

@@ -358,11 +358,8 @@ def _build_models(config: Config, tokenizer: Any, device: Any, ctx) -> tuple[Any
     if config.generation.backend == "openai":  # served base + this step's adapter (alignkit.generation.served_lora)
         from alignkit.generation.served_lora import AdapterSyncEngine
 
-        folder = Path(config.generation.adapter_dir) if config.generation.adapter_dir else \
-            ctx.run_dir / "served_adapters"
-        # exact token ids (vLLM's return_token_ids): PPO scores the very tokens that were sampled
-        engine = AdapterSyncEngine(config.generation.served_engine(tokenizer, token_ids=True), policy, folder,
-                                   name=f"{ctx.name}-rank{ctx.state.process_index}")
+        engine = AdapterSyncEngine.from_spec(config.generation, policy, tokenizer, ctx.run_dir,
+                                             name=f"{ctx.name}-rank{ctx.state.process_index}")
     else:
         engine = config.generation.build(model=policy, tokenizer=tokenizer)
     groups = [[p for p in model.parameters() if p.requires_grad] for model in (policy, value)]

@@ -354,6 +354,9 @@ def test_prefilter_drops_groups_that_all_agree(tmp_path, tiny_model_dir, monkeyp
     (["instruction: 'no placeholder'"], "instruction", "must contain {context}"),
     (["entropy_buckets: [2.0, 1.0]"], "entropy_buckets", "two increasing edges"),
     (["reward: dense", "prefilter_samples: 4"], "prefilter_samples", "dense rewards are continuous"),
+    # `generation` is the training sampler (as in grpo); a server for the evaluation goes in eval_generation
+    (["generation: {backend: openai, base_url: 'http://127.0.0.1:9/v1', model_name: m}"], "generation",
+     "eval_generation"),
 ])
 def test_config_mistakes_name_the_field(tmp_path, tiny_model_dir, bad, field, message):
     from alignkit.run.recipe import load_recipe

@@ -232,3 +232,33 @@ def test_grpo_openai_needs_a_served_adapter_and_lora(tmp_path, tiny_model_dir):
         with pytest.raises(RecipeError) as info:
             load_recipe(tmp_path / "g.yaml")
         assert info.value.field == "stages.grpo.generation.serve_adapter" and "LoRA" in str(info.value)
+
+
+def test_rntp_samples_from_the_server_with_each_steps_adapter_and_evaluates_locally(tmp_path, steerable_model_dir,
+                                                                                    lora_server):
+    """rntp trains through TRL's GRPOTrainer: with generation {backend: openai, serve_adapter: true} its training
+    rollouts come from the server with each step's adapter, while the evaluation before and after (a fixed model)
+    samples with `eval_generation`, here the local default: the server sees training requests only."""
+    from test_rntp import ARITH_STAGE, write_recipe
+
+    from alignkit.core.artifacts import Manifest
+    from alignkit.run.pipeline import run_recipe
+    from alignkit.run.recipe import load_recipe
+
+    url = f"http://127.0.0.1:{lora_server.server_address[1]}/v1"
+    stage = ARITH_STAGE + (
+        "      lora: {r: 4, alpha: 8, dropout: 0.0}\n"
+        f"      generation: {{backend: openai, base_url: \"{url}\", model_name: base, serve_adapter: true}}\n")
+    recipe = load_recipe(write_recipe(tmp_path, steerable_model_dir, stage), output_dir=str(tmp_path / "runs"))
+    config = recipe.stages[0].config
+    assert config.generation.serve_adapter and config.eval_generation.backend == "fast"
+    run_recipe(recipe, echo=lambda *_: None)
+    run_dir = recipe.stages[0].run_dir
+    manifest = Manifest.read(run_dir)
+    assert manifest.status == "done", manifest.error
+    assert manifest.metrics["train_steps"] == 2 and (run_dir / "eval_after.jsonl").is_file()
+    loads = [name for endpoint, name in lora_server.log if endpoint == "load_lora_adapter"]
+    token = loads[0].split("-")[2]
+    assert loads == [f"rntp-rank0-{token}-v{i}" for i in (1, 2)] and lora_server.adapters == {}
+    sampled = [name for endpoint, name in lora_server.log if endpoint == "completions"]
+    assert sampled == [name for name in loads for _ in range(2)]  # 2 positions x group 4 per step, nothing else

@@ -65,8 +65,9 @@ SHARED_FIELDS: dict[str, str] = {
     "accuracy_max_completion_length": "Most tokens per answer in the accuracy check.",
     "eval_data": "A separate held-out set (instead of splitting `data`).",
     "eval_batch_size": "Sequences per forward when scoring the held-out set.",
-    "generation": "The generation engine: `backend` (hf, fast, openai; in grpo/rloo also trl and vllm) and its "
-                  "options (docs/perf.md).",
+    "generation": "The engine that samples the stage's completions (in ppo, grpo, rloo and rntp: the training "
+                  "rollouts): `backend` (hf, fast, openai; in grpo/rloo/rntp also trl and vllm) and its options "
+                  "(docs/perf.md).",
     "separator": "The string that splits a solution into steps.",
     "shard_size": "Items per shard: the unit of resuming and of work split over processes.",
     "constitution": "A shipped constitution's name or a YAML path.",

@@ -227,21 +227,13 @@ def train_with_rewards(config: RLStageConfig, ctx, trainer_class: type, args: An
         metrics[f"accuracy{suffix}_before"] = measure_accuracy(model, tokenizer, problems, config, ctx,
                                                                f"before{suffix}", label=_label("before", suffix))
 
-    # 3. Train (LoRA through peft_config; resumes from the stage folder's last checkpoint). Completions come from
-    #    TRL's generate, TRL's vLLM, or one of our engines inside TRL's trainer (alignkit.generation.rollout).
-    if config.generation.backend in ("fast", "hf", "openai"):
-        from alignkit.generation.rollout import with_engine
-
-        trainer_class = with_engine(trainer_class, config.generation)
-    trainer = trainer_class(
+    # 3. Train (LoRA through peft_config; resumes from the stage folder's last checkpoint).
+    trainer = sampling_trainer(config, trainer_class)(
         model=model, reward_funcs=reward_funcs, args=args, train_dataset=train_rows, processing_class=tokenizer,
         peft_config=lora_config(config.lora, "causal-lm") if config.lora else None,
     )
     restore_trainable_dtype(trainer, config)  # QLoRA: keep the adapters in the model's dtype (TRL makes them bf16)
-    fitted = fit(trainer, ctx)
-    served = getattr(trainer, "_alignkit_engine", None)
-    if hasattr(served, "close"):  # a served adapter: unload the last version
-        served.close()
+    fitted = fit_sampling(trainer, ctx)
 
     # 4. Save adapter + merged model, then accuracy after.
     artifacts = save_trained_model(trainer, tokenizer, ctx)
@@ -252,6 +244,26 @@ def train_with_rewards(config: RLStageConfig, ctx, trainer_class: type, args: An
                                                               f"after{suffix}", label=_label("after", suffix))
     ctx.log_metrics(metrics)
     return StageResult(metrics=metrics, artifacts=artifacts)
+
+
+def sampling_trainer(config: RLStageConfig, trainer_class: type) -> type:
+    """The TRL trainer class that samples as ``config.generation`` says: TRL's generate or TRL's vLLM (``trl``,
+    ``vllm``: the class itself, configured through :func:`rl_trl_args`), or one of our engines inside it
+    (``fast``, ``hf``, ``openai`` with a served adapter: :func:`alignkit.generation.rollout.with_engine`)."""
+    if config.generation.backend in ("fast", "hf", "openai"):
+        from alignkit.generation.rollout import with_engine
+
+        return with_engine(trainer_class, config.generation)
+    return trainer_class
+
+
+def fit_sampling(trainer: Any, ctx: Any) -> Any:
+    """:func:`~alignkit.stages.common.fit`, then unload a served adapter's last version from its server."""
+    fitted = fit(trainer, ctx)
+    served = getattr(trainer, "_alignkit_engine", None)
+    if hasattr(served, "close"):
+        served.close()
+    return fitted
 
 
 def vllm_available(spec: Any) -> None:

@@ -106,9 +106,10 @@ class Config(GRPOStageConfig):
     prefilter_samples: int = Field(
         0, ge=0, description="Sample k completions per training position first; drop positions whose k "
         "rewards are all equal (0: keep all; TRL then gives those groups zero advantage).")
-    generation: GenerationSpec = Field(
+    eval_generation: GenerationSpec = Field(
         default_factory=lambda: FastSpec(batch_size=32),
-        description="Backend for evaluation and pre-filter sampling (training samples through TRL).")
+        description="Backend for the evaluation and pre-filter sampling, which sample a fixed model (fast, hf, "
+        "openai...); `generation` is the training sampler, as in grpo.")
     shard_size: int = Field(16, gt=0, description="Documents per position shard (the unit of resumption).")
 
     @field_validator("instruction")
@@ -140,6 +141,10 @@ def check(config: Config, base_dir: Path) -> None:
     from alignkit.core.errors import RecipeError
     from alignkit.stages.grpo import check as grpo_check
 
+    if config.generation.backend == "openai" and not config.generation.serve_adapter:
+        raise RecipeError("rntp's `generation` is its training sampler, as in grpo (trl, fast, hf, vllm, or openai with "
+                          "serve_adapter: true); an OpenAI-compatible server for the evaluation and pre-filter goes in "
+                          "`eval_generation`", field="generation")
     grpo_check(config, base_dir)
     if config.reward == "dense" and config.prefilter_samples:
         raise RecipeError("prefilter_samples drops groups of equal 0/1 rewards; dense rewards are continuous "
@@ -150,7 +155,10 @@ def run(config: Config, ctx: StageContext) -> StageResult:
     import torch
 
     from alignkit.modeling.models import is_quantized, load_model, load_tokenizer
+    from alignkit.stages.rl_common import vllm_available
 
+    if config.generation.backend == "vllm":
+        vllm_available(config.generation)  # before the positions, the model and the evaluation
     # 1. Positions (resumable shards), bucket edges from the held-out positions.
     tokenizer = load_tokenizer(config.model, padding_side="left")
     train = sample_split(config, ctx, tokenizer, "train", config.data)
@@ -306,7 +314,7 @@ def evaluate(model, tokenizer, rows: list[dict[str, Any]], config: Config, *, pr
     from alignkit.maths.rntp import boxed_prediction, continuation_match, greedy_next_tokens
 
     plain = greedy_next_tokens(model, tokenizer, [row["context_ids"] for row in rows])
-    engine = config.generation.build(model=model, tokenizer=tokenizer)
+    engine = config.eval_generation.build(model=model, tokenizer=tokenizer)
     prompts = [render_prompt(tokenizer, row["prompt"], chat=config.chat) for row in rows]
     params = SamplingParams(max_new_tokens=config.max_completion_length, temperature=0.0)
     model.eval()
@@ -380,7 +388,7 @@ def prefilter(model, tokenizer, rows: list[dict[str, Any]], config: Config, ctx)
         successes = [row["successes"] for row in read_jsonl(path)]
     else:
         k = config.prefilter_samples
-        engine = config.generation.build(model=model, tokenizer=tokenizer)
+        engine = config.eval_generation.build(model=model, tokenizer=tokenizer)
         params = SamplingParams(n=k, max_new_tokens=config.max_completion_length, temperature=config.temperature,
                                 top_p=config.top_p, seed=config.seed)
         model.eval()
@@ -408,13 +416,15 @@ def train_grpo(model, tokenizer, rows: list[dict[str, Any]], config: Config, ctx
 
     from alignkit.modeling.models import lora_config
     from alignkit.rewards.programs import load_rewards
-    from alignkit.stages.common import fit, restore_trainable_dtype, save_trained_model, trl_args
+    from alignkit.stages.common import restore_trainable_dtype, save_trained_model, trl_args
     from alignkit.stages.rl_common import (
         HackingWatch,
         check_prompt_lengths,
+        fit_sampling,
         prompt_rows,
         reward_metrics,
         rl_trl_args,
+        sampling_trainer,
         throughput,
     )
 
@@ -427,11 +437,11 @@ def train_grpo(model, tokenizer, rows: list[dict[str, Any]], config: Config, ctx
         "loss_type": config.loss_type, "scale_rewards": config.scale_rewards,
         "importance_sampling_level": config.importance_sampling_level, "epsilon_high": config.epsilon_high})
     watch = HackingWatch([_reward_fn(config)] + extra, [1.0] + weights, boxed_signals)  # logs hack/* per step
-    trainer = GRPOTrainer(model=model, reward_funcs=watch.funcs, args=args, train_dataset=dataset,
-                          processing_class=tokenizer,
-                          peft_config=lora_config(config.lora, "causal-lm") if config.lora else None)
+    trainer = sampling_trainer(config, GRPOTrainer)(  # TRL's sampling, TRL's vLLM, or our engine / served adapter
+        model=model, reward_funcs=watch.funcs, args=args, train_dataset=dataset, processing_class=tokenizer,
+        peft_config=lora_config(config.lora, "causal-lm") if config.lora else None)
     restore_trainable_dtype(trainer, config)  # QLoRA: keep the adapters in the model's dtype (TRL makes them bf16)
-    fitted = fit(trainer, ctx)
+    fitted = fit_sampling(trainer, ctx)
     artifacts = save_trained_model(trainer, tokenizer, ctx)
     metrics = {"train_prompts": len(dataset), "longest_prompt_tokens": longest,
                **reward_metrics(trainer.state.log_history),

@@ -33,12 +33,15 @@ class LoRAServer(http.server.ThreadingHTTPServer):
         self.log: list[tuple[str, str]] = []  # (endpoint, lora_name or model)
         self.b_norms: list[float] = []  # |lora_B| summed, per load: LoRA's B starts at zero
         self.lock = threading.Lock()
+        self.reads: Path | None = None  # set: the only folder this server can read (a server on another machine)
 
     def load(self, name: str, path: str) -> None:
         from safetensors.torch import load_file
 
         if name in self.adapters:
             raise ValueError(f"adapter {name} already loaded")  # vLLM refuses a name twice
+        if self.reads is not None and not Path(path).is_relative_to(self.reads):
+            raise ValueError(f"Loading lora {name} failed: No adapter found for {path}")  # vLLM's 400
         shutil.copytree(path, self.store / name)
         self.adapters[name] = load_file(str(self.store / name / "adapter_model.safetensors"))
         self.b_norms.append(sum(float(t.abs().sum()) for k, t in self.adapters[name].items() if "lora_B" in k))
@@ -262,3 +265,31 @@ def test_rntp_samples_from_the_server_with_each_steps_adapter_and_evaluates_loca
     assert loads == [f"rntp-rank0-{token}-v{i}" for i in (1, 2)] and lora_server.adapters == {}
     sampled = [name for endpoint, name in lora_server.log if endpoint == "completions"]
     assert sampled == [name for name in loads for _ in range(2)]  # 2 positions x group 4 per step, nothing else
+
+
+def test_a_server_that_cannot_read_the_adapter_folder_fails_with_one_actionable_line(tmp_path, steerable_model_dir,
+                                                                                  lora_server):
+    """A server on another machine does not see the stage's adapter folder: the first load fails at once with the
+    server's answer, where the folder is and what to set, and the version written for it is removed."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.core.errors import GenerationError
+    from alignkit.generation.served_lora import AdapterSyncEngine
+
+    lora_server.reads = tmp_path / "shared-mount"
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(steerable_model_dir),
+                            LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    spec = generation_spec(backend="openai", base_url=f"http://127.0.0.1:{lora_server.server_address[1]}/v1",
+                           model_name="base", serve_adapter=True, max_retries=0)
+    engine = AdapterSyncEngine(spec.served_engine(token_ids=True), policy, tmp_path / "local", name="t")
+    with pytest.raises(GenerationError) as info:
+        engine.sync()
+    message = str(info.value)
+    assert "\n" not in message and "No adapter found for" in message and "generation.adapter_dir" in message
+    assert str((tmp_path / "local").resolve()) in message and lora_server.adapters == {}
+    assert list((tmp_path / "local").iterdir()) == []
+    # the same policy through a folder the server shares: loaded
+    engine = AdapterSyncEngine(spec.served_engine(token_ids=True), policy, tmp_path / "shared-mount", name="t")
+    assert engine.sync() in lora_server.adapters
+    engine.close()

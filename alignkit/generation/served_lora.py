@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from alignkit.core.errors import GenerationError
 from alignkit.generation.engine import Completion, Progress, SamplingParams
 from alignkit.generation.openai import OpenAIEngine, post_json
 
@@ -73,7 +74,15 @@ class AdapterSyncEngine:
         if folder.exists():  # left by a crashed run: the server may have it cached under this name
             shutil.rmtree(folder)
         self.policy.save_pretrained(str(folder))
-        self._post("load_lora_adapter", {"lora_name": name, "lora_path": str(folder)})
+        try:
+            self._post("load_lora_adapter", {"lora_name": name, "lora_path": str(folder)})
+        except GenerationError as err:
+            shutil.rmtree(folder, ignore_errors=True)
+            answer = " ".join(str(err).split())  # one line, whatever the server's error page looks like
+            raise GenerationError(
+                f"the server did not load the policy's adapter from {folder} ({answer}); it must read that folder (run "
+                "it on this machine, or set generation.adapter_dir to a mount it shares) and be started with "
+                "--enable-lora, --max-lora-rank >= lora.r and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True") from None
         previous, self.loaded = self.loaded, name
         self.served.model_name = name
         if previous is not None:

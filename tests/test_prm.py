@@ -558,3 +558,37 @@ def test_scorer_refuses_an_unknown_head(tmp_path, tiny_tokencls_dir):
     (folder / "alignkit_prm.json").write_text(json.dumps({"head": "value-head"}))
     with pytest.raises(ModelError, match="names head 'value-head'; known"):
         PRMScorer(str(folder))
+
+
+@pytest.mark.parametrize("head", ["token-cls-2", "lm-logprob"])
+def test_a_shared_prefix_is_read_once_and_scores_as_if_read_per_row(head, tiny_tokencls_dir, tiny_model_dir,
+                                                                    monkeypatch):
+    """A search scores many candidates of one problem: the prompt (and a common first step) is read once, its KV
+    cache serves every row, and each row's scores equal those of the row read alone (no prefix shared)."""
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+
+    from alignkit.modeling.models import load_tokenizer
+    from alignkit.rewards import prm as prm_module
+    from alignkit.rewards.prm import MIN_SHARED_PREFIX, encode_steps, first_output, score_encoded, shared_prefix
+
+    folder = tiny_tokencls_dir if head == "token-cls-2" else tiny_model_dir
+    model = (AutoModelForTokenClassification if head == "token-cls-2" else AutoModelForCausalLM).from_pretrained(folder)
+    tokenizer = load_tokenizer(str(folder), padding_side="right")
+    prompt = "Tom has 3 apples. He buys 4 more apples at the shop. How many apples does he have now?\n"
+    solutions = [["Start with 3.", "Add 4: 3 + 4 = 7.", "The answer is 7."], ["Start with 3.", "Add 5: 3 + 5 = 8."],
+                 ["Tom has 3.", "The answer is 7."], ["The answer is 7."]]
+    encoded = [encode_steps(tokenizer, prompt, steps, "\n") for steps in solutions]
+    shared = shared_prefix([e.input_ids for e in encoded], [first_output(e, head) for e in encoded])
+    assert shared >= MIN_SHARED_PREFIX
+    read: list[int] = []
+    forward = prm_module._forward
+    monkeypatch.setattr(prm_module, "_forward", lambda m, b, prefix, d: read.append(len(prefix)) or forward(m, b,
+                                                                                                           prefix, d))
+    together = score_encoded(model, encoded, tokenizer.pad_token_id, batch_size=8, head=head, offset=1.0)
+    assert read == [shared]  # one forward over the batch, after the prefix was read once
+    alone = [score_encoded(model, [e], tokenizer.pad_token_id, head=head, offset=1.0)[0] for e in encoded]
+    assert read[1:] == [0, 0, 0, 0]
+    for mine, reference, steps in zip(together, alone, solutions, strict=True):
+        assert len(mine) == len(steps) and mine == pytest.approx(reference, abs=1e-5)
+    # and the two candidates that also share their first step get its one score
+    assert together[0][0] == pytest.approx(together[1][0], abs=1e-5)

@@ -331,6 +331,34 @@ def pad_index(rows: Sequence[Sequence[int]]) -> Any:
     return _right_pad(rows, -1, torch.long)
 
 
+def shared_prefix(rows: Sequence[Sequence[int]], first_outputs: Sequence[int]) -> int:
+    """How many leading tokens all ``rows`` have in common before any row needs an output (``first_outputs``: per
+    row, the first position whose logits are read): what one forward can read once for the whole batch. Each row
+    keeps at least one token of its own.
+
+    >>> shared_prefix([[5, 6, 7, 8, 9], [5, 6, 7, 1], [5, 6, 7, 8]], [4, 3, 3])
+    3
+    >>> shared_prefix([[5, 6, 7, 8], [5, 6, 7, 8]], [3, 3]), shared_prefix([[5, 6], [5, 6, 7]], [1, 2])
+    (3, 1)
+    """
+    limit = min(min(len(row) for row in rows) - 1, min(first_outputs))
+    first = rows[0]
+    shared = 0
+    while shared < limit and all(row[shared] == first[shared] for row in rows):
+        shared += 1
+    return shared
+
+
+def first_output(encoded: EncodedSteps, head: str) -> int:
+    """The first position whose logits scoring reads: the first step end (``token-cls-2``), or the position that
+    predicts the first step token (``lm-logprob``)."""
+    return encoded.step_spans[0][0] - 1 if head == "lm-logprob" else encoded.step_ends[0]
+
+
+#: A shared prefix shorter than this is read per row (one extra forward would cost more than it saves).
+MIN_SHARED_PREFIX = 8
+
+
 def score_encoded(model: Any, encoded: Sequence[EncodedSteps], pad_id: int, batch_size: int = 16, *,
                   head: str = "token-cls-2", offset: float = 0.0) -> list[list[float]]:
     """``p_good`` at every step end of every sequence, ``batch_size`` sequences per forward.
@@ -338,8 +366,11 @@ def score_encoded(model: Any, encoded: Sequence[EncodedSteps], pad_id: int, batc
     ``head``: ``token-cls-2`` (``model`` is a 2-label token classifier) or ``lm-logprob`` (``model`` is a
     causal LM, scored by :func:`logprob_step_logits` with ``offset``).
 
-    Sequences are sorted by length first (less padding); results come back in input order. The model is
-    put in eval mode (no dropout) for the call and its training flag restored after.
+    Sequences are sorted by length first (less padding); results come back in input order. Tokens every sequence
+    of a batch shares before its first scored position (the chat template and the problem, when a search scores
+    the candidates of one problem: :func:`shared_prefix`) are read once, and their KV cache serves every row, so
+    the PRM reads each prefix once as the ``fast`` engine samples it once. The model is put in eval mode (no
+    dropout) for the call and its training flag restored after.
     """
     import torch
 
@@ -354,17 +385,42 @@ def score_encoded(model: Any, encoded: Sequence[EncodedSteps], pad_id: int, batc
                 chunk = [i for i in order[start: start + batch_size] if encoded[i].step_ends]
                 if not chunk:
                     continue
-                batch = {k: v.to(device) for k, v in pad_batch([encoded[i].input_ids for i in chunk], pad_id).items()}
-                logits = model(**batch).logits  # [b, T, 2], or [b, T, V] for the lm-logprob head
+                rows = [encoded[i].input_ids for i in chunk]
+                shared = shared_prefix(rows, [first_output(encoded[i], head) for i in chunk]) if len(chunk) > 1 else 0
+                if shared < MIN_SHARED_PREFIX:
+                    shared = 0
+                batch = {k: v.to(device) for k, v in pad_batch([row[shared:] for row in rows], pad_id).items()}
+                logits = _forward(model, batch, rows[0][:shared], device)  # [b, T - shared, 2 or V]
                 if head == "lm-logprob":
-                    index = pad_index([step_token_index(encoded[i]) for i in chunk]).to(device)
+                    index = pad_index([[p - shared if p >= 0 else -1 for p in step_token_index(encoded[i])[shared:]]
+                                       for i in chunk]).to(device)
                     logits = logprob_step_logits(logits, batch["input_ids"], index, offset)
-                p_good = torch.softmax(logits.float(), dim=-1)[..., 1].cpu()  # [b, T]
+                p_good = torch.softmax(logits.float(), dim=-1)[..., 1].cpu()  # [b, T - shared]
                 for row, i in enumerate(chunk):
-                    scores[i] = p_good[row, encoded[i].step_ends].tolist()
+                    scores[i] = p_good[row, [end - shared for end in encoded[i].step_ends]].tolist()
     finally:
         model.train(was_training)
     return scores
+
+
+def _forward(model: Any, batch: dict[str, Any], prefix: list[int], device: Any) -> Any:
+    """Logits of ``batch`` (right-padded rows) that all follow ``prefix``: the prefix is read once and its KV cache
+    repeated for every row (the rows' positions then start after it). No prefix: one plain forward."""
+    import torch
+
+    if not prefix:
+        return model(**batch).logits
+    from transformers import DynamicCache
+
+    from alignkit.generation.fast import cache_argument
+
+    rows, argument = batch["input_ids"].shape[0], cache_argument(model)
+    cache = DynamicCache(config=model.config)  # filled in place: token classifiers do not return their cache
+    model(input_ids=torch.tensor([prefix], device=device), use_cache=True, **{argument: cache})
+    cache.batch_repeat_interleave(rows)
+    mask = torch.cat([torch.ones(rows, len(prefix), dtype=batch["attention_mask"].dtype, device=device),
+                      batch["attention_mask"]], dim=1)
+    return model(input_ids=batch["input_ids"], attention_mask=mask, use_cache=True, **{argument: cache}).logits
 
 
 def write_prm_config(folder: str | Path, *, separator: str, chat: bool, aggregation: str,

@@ -321,6 +321,11 @@ def test_small_helpers():
 def test_shipped_suites_load_and_bad_fields_name_the_field(tmp_path):
     arith, gsm8k = load_suite(REPO / "eval" / "arith.yaml"), load_suite(REPO / "eval" / "gsm8k.yaml")
     assert arith.curve_ns() == [1, 2, 4, 8, 16] and gsm8k.dataset.source == "gsm8k"
+    for name in ("arith-search", "gsm8k-search"):  # every search runs at each N it can (dvts: multiples of 4)
+        labels = [label for label, _ in load_suite(REPO / "eval" / f"{name}.yaml").search_runs()]
+        assert labels == ["beam@1", "beam@2", "beam@4", "beam@8", "beam@16", "dvts@4", "dvts@8", "dvts@16"], name
+    assert sorted(p.stem for p in (REPO / "eval").glob("*.yaml")) == ["arith", "arith-search", "gsm8k",
+                                                                      "gsm8k-search"]
     with pytest.raises(RecipeError) as err:
         load_suite(REPO / "eval" / "arith.yaml", {"sampling": {"nn": 3}})
     assert err.value.field == "sampling.nn"

@@ -255,10 +255,18 @@ def test_eval_cli_against_the_server(tmp_path, server, smollm2):
     assert all(s["finish_reason"] in ("eos", "stop", "length") for s in samples)
 
 
-def _run_served_lora_stage(tmp_path: Path, server: Served, smollm2: Path, kind: str, fields: str) -> tuple[Any, Path]:
+#: The arithmetic problems and answer reward of the served-LoRA stages (rntp reads plain text and brings its own).
+PROBLEMS = f"""
+data: {{source: arith, params: {{n: 8, steps: 1, max_operand: 9}}}}
+rewards: [{{program: {Path(__file__).resolve().parents[1] / "reward" / "math.py"}:answer_match}}]
+"""
+
+
+def _run_served_lora_stage(tmp_path: Path, server: Served, smollm2: Path, kind: str, fields: str,
+                           task: str = PROBLEMS) -> tuple[Any, Path]:
     """Run a one-stage ``kind`` recipe on SmolLM2 with a LoRA policy sampled through the server
-    (``generation: {backend: openai, serve_adapter: true}``); check that every adapter version was unloaded and
-    deleted afterwards. Returns the stage's outcome and run folder."""
+    (``generation: {backend: openai, serve_adapter: true}``) on ``task`` (its data and rewards); check that every
+    adapter version was unloaded and deleted afterwards. Returns the stage's outcome and run folder."""
     import urllib.request
 
     from alignkit.run.pipeline import run_recipe
@@ -272,15 +280,13 @@ def _run_served_lora_stage(tmp_path: Path, server: Served, smollm2: Path, kind: 
           - kind: {kind}
             model: {smollm2}
             lora: {{r: 8, alpha: 16, dropout: 0.0}}
-            data: {{source: arith, params: {{n: 8, steps: 1, max_operand: 9}}}}
-            rewards: [{{program: {Path(__file__).resolve().parents[1] / "reward" / "math.py"}:answer_match}}]
             max_steps: 2
             save_steps: 2
             max_completion_length: 24
             max_length: 256
             generation: {{backend: openai, base_url: "{server.base_url}", model_name: "{server.model_name}",
                           serve_adapter: true}}
-    """) + textwrap.indent(textwrap.dedent(fields), "    "))
+    """) + textwrap.indent(textwrap.dedent(task).strip() + "\n" + textwrap.dedent(fields), "    "))
     recipe = load_recipe(recipe_file, output_dir=str(tmp_path / "runs"))
     (run,) = run_recipe(recipe, echo=lambda *_: None)
     run_dir = recipe.stage(kind).run_dir
@@ -319,3 +325,19 @@ def test_grpo_samples_through_the_server_with_each_steps_adapter(tmp_path, serve
         lr: 1.0e-4
     """)
     assert run.metrics["train_steps"] == 2 and run.metrics["completions_sampled"] == 8
+
+
+def test_rntp_samples_through_the_server_with_each_steps_adapter(tmp_path, server, smollm2):
+    """rntp trains through TRL's GRPOTrainer: its rollouts come from vLLM with the policy's current adapter, while
+    its evaluation samples the fixed model locally (`eval_generation`)."""
+    run, run_dir = _run_served_lora_stage(tmp_path, server, smollm2, "rntp", """
+        num_generations: 4
+        batch_size: 4
+        logging_steps: 1
+        lr: 1.0e-4
+        min_entropy: 0.0
+    """, task="""
+        data: {source: arith, seed: 3, params: {n: 4, steps: 1, max_operand: 9}}
+        eval_data: {source: arith, seed: 9, params: {n: 2, steps: 1, max_operand: 9}}
+    """)
+    assert run.metrics["train_steps"] == 2 and (run_dir / "eval_after.jsonl").is_file()

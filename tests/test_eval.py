@@ -384,6 +384,36 @@ def test_stage_in_a_recipe_and_the_cli(tmp_path, tiny_model_dir, tiny_seqcls_dir
     assert all(0.0 <= p <= 1.0 for r in rows for p in r["prm_steps"])
 
 
+def test_the_cli_under_accelerate_launch_splits_the_work_and_reports_once(tmp_path, tiny_model_dir, tiny_tokencls_dir):
+    """`accelerate launch -m alignkit eval` on two processes: each rank takes its shards (a rank that thought itself
+    the only one would sample, score and search everything again and write its own report), the main process
+    writes one report, equal to a one-process run's."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import CPU_2PROC
+
+    (tmp_path / "tiny.yaml").write_text(textwrap.dedent(TINY_SUITE).replace("shard_size: 2", "shard_size: 1") +
+                                        "search: [{method: beam, expand: 2, max_steps: 2, max_step_tokens: 4}]\n"
+                                        "search_ns: [1, 2]\n")
+    common = [str(tmp_path / "tiny.yaml"), "--model", str(tiny_model_dir), "--prm", str(tiny_tokencls_dir),
+              "--set", "dataset.params.n=4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_2PROC), "-m",
+                          "alignkit", "eval", *common, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert two.stdout.count("[eval] report:") == 1, two.stdout[-3000:]
+    assert eval_main([*common, "--out", str(tmp_path / "one")]) == 0
+    one, both = ({k: v for k, v in json.loads((tmp_path / out / "metrics.json").read_text())["metrics"].items()
+                  if k != "samples_per_s"} for out in ("one", "two"))  # the same, but for the timing
+    assert both == one and both["problems"] == 4 and "beam@2" in both
+    # each process wrote its own shards: 4 sample shards, 4 per search, all complete
+    for folder in [tmp_path / "two" / "shards" / "samples", *(tmp_path / "two" / "shards" / "search").iterdir()]:
+        assert sorted(p.name for p in folder.glob("*.jsonl")) == [f"shard-{k:05d}.jsonl" for k in range(4)], folder
+
+
 # ----------------------------------------------------------------------------------------------- GSM8K
 
 

@@ -219,3 +219,13 @@ def test_bands_and_the_compute_optimal_table_reach_the_report(tmp_path):
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved["bands_95"]["beam"]["2"][0] <= saved["curves"]["beam"]["2"] and saved["compute_optimal"] == rows
     assert "## Compute-optimal choice by difficulty" in (tmp_path / "out" / "report.md").read_text()
+    # each search point paired with every sampling method on no more tokens, exactly as the per-problem values say
+    paired = result["search_vs_sampling"]
+    assert {(r["search"], r["n"]) for r in paired} == {("beam", 1), ("beam", 2)}
+    for row in paired:
+        assert row["method"] not in ("pass", "beam") and row["method_tokens"] <= row["tokens"]
+        search = result["curves"]["beam"][row["n"]]
+        assert row["diff"] == pytest.approx(search - result["curves"][row["method"]][row["method_n"]])
+        assert row["band"][0] <= row["diff"] <= row["band"][1]
+    assert saved["search_vs_sampling"] == [{**r, "band": list(r["band"])} for r in paired]
+    assert "## Search vs sampling at no more compute (paired)" in (tmp_path / "out" / "report.md").read_text()

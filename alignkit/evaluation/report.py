@@ -80,6 +80,7 @@ def write_report(outcome: dict[str, Any], out_dir: Path, *, tracker: Any = None,
         "bands_95": {label: {str(n): list(band) for n, band in by_n.items()}
                      for label, by_n in outcome.get("bands", {}).items()},
         "compute_optimal": outcome.get("compute_optimal", []),
+        "search_vs_sampling": outcome.get("search_vs_sampling", []),
         "notes": outcome["notes"], "suite_config": suite.model_dump(mode="json")})
     if outcome["curves"]:
         artifacts["plot"] = str(out_dir / PLOT)
@@ -234,6 +235,22 @@ def _markdown_table(rows: list[list[str]]) -> list[str]:
             + ["| " + " | ".join(row) + " |" for row in rows[1:]])
 
 
+def search_vs_sampling_table(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """Per search point, the pairing with the strongest sampling method (the smallest search - method)."""
+    strongest: dict[tuple[str, int], dict[str, Any]] = {}
+    for row in rows:
+        key = (row["search"], row["n"])
+        if key not in strongest or row["diff"] < strongest[key]["diff"]:
+            strongest[key] = row
+    table = [["search", "N", "tokens / problem", "strongest sampling method (N, tokens)", "search - it (points) [95%]"]]
+    for (label, n), row in sorted(strongest.items()):
+        low, high = row["band"]
+        table.append([method_title(label), str(n), f"{row['tokens']:.0f}",
+                      f"{method_title(row['method'])} ({row['method_n']}, {row['method_tokens']:.0f})",
+                      "{:+.1f} [{:+.1f}, {:+.1f}]".format(*(round(100 * x, 1) + 0.0 for x in (row["diff"], low, high)))])
+    return table
+
+
 def markdown_report(outcome: dict[str, Any]) -> str:
     """report.md: settings, the accuracy table and plot, pool health, notes, a few examples."""
     suite, summary = outcome["suite"], outcome["summary"]
@@ -256,6 +273,12 @@ def markdown_report(outcome: dict[str, Any]) -> str:
             lines += ["", "## Accuracy vs compute", "", "Sampling methods cost N samples' tokens; a search costs what "
                       "it sampled (N = its beams).", ""]
             lines += _markdown_table(compute_table(outcome)) + ["", f"![accuracy vs tokens]({COMPUTE_PLOT})"]
+            if outcome.get("search_vs_sampling"):
+                lines += ["", "## Search vs sampling at no more compute (paired)", "",
+                          "Each search point against the sampling method that does best on no more tokens per problem "
+                          "(its largest N within the search's budget); the difference is paired over problems, with "
+                          "its 95% bootstrap interval. Every pairing: `search_vs_sampling` in metrics.json.", ""]
+                lines += _markdown_table(search_vs_sampling_table(outcome["search_vs_sampling"]))
             if outcome.get("compute_optimal"):
                 lines += ["", "## Compute-optimal choice by difficulty", "",
                           "Problems in 3 buckets by the pool's pass rate (0 = hardest); at each budget (tokens per "

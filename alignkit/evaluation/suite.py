@@ -417,6 +417,37 @@ def compute_optimal(values: dict[str, dict[int, list[float]]], cost: dict[str, d
     return rows
 
 
+def search_vs_sampling(values: dict[str, dict[int, list[float]]], cost: dict[str, dict[int, float]],
+                       searches: Sequence[str], *, draws: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
+    """Each search point against every sampling method given no more compute, paired over problems.
+
+    For search ``s`` at N (cost c) and each other method (``pass``, an oracle, excluded), the method's point with
+    the largest cost <= c (the most it can do on the search's budget; none: skipped); ``diff`` is the mean over
+    problems of ``search - method`` and ``band`` its 95% bootstrap interval (pairs kept: the same problems).
+
+    >>> rows = search_vs_sampling({"beam": {1: [1, 1, 0, 1]}, "maj": {1: [1, 0, 0, 0], 4: [1, 1, 1, 1]}},
+    ...                           {"beam": {1: 100.0}, "maj": {1: 40.0, 4: 160.0}}, ["beam"])
+    >>> [(r["search"], r["n"], r["method"], r["method_n"], r["diff"]) for r in rows]
+    [('beam', 1, 'maj', 1, 0.5)]
+    """
+    rows = []
+    for label in searches:
+        for n, mine in sorted(values.get(label, {}).items()):
+            budget = cost[label][n]
+            for method, by_n in values.items():
+                if method in searches or method == "pass" or method not in cost:
+                    continue
+                affordable = [m for m in by_n if cost[method][m] <= budget]
+                if not affordable:
+                    continue
+                m = max(affordable, key=lambda k: cost[method][k])
+                diffs = [a - b for a, b in zip(mine, by_n[m], strict=True)]
+                rows.append({"search": label, "n": n, "tokens": budget, "method": method, "method_n": m,
+                             "method_tokens": cost[method][m], "diff": sum(diffs) / len(diffs),
+                             "band": bootstrap_ci(diffs, draws=draws, seed=seed)})
+    return rows
+
+
 def pool_stats(problems: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Health of the pool: share of samples without an answer, cut off at the budget, and their length."""
     samples = [s for p in problems for s in p["samples"]]

@@ -417,6 +417,7 @@ def _select(suite: Suite, rows: list, shard_dir: Path, verifiers: dict[str, Any]
     notes = [f"{m} not run: no verifier (give orm:/prm: or --orm/--prm)" for m in skipped]
     compute = {label: {n: n * stats["mean_tokens"] for n in curve} for label, curve in curves.items()}
     optimal: list[dict[str, Any]] = []
+    paired: list[dict[str, Any]] = []
     if suite.search:
         searched, search_cost = _search_outcome(suite, model, rows, shard_dir, verifiers["prm"],
                                                 [p["gold"] for p in problems], suite_dir)
@@ -428,12 +429,13 @@ def _select(suite: Suite, rows: list, shard_dir: Path, verifiers: dict[str, Any]
             stats.update({f"{label}@{n}_tokens": search_cost[label][n] for n in by_n})
         pass_rates = [sum(s["correct"] for s in p["samples"]) / len(p["samples"]) for p in problems]
         optimal = evalsuite.compute_optimal(values, compute, evalsuite.difficulty_buckets(pass_rates, 3))
+        paired = evalsuite.search_vs_sampling(values, compute, list(searched), draws=500, seed=suite.sampling.seed)
     headline = metrics.get("greedy", metrics.get("pass@1"))
     summary = {**({"accuracy": headline} if headline is not None else {}), **metrics, **stats,
                "problems": len(problems)}
     return {"summary": summary, "metrics": metrics, "stats": stats, "curves": curves, "problems": problems,
             "notes": notes, "compute": compute, "bands": evalsuite.bands(values, draws=500, seed=suite.sampling.seed),
-            "compute_optimal": optimal}
+            "compute_optimal": optimal, "search_vs_sampling": paired}
 
 
 def _grade(problems: list[dict[str, Any]], suite: Suite, suite_dir: Path | None) -> None:

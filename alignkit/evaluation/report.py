@@ -99,7 +99,11 @@ def write_report(outcome: dict[str, Any], out_dir: Path, *, tracker: Any = None,
 
 # One colour per verifier score, the same in both panels; pass@N and majority vote are in every panel.
 _COLORS = {"pass": "black", "maj": "tab:blue", "orm": "tab:orange", "prm_min": "tab:green",
-           "prm_prod": "tab:red", "prm_last": "tab:purple", "prm_mean": "tab:brown"}
+           "prm_prod": "tab:red", "prm_last": "tab:purple", "prm_mean": "tab:brown", "beam": "tab:cyan",
+           "dvts": "tab:olive"}
+# Where families share a colour (the compute plot draws them on one axis): weighted votes dash-dotted with
+# squares, searches thicker with diamonds.
+_STYLES = {"wvote": ("-.", "s", 1.5), "beam": ("-", "D", 2.5), "dvts": ("-", "D", 2.5)}
 _FAMILIES = (("best-of-N", "bon_"), ("weighted vote", "wvote_"))
 
 
@@ -122,9 +126,10 @@ def _draw(ax: Any, label: str, curve: dict[int, float], band: dict[int, tuple[fl
     over problems shaded. ``x`` places the points (default N; generated tokens in the compute plot)."""
     ns = sorted(curve)
     xs = [x[n] for n in ns] if x else ns
-    score = label.split("_", 1)[1] if "_" in label else label
-    line, = ax.plot(xs, [100 * curve[n] for n in ns], color=_COLORS.get(score), marker="o", markersize=4,
-                    linestyle="--" if label == "pass" else "-", label=method_title(label))
+    family, _, score = label.partition("_")
+    linestyle, marker, width = _STYLES.get(family, ("--" if label == "pass" else "-", "o", 1.5))
+    line, = ax.plot(xs, [100 * curve[n] for n in ns], color=_COLORS.get(score or family), marker=marker,
+                    markersize=4, linestyle=linestyle, linewidth=width, label=method_title(label))
     if band:
         ax.fill_between(xs, [100 * band[n][0] for n in ns], [100 * band[n][1] for n in ns],
                         color=line.get_color(), alpha=0.12, linewidth=0)

@@ -379,6 +379,16 @@ def difficulty_buckets(pass_rates: Sequence[float], buckets: int) -> list[int]:
     return out
 
 
+def within_budget(cost: dict[int, float], budget: float) -> int | None:
+    """The N whose cost is the largest that is still <= ``budget`` (what a method can do on it), or None.
+
+    >>> within_budget({1: 40.0, 4: 160.0, 8: 320.0}, 200.0), within_budget({4: 160.0}, 100.0)
+    (4, None)
+    """
+    affordable = [n for n in cost if cost[n] <= budget]
+    return max(affordable, key=lambda n: cost[n]) if affordable else None
+
+
 def compute_optimal(values: dict[str, dict[int, list[float]]], cost: dict[str, dict[int, float]],
                     bucket_of: Sequence[int]) -> list[dict[str, Any]]:
     """At each budget (every cost some method reached), the best method per difficulty bucket vs one for all.
@@ -400,9 +410,9 @@ def compute_optimal(values: dict[str, dict[int, list[float]]], cost: dict[str, d
     for budget in sorted({c for label in candidates for c in cost[label].values()}):
         usable = {}
         for label, by_n in candidates.items():
-            affordable = [n for n in by_n if cost[label][n] <= budget]
-            if affordable:
-                usable[label] = by_n[max(affordable, key=lambda n: cost[label][n])]
+            n = within_budget(cost[label], budget)
+            if n is not None:
+                usable[label] = by_n[n]
         if not usable:
             continue
         per_bucket, total = [], 0.0
@@ -437,10 +447,9 @@ def search_vs_sampling(values: dict[str, dict[int, list[float]]], cost: dict[str
             for method, by_n in values.items():
                 if method in searches or method == "pass" or method not in cost:
                     continue
-                affordable = [m for m in by_n if cost[method][m] <= budget]
-                if not affordable:
+                m = within_budget(cost[method], budget)
+                if m is None:
                     continue
-                m = max(affordable, key=lambda k: cost[method][k])
                 diffs = [a - b for a, b in zip(mine, by_n[m], strict=True)]
                 rows.append({"search": label, "n": n, "tokens": budget, "method": method, "method_n": m,
                              "method_tokens": cost[method][m], "diff": sum(diffs) / len(diffs),

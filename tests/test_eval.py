@@ -414,6 +414,23 @@ def test_the_cli_under_accelerate_launch_splits_the_work_and_reports_once(tmp_pa
         assert sorted(p.name for p in folder.glob("*.jsonl")) == [f"shard-{k:05d}.jsonl" for k in range(4)], folder
 
 
+def test_a_second_eval_into_a_folder_in_use_is_refused_before_touching_it(tmp_path, tiny_model_dir):
+    """A second `alignkit eval --out DIR` while one runs there (a changed setting would clear the first's shards
+    mid-run): one line naming the folder, its holder and --out; nothing of the folder is touched."""
+    from alignkit.core.errors import RunFolderBusy
+    from alignkit.core.runlock import RunLock
+
+    (tmp_path / "tiny.yaml").write_text(textwrap.dedent(TINY_SUITE))
+    out = tmp_path / "out"
+    (out / "shards").mkdir(parents=True)
+    (out / "shards" / "keep.txt").write_text("the first run's")
+    with RunLock(out):
+        with pytest.raises(RunFolderBusy, match="in use by .*--out"):
+            eval_main([str(tmp_path / "tiny.yaml"), "--model", str(tiny_model_dir), "--out", str(out)])
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == [".lock", "keep.txt"]
+    assert eval_main([str(tmp_path / "tiny.yaml"), "--model", str(tiny_model_dir), "--out", str(out)]) == 0
+
+
 # ----------------------------------------------------------------------------------------------- GSM8K
 
 

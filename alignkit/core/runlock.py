@@ -32,8 +32,8 @@ class RunLock:
     """``acquire()`` holds ``root/.lock`` or raises :class:`RunFolderBusy` at once; ``release()`` (or the
     holder's exit, however it dies) frees it. Also a context manager."""
 
-    def __init__(self, root: Path):
-        self.root = Path(root)
+    def __init__(self, root: Path, option: str = "--output-dir"):
+        self.root, self.option = Path(root), option  # option: the command-line flag that picks another folder
         self.path = self.root / LOCK_FILE
         self._fd: int | None = None
 
@@ -43,12 +43,12 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:  # read-only, no permission, a regular file where a folder should be
             raise AlignkitError(f"cannot use {self.root} as the run folder ({exc.strerror or exc}); "
-                                "choose another --output-dir") from None
+                                f"choose another {self.option}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise RunFolderBusy(f"{self.root} is in use by {self._holder()}; wait for it or use --output-dir") from None
+            raise RunFolderBusy(f"{self.root} is in use by {self._holder()}; wait for it or use {self.option}") from None
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": _command()}).encode())
         self._fd = fd

@@ -108,18 +108,19 @@ def run_recipe(recipe: Recipe, *, from_stage: str | None = None, echo=print) -> 
     if from_stage is not None:
         recipe.stage(from_stage)  # an unknown name is refused before the run folder is touched
     state = process_state()
-    with _run_folder_lock(recipe.root, state):  # before anything is written: run.json, clean-up, manifests
+    with run_folder_lock(recipe.root, state):  # before anything is written: run.json, clean-up, manifests
         return _run_stages(recipe, state, from_stage, echo)
 
 
 @contextmanager
-def _run_folder_lock(root: Path, state):
-    """Hold the run folder's lock (:mod:`.runlock`) for the whole run, or raise :class:`RunFolderBusy` at once.
+def run_folder_lock(root: Path, state, option: str = "--output-dir"):
+    """Hold the run folder's lock (:mod:`.runlock`) for the whole run, or raise :class:`RunFolderBusy` at once
+    (naming ``option``, the flag that picks another folder). Also the ``alignkit eval`` output folder's lock.
 
     The main process takes it and the other ranks of this launch work under it; they learn whether it was
     refused, so that every rank stops alike instead of waiting in a barrier for a main process that left.
     """
-    lock, refusal = RunLock(root), None
+    lock, refusal = RunLock(root, option), None
     if state.is_main_process:
         try:
             lock.acquire()
@@ -140,7 +141,7 @@ def _run_folder_lock(root: Path, state):
 def _run_stages(recipe: Recipe, state, from_stage: str | None, echo) -> list[StageOutcome]:
     is_main = state.is_main_process
     if not is_main:
-        echo = _quiet  # one console line per event under accelerate launch, not one per rank
+        echo = quiet  # one console line per event under accelerate launch, not one per rank
     processes = f" on {state.num_processes} processes" if state.num_processes > 1 else ""
     run_info = _run_info(recipe, is_main)
     state.wait_for_everyone()
@@ -169,8 +170,8 @@ def _run_stages(recipe: Recipe, state, from_stage: str | None, echo) -> list[Sta
     return outcomes
 
 
-def _quiet(*_args: Any) -> None:
-    pass
+def quiet(*_args: Any) -> None:
+    """``echo`` of the processes that are not the main one."""
 
 
 def _run_info(recipe: Recipe, is_main: bool) -> dict[str, str]:

@@ -474,24 +474,23 @@ def eval_main(argv: list[str]) -> int:
     out = Path(args.out or Path("runs") / "eval" / suite.name / Path(args.model.rstrip("/")).name)
     # Under `accelerate launch` each process samples, scores and searches its share of the shards and the main one
     # writes the report and logs to W&B (without this, every process would do all the work as its own "main").
-    from alignkit.run.pipeline import process_state
+    # A second eval into a folder in use is refused before it is touched (a changed setting would clear the shards
+    # of the run in progress), with the same lock as `alignkit run`'s run folder.
+    from alignkit.run.pipeline import process_state, quiet, run_folder_lock
 
     state = process_state()  # gloo on CPU-only machines, as `alignkit run` joins it
     main = state.is_main_process
-    tracker = _cli_tracker(args.wandb if main else None, suite, args.model, out)
-    tracker.start()
-    try:
-        run_suite(suite, args.model, out, suite_dir=path.parent, tracker=tracker, rank=state.process_index,
-                  world=state.num_processes, barrier=state.wait_for_everyone, echo=print if main else _quiet)
-    except BaseException:
-        tracker.finish(failed=True)
-        raise
-    tracker.finish()
+    with run_folder_lock(out, state, "--out"):
+        tracker = _cli_tracker(args.wandb if main else None, suite, args.model, out)
+        tracker.start()
+        try:
+            run_suite(suite, args.model, out, suite_dir=path.parent, tracker=tracker, rank=state.process_index,
+                      world=state.num_processes, barrier=state.wait_for_everyone, echo=print if main else quiet)
+        except BaseException:
+            tracker.finish(failed=True)
+            raise
+        tracker.finish()
     return 0
-
-
-def _quiet(*_: Any) -> None:
-    """``echo`` of the processes that are not the main one."""
 
 
 def _cli_tracker(mode: str | None, suite: Suite, model: str, out: Path) -> Any:
